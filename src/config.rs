@@ -1,0 +1,116 @@
+//! Typed configuration: defaults < environment (`HERALD_*`) < command-line flags.
+//!
+//! Every flag has an environment variable so that containers and process managers can
+//! configure herald without a wrapper script.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "Socket.IO server that streams AI session progress"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (in-memory store, no Redis needed).
+    Serve(Box<Config>),
+}
+
+/// Everything the server needs to start. Field docs are the `--help` text.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on. Use 0.0.0.0 to accept connections from other hosts.
+    #[arg(long, env = "HERALD_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+
+    /// Port to listen on (0 picks a free port; the chosen one is printed on stdout).
+    #[arg(long, env = "HERALD_PORT", default_value_t = 3000)]
+    pub port: u16,
+
+    /// Development mode: permissive CORS (any origin).
+    #[arg(long, env = "HERALD_DEV", default_value_t = false)]
+    pub dev: bool,
+
+    /// Origins allowed by CORS, comma separated (e.g. https://app.example.com).
+    #[arg(long, env = "HERALD_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    /// Events retained per session for replay and history; older ones are dropped.
+    #[arg(long, env = "HERALD_MAX_EVENTS_PER_SESSION", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_events_per_session: u64,
+
+    /// Seconds a session is kept after it reaches a terminal status (COMPLETED, FAILED, EXPIRED).
+    #[arg(long, env = "HERALD_SESSION_TTL_SECS", default_value_t = 3600)]
+    pub session_ttl_secs: u64,
+
+    /// Largest Socket.IO packet, in bytes, in either direction (socketioxide's own default is 100 kB).
+    #[arg(long, env = "HERALD_MAX_PAYLOAD", default_value_t = 1024 * 1024)]
+    pub max_payload: u64,
+
+    /// Largest HTTP request body, in bytes; larger requests get 413.
+    #[arg(long, env = "HERALD_MAX_BODY", default_value_t = 4 * 1024 * 1024)]
+    pub max_body: usize,
+
+    /// Most events in one ingest request.
+    #[arg(long, env = "HERALD_MAX_BATCH", default_value_t = 1000)]
+    pub max_batch: usize,
+
+    /// Packets queued per socket before it counts as a slow consumer. Raised to at least
+    /// max-events-per-session + 64 so a full replay always fits.
+    #[arg(long, env = "HERALD_SOCKET_BUFFER", default_value_t = 1024)]
+    pub socket_buffer: usize,
+
+    /// Sessions one socket may be subscribed to at once.
+    #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS", default_value_t = 100)]
+    pub max_subscriptions: usize,
+
+    /// subscribe/unsubscribe requests allowed per socket per second (burst of twice that).
+    #[arg(long, env = "HERALD_SUBSCRIBE_RATE", default_value_t = 50)]
+    pub subscribe_rate: u32,
+
+    /// Engine.IO ping interval in milliseconds.
+    #[arg(long, env = "HERALD_PING_INTERVAL_MS", default_value_t = 25_000)]
+    pub ping_interval_ms: u64,
+
+    /// Engine.IO ping timeout in milliseconds.
+    #[arg(long, env = "HERALD_PING_TIMEOUT_MS", default_value_t = 20_000)]
+    pub ping_timeout_ms: u64,
+
+    /// Websocket read buffer per connection, in bytes (smaller saves memory per idle socket).
+    #[arg(long, env = "HERALD_WS_READ_BUFFER", default_value_t = 4096)]
+    pub ws_read_buffer: usize,
+
+    /// Seconds to wait for in-flight requests and sockets on shutdown.
+    #[arg(long, env = "HERALD_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Config {
+    /// A configuration with every default, for tests and embedding.
+    pub fn defaults() -> Self {
+        let cli = Cli::parse_from(["herald", "serve"]);
+        match cli.command {
+            Command::Serve(config) => *config,
+        }
+    }
+
+    pub fn session_ttl(&self) -> Duration {
+        Duration::from_secs(self.session_ttl_secs)
+    }
+
+    /// The per-socket queue must hold a whole replay plus the `subscribed` reply.
+    pub fn effective_socket_buffer(&self) -> usize {
+        let replay = usize::try_from(self.max_events_per_session).unwrap_or(usize::MAX);
+        self.socket_buffer.max(replay.saturating_add(64))
+    }
+}

@@ -1,0 +1,339 @@
+//! The HTTP API (SPEC §2): producer ingest, snapshots, history, health and metrics.
+//!
+//! Handlers are thin: extract, validate, call the hub, map the error. Every error is
+//! `{ "error": { "code", "message" } }` with a fitting status.
+
+use std::collections::HashMap;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::event::{IngestItem, SessionStatus, validate_item, validate_session_id};
+use crate::hub::{Hub, HubError};
+
+/// Largest page of history one request returns.
+pub const MAX_HISTORY_PAGE: usize = 1000;
+const DEFAULT_HISTORY_PAGE: usize = 100;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub hub: Hub,
+    pub max_batch: usize,
+}
+
+/// An HTTP error with its machine-readable code.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    fn not_found(session_id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "SESSION_NOT_FOUND",
+            format!("no session `{session_id}`"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(code = self.code, message = %self.message, "request failed");
+        }
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<HubError> for ApiError {
+    fn from(error: HubError) -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL",
+            error.to_string(),
+        )
+    }
+}
+
+pub fn router(state: ApiState, max_body: usize) -> Router {
+    Router::new()
+        .route("/api/sessions/{session_id}/events", post(ingest))
+        .route("/api/wizard/session/{session_id}", get(snapshot))
+        .route("/api/wizard/session/{session_id}/events", get(history))
+        .route("/api/wizard/sessions", get(list_sessions))
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
+        .route(
+            "/readyz",
+            get(|| async { Json(json!({ "status": "ready" })) }),
+        )
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "METHOD_NOT_ALLOWED",
+                "method not allowed on this route",
+            )
+        })
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+fn session_id_from_path(session_id: &str) -> Result<(), ApiError> {
+    validate_session_id(session_id)
+        .map_err(|e| ApiError::bad_request("INVALID_SESSION_ID", e.to_string()))
+}
+
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json")) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UNSUPPORTED_MEDIA_TYPE",
+            "send the body as application/json",
+        ))
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IngestReply {
+    accepted: usize,
+    duplicates: usize,
+    last_seq: u64,
+    seqs: Vec<Option<u64>>,
+}
+
+async fn ingest(
+    State(state): State<ApiState>,
+    Path(session_id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<IngestReply>), ApiError> {
+    session_id_from_path(&session_id)?;
+    require_json(&headers)?;
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            "the request body is larger than the configured limit (--max-body)",
+        ),
+        status => ApiError::new(status, "INVALID_BODY", rejection.body_text()),
+    })?;
+    let items = parse_batch(&body, state.max_batch)?;
+    let drafts = items
+        .into_iter()
+        .enumerate()
+        .map(|(index, item)| {
+            validate_item(&session_id, item)
+                .map_err(|e| ApiError::bad_request("INVALID_EVENT", format!("item {index}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let published = state.hub.publish(&session_id, drafts).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(IngestReply {
+            accepted: published.accepted,
+            duplicates: published.duplicates,
+            last_seq: published.last_seq,
+            seqs: published.seqs,
+        }),
+    ))
+}
+
+/// One item or an array of items; each must be `{ event, data, idempotencyKey? }`.
+fn parse_batch(body: &[u8], max_batch: usize) -> Result<Vec<IngestItem>, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request("INVALID_JSON", format!("the body is not valid JSON: {e}"))
+    })?;
+    let values = match value {
+        Value::Array(values) => values,
+        single @ Value::Object(_) => vec![single],
+        _ => {
+            return Err(ApiError::bad_request(
+                "INVALID_EVENT",
+                "expected { event, data } or an array of them",
+            ));
+        }
+    };
+    if values.is_empty() {
+        return Err(ApiError::bad_request(
+            "EMPTY_BATCH",
+            "the batch has no events",
+        ));
+    }
+    if values.len() > max_batch {
+        return Err(ApiError::bad_request(
+            "BATCH_TOO_LARGE",
+            format!("a batch holds at most {max_batch} events"),
+        ));
+    }
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(index, value)| {
+            serde_json::from_value(value).map_err(|e| {
+                ApiError::bad_request(
+                    "INVALID_EVENT",
+                    format!("item {index}: expected {{ event, data, idempotencyKey? }}: {e}"),
+                )
+            })
+        })
+        .collect()
+}
+
+async fn snapshot(
+    State(state): State<ApiState>,
+    Path(session_id): Path<String>,
+) -> Result<Response, ApiError> {
+    session_id_from_path(&session_id)?;
+    let snapshot = state
+        .hub
+        .store()
+        .get(&session_id)
+        .await
+        .map_err(HubError::from)?;
+    match snapshot {
+        Some(snapshot) => Ok(Json(snapshot).into_response()),
+        None => Err(ApiError::not_found(&session_id)),
+    }
+}
+
+async fn list_sessions(
+    State(state): State<ApiState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let status = match query.get("status") {
+        None => None,
+        Some(name) => Some(SessionStatus::parse(name).ok_or_else(|| {
+            ApiError::bad_request(
+                "INVALID_QUERY",
+                format!("unknown status `{name}`: expected ACTIVE, PROCESSING, COMPLETED, FAILED or EXPIRED"),
+            )
+        })?),
+    };
+    let sessions = state
+        .hub
+        .store()
+        .list(status)
+        .await
+        .map_err(HubError::from)?;
+    Ok(Json(json!({ "sessions": sessions })).into_response())
+}
+
+/// Parses an optional non-negative integer query parameter.
+fn query_number(query: &HashMap<String, String>, name: &str) -> Result<Option<u64>, ApiError> {
+    query
+        .get(name)
+        .map(|raw| {
+            raw.parse::<u64>().map_err(|_| {
+                ApiError::bad_request(
+                    "INVALID_QUERY",
+                    format!("`{name}` must be a non-negative integer"),
+                )
+            })
+        })
+        .transpose()
+}
+
+async fn history(
+    State(state): State<ApiState>,
+    Path(session_id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    session_id_from_path(&session_id)?;
+    let after = query_number(&query, "after")?.unwrap_or(0);
+    let limit = match query_number(&query, "limit")? {
+        None => DEFAULT_HISTORY_PAGE,
+        Some(0) => {
+            return Err(ApiError::bad_request(
+                "INVALID_QUERY",
+                "`limit` must be at least 1",
+            ));
+        }
+        Some(n) => usize::try_from(n)
+            .unwrap_or(MAX_HISTORY_PAGE)
+            .min(MAX_HISTORY_PAGE),
+    };
+    let slice = state.hub.history(&session_id, after, limit).await?;
+    if slice.head.epoch.is_empty() {
+        return Err(ApiError::not_found(&session_id));
+    }
+    let events: Vec<HistoryItem> = slice
+        .events
+        .iter()
+        .map(|e| HistoryItem {
+            seq: e.seq,
+            event: e.kind.as_str(),
+            data: &e.json,
+        })
+        .collect();
+    let next_after = slice.events.last().map_or(after, |e| e.seq);
+    Ok(Json(json!({
+        "sessionId": session_id,
+        "epoch": slice.head.epoch,
+        "lastSeq": slice.head.last_seq,
+        "firstSeq": slice.head.first_seq,
+        // A client asking for events that are no longer retained must refetch the snapshot.
+        "truncated": after + 1 < slice.head.first_seq,
+        "hasMore": next_after < slice.head.last_seq,
+        "events": events,
+    }))
+    .into_response())
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.hub.metrics().render(),
+    )
+        .into_response()
+}
+
+/// One history entry; `data` is the logged bytes, written out without re-parsing.
+#[derive(Serialize)]
+struct HistoryItem<'a> {
+    seq: u64,
+    event: &'static str,
+    data: &'a serde_json::value::RawValue,
+}

@@ -1,0 +1,271 @@
+//! The hub: the one place where events are ordered for delivery.
+//!
+//! Data flows one way: a producer hands validated drafts to [`Hub::publish`], which appends
+//! them to the [`EventLog`] (assigning `seq`), folds them into the [`SessionStore`] and
+//! broadcasts each event's already-serialized bytes to the session's room. A
+//! [`Hub::subscribe`] reads the log head, joins the room and sends the replay.
+//!
+//! Invariant: for one session, publish and subscribe run one at a time, in arrival order,
+//! behind that session's *gate*. A subscriber therefore gets every event after its
+//! `lastSeq` exactly once: those logged before it joined come from the replay, those
+//! logged after from the room, and nothing can be logged in between. The gate is a tokio
+//! mutex held across the log append and the broadcast on purpose: those awaits *are* the
+//! ordered work; nothing unrelated is awaited under it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use socketioxide::SocketIo;
+use socketioxide::extract::SocketRef;
+
+use crate::event::{EventDraft, now_timestamp};
+use crate::log::{EventLog, LogError, LogHead, LogSlice, LoggedEvent};
+use crate::metrics::Metrics;
+use crate::store::{SessionStore, StoreError};
+
+/// How long a replay may wait for a socket's queue to drain before the socket counts as a
+/// slow consumer and is disconnected (it recovers by replay when it reconnects).
+const REPLAY_DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the socket is gone")]
+    SocketGone,
+}
+
+/// What a publish did, for the ingest reply.
+#[derive(Debug)]
+pub struct Published {
+    pub accepted: usize,
+    pub duplicates: usize,
+    pub seqs: Vec<Option<u64>>,
+    pub last_seq: u64,
+}
+
+/// Where a client wants to resume from.
+#[derive(Debug, Clone, Default)]
+pub struct Resume {
+    pub last_seq: u64,
+    pub epoch: Option<String>,
+}
+
+/// The reply to a subscribe.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Subscribed {
+    pub session_id: String,
+    pub timestamp: String,
+    pub last_seq: u64,
+    pub epoch: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<bool>,
+}
+
+type Gate = Arc<tokio::sync::Mutex<()>>;
+
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    log: Arc<dyn EventLog>,
+    store: Arc<dyn SessionStore>,
+    io: SocketIo,
+    /// A std mutex: it guards a map lookup and is never held across an `.await`.
+    gates: Mutex<HashMap<String, Gate>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Hub {
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        store: Arc<dyn SessionStore>,
+        io: SocketIo,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                log,
+                store,
+                io,
+                gates: Mutex::default(),
+                metrics,
+            }),
+        }
+    }
+
+    pub fn log(&self) -> &dyn EventLog {
+        &*self.inner.log
+    }
+
+    pub fn store(&self) -> &dyn SessionStore {
+        &*self.inner.store
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    fn gate(&self, session_id: &str) -> Gate {
+        let mut gates = self.inner.gates.lock().unwrap();
+        if let Some(gate) = gates.get(session_id) {
+            return gate.clone();
+        }
+        gates.entry(session_id.to_owned()).or_default().clone()
+    }
+
+    /// Logs the drafts (all or none), updates the snapshot and broadcasts the new events.
+    pub async fn publish(
+        &self,
+        session_id: &str,
+        drafts: Vec<EventDraft>,
+    ) -> Result<Published, HubError> {
+        let gate = self.gate(session_id);
+        let _order = gate.lock().await;
+        let outcome = self.inner.log.append(session_id, drafts).await?;
+        self.inner
+            .store
+            .apply(session_id, &outcome.head.epoch, &outcome.appended)
+            .await?;
+        for appended in &outcome.appended {
+            self.broadcast(session_id, &appended.event).await;
+        }
+        self.inner
+            .metrics
+            .events_logged
+            .add(outcome.appended.len() as u64);
+        Ok(Published {
+            accepted: outcome.appended.len(),
+            duplicates: outcome.duplicates,
+            seqs: outcome.seqs,
+            last_seq: outcome.head.last_seq,
+        })
+    }
+
+    async fn broadcast(&self, session_id: &str, event: &LoggedEvent) {
+        // The payload is raw JSON: socketioxide copies it into one packet shared by every
+        // socket of the room, so an event is encoded once per broadcast, not per client.
+        let room = session_id.to_owned();
+        match self
+            .inner
+            .io
+            .to(room)
+            .emit(event.kind.as_str(), &*event.json)
+            .await
+        {
+            Ok(()) => self.inner.metrics.broadcasts.inc(),
+            Err(error) => {
+                // Only full or closed socket queues fail here; those sockets recover by replay.
+                self.inner.metrics.broadcast_failures.inc();
+                tracing::warn!(session_id, seq = event.seq, %error, "broadcast did not reach every socket");
+            }
+        }
+    }
+
+    /// Joins `socket` to the session's room and replays what it missed, in order.
+    pub async fn subscribe(
+        &self,
+        socket: &SocketRef,
+        session_id: &str,
+        resume: Option<Resume>,
+    ) -> Result<Subscribed, HubError> {
+        let gate = self.gate(session_id);
+        let _order = gate.lock().await;
+        let head = self.inner.log.head(session_id).await?;
+        let recovered = resume
+            .as_ref()
+            .map(|r| head.can_resume(r.last_seq, r.epoch.as_deref()));
+        let replay = match (&resume, recovered) {
+            (Some(r), Some(true)) if r.last_seq < head.last_seq => {
+                self.inner
+                    .log
+                    .read(session_id, r.last_seq, usize::MAX)
+                    .await?
+                    .events
+            }
+            _ => Vec::new(),
+        };
+        let reply = Subscribed {
+            session_id: session_id.to_owned(),
+            timestamp: now_timestamp(),
+            last_seq: head.last_seq,
+            epoch: head.epoch,
+            recovered,
+        };
+        socket.join(session_id.to_owned());
+        if socket.emit("subscribed", &reply).is_err() {
+            socket.leave(session_id.to_owned());
+            return Err(HubError::SocketGone);
+        }
+        for event in &replay {
+            self.send_replayed(socket, event).await?;
+        }
+        self.inner.metrics.replayed.add(replay.len() as u64);
+        Ok(reply)
+    }
+
+    /// Sends one replayed event, waiting (bounded) while the socket's queue is full.
+    async fn send_replayed(&self, socket: &SocketRef, event: &LoggedEvent) -> Result<(), HubError> {
+        let deadline = tokio::time::Instant::now() + REPLAY_DRAIN_LIMIT;
+        loop {
+            match socket.emit(event.kind.as_str(), &*event.json) {
+                Ok(()) => return Ok(()),
+                Err(_) if !socket.connected() => return Err(HubError::SocketGone),
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    tracing::warn!(sid = %socket.id, "slow consumer during replay: disconnecting");
+                    self.inner.metrics.slow_consumers.inc();
+                    socket.clone().disconnect().ok();
+                    return Err(HubError::SocketGone);
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    pub fn unsubscribe(&self, socket: &SocketRef, session_id: &str) {
+        socket.leave(session_id.to_owned());
+    }
+
+    pub async fn head(&self, session_id: &str) -> Result<LogHead, HubError> {
+        Ok(self.inner.log.head(session_id).await?)
+    }
+
+    pub async fn history(
+        &self,
+        session_id: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<LogSlice, HubError> {
+        Ok(self.inner.log.read(session_id, after, limit).await?)
+    }
+
+    /// Drops sessions that ended more than `ttl` ago and forgets idle gates.
+    pub async fn sweep(&self, ttl: Duration) -> Result<usize, HubError> {
+        let expired = self.inner.store.take_expired(ttl).await?;
+        for session_id in &expired {
+            let gate = self.gate(session_id);
+            let _order = gate.lock().await;
+            self.inner.log.remove(session_id).await?;
+        }
+        // A gate only the map holds is in nobody's hands, and new users must come through
+        // the map lock, so removing it cannot split a session's order in two.
+        self.inner
+            .gates
+            .lock()
+            .unwrap()
+            .retain(|_, gate| Arc::strong_count(gate) > 1);
+        Ok(expired.len())
+    }
+
+    /// Disconnects every socket (server shutdown).
+    pub async fn close(&self) {
+        self.inner.io.close().await;
+    }
+}

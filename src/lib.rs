@@ -1,0 +1,16 @@
+//! herald: a Socket.IO server that streams the progress of AI sessions to front ends.
+//!
+//! See `ARCHITECTURE.md` for the code map and the invariants.
+
+pub mod config;
+pub mod event;
+pub mod http;
+pub mod hub;
+pub mod log;
+pub mod metrics;
+pub mod server;
+pub mod socket;
+pub mod store;
+
+pub use config::Config;
+pub use server::Server;

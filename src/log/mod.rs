@@ -1,0 +1,135 @@
+//! The per-session event log: the only place that assigns `seq`.
+//!
+//! Each session's log numbers its events 1, 2, 3, … with no gaps, keeps the newest
+//! `max_events` of them for replay and history, remembers accepted idempotency keys, and
+//! carries an `epoch` that changes whenever the log is recreated (so a client holding a
+//! `lastSeq` from an older incarnation can tell). Events are serialized exactly once, here,
+//! and the same bytes go to the history route, the replay and the live broadcast.
+
+mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+pub use memory::MemoryLog;
+
+use crate::event::{EventDraft, EventKind};
+
+/// An event as logged: its kind, `seq` and the serialized payload sent to clients.
+#[derive(Debug)]
+pub struct LoggedEvent {
+    pub seq: u64,
+    pub kind: EventKind,
+    pub json: Box<RawValue>,
+}
+
+/// An event appended by one call, with its finished data for folding into the snapshot.
+#[derive(Debug)]
+pub struct Appended {
+    pub event: Arc<LoggedEvent>,
+    pub data: Map<String, Value>,
+}
+
+/// What one append did.
+#[derive(Debug, Default)]
+pub struct AppendOutcome {
+    /// The newly logged events, in `seq` order.
+    pub appended: Vec<Appended>,
+    /// Per draft, the `seq` it has: new, or the one it got when first accepted (`None` when a
+    /// duplicate's original is no longer known).
+    pub seqs: Vec<Option<u64>>,
+    /// Drafts skipped because their idempotency key was already accepted.
+    pub duplicates: usize,
+    pub head: LogHead,
+}
+
+/// Where a session's log stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogHead {
+    /// `seq` of the newest event, 0 when there is none.
+    pub last_seq: u64,
+    /// `seq` of the oldest retained event (`last_seq + 1` when nothing is retained).
+    pub first_seq: u64,
+    /// Identity of this incarnation of the log; empty while the session has no log.
+    pub epoch: String,
+}
+
+impl LogHead {
+    /// Whether a client that saw everything up to `last_seq` in `epoch` can be brought up to
+    /// date from what is retained, without a gap.
+    pub fn can_resume(&self, last_seq: u64, epoch: Option<&str>) -> bool {
+        if last_seq == 0 {
+            // The client saw nothing, so any incarnation is fine as long as seq 1 is retained.
+            return self.first_seq <= 1;
+        }
+        let same_epoch = epoch.is_none_or(|e| e.is_empty() || e == self.epoch);
+        same_epoch && last_seq <= self.last_seq && last_seq + 1 >= self.first_seq
+    }
+}
+
+/// A page of the log.
+#[derive(Debug, Default)]
+pub struct LogSlice {
+    pub head: LogHead,
+    pub events: Vec<Arc<LoggedEvent>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("event could not be serialized: {0}")]
+    Serialize(#[from] serde_json::Error),
+    #[error("event log backend failed: {0}")]
+    Backend(String),
+}
+
+/// Storage of per-session event logs. Implementations must make `append` atomic per
+/// session: either every draft is logged, in order and with consecutive `seq`s, or none.
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    async fn append(
+        &self,
+        session_id: &str,
+        drafts: Vec<EventDraft>,
+    ) -> Result<AppendOutcome, LogError>;
+    async fn head(&self, session_id: &str) -> Result<LogHead, LogError>;
+    /// Retained events with `seq > after`, at most `limit` of them.
+    async fn read(&self, session_id: &str, after: u64, limit: usize) -> Result<LogSlice, LogError>;
+    async fn remove(&self, session_id: &str) -> Result<(), LogError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogHead;
+
+    fn head(first: u64, last: u64) -> LogHead {
+        LogHead {
+            last_seq: last,
+            first_seq: first,
+            epoch: "e1".into(),
+        }
+    }
+
+    #[test]
+    fn resume_needs_the_next_event_retained_and_the_same_epoch() {
+        assert!(head(1, 10).can_resume(0, None));
+        assert!(head(1, 10).can_resume(4, Some("e1")));
+        assert!(head(5, 10).can_resume(4, None));
+        assert!(!head(6, 10).can_resume(4, None));
+        assert!(!head(6, 10).can_resume(0, None));
+        assert!(!head(1, 10).can_resume(4, Some("e0")));
+        assert!(!head(1, 10).can_resume(11, None));
+        assert!(head(11, 10).can_resume(10, None));
+        // an empty, never-written log
+        assert!(
+            LogHead {
+                last_seq: 0,
+                first_seq: 1,
+                epoch: String::new()
+            }
+            .can_resume(0, Some("old"))
+        );
+    }
+}

@@ -1,0 +1,45 @@
+use std::io::{IsTerminal, Write};
+
+use anyhow::Context;
+use clap::Parser;
+use herald::config::{Cli, Command};
+use herald::server::{Server, shutdown_signal};
+use tracing_subscriber::EnvFilter;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("HERALD_LOG")
+                .unwrap_or_else(|_| EnvFilter::new("info,socketioxide=warn,engineioxide=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match cli.command {
+        Command::Serve(config) => serve(*config).await,
+    }
+}
+
+async fn serve(config: herald::Config) -> anyhow::Result<()> {
+    if config.dev {
+        tracing::warn!("development mode: CORS allows every origin");
+    }
+    tracing::warn!(
+        "authentication is off: any client may read any session (fine for local development)"
+    );
+    let server = Server::bind(config).await.context("starting herald")?;
+    let addr = server.local_addr();
+    // The one line on stdout: scripts and tests read the port from it.
+    let mut stdout = std::io::stdout();
+    writeln!(stdout, "herald listening on http://{addr}")?;
+    stdout.flush()?;
+    tracing::info!(%addr, "ready");
+    server.serve(shutdown_signal()).await.context("serving")?;
+    tracing::info!("stopped");
+    Ok(())
+}

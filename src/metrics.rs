@@ -1,0 +1,116 @@
+//! Process counters, exported in the Prometheus text format at `/metrics`.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub connections: Gauge,
+    pub subscriptions: Gauge,
+    pub events_logged: Counter,
+    pub broadcasts: Counter,
+    pub broadcast_failures: Counter,
+    pub replayed: Counter,
+    pub slow_consumers: Counter,
+    pub socket_errors: Counter,
+    pub http_errors: Counter,
+}
+
+impl Metrics {
+    /// Renders every metric in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let counters: [(&str, &str, u64); 7] = [
+            (
+                "herald_events_logged_total",
+                "Events appended to session logs.",
+                self.events_logged.get(),
+            ),
+            (
+                "herald_broadcasts_total",
+                "Events broadcast to session rooms.",
+                self.broadcasts.get(),
+            ),
+            (
+                "herald_broadcast_failures_total",
+                "Broadcasts that did not reach every socket.",
+                self.broadcast_failures.get(),
+            ),
+            (
+                "herald_replayed_events_total",
+                "Events sent as replay on subscribe.",
+                self.replayed.get(),
+            ),
+            (
+                "herald_slow_consumers_total",
+                "Sockets disconnected for not draining their queue.",
+                self.slow_consumers.get(),
+            ),
+            (
+                "herald_socket_errors_total",
+                "Error events sent to sockets for bad input.",
+                self.socket_errors.get(),
+            ),
+            (
+                "herald_http_errors_total",
+                "HTTP requests answered with an error.",
+                self.http_errors.get(),
+            ),
+        ];
+        let gauges: [(&str, &str, i64); 2] = [
+            (
+                "herald_connections",
+                "Connected Socket.IO sockets.",
+                self.connections.get(),
+            ),
+            (
+                "herald_subscriptions",
+                "Active session subscriptions.",
+                self.subscriptions.get(),
+            ),
+        ];
+        let mut out = String::with_capacity(1024);
+        for (name, help, value) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        }
+        for (name, help, value) in gauges {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,189 @@
+//! Wiring: builds the stores, the hub, the Socket.IO layer and the HTTP router, serves
+//! them on one listener and shuts down gracefully.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{HeaderValue, Method};
+use socketioxide::SocketIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::http::{ApiState, router};
+use crate::hub::Hub;
+use crate::log::MemoryLog;
+use crate::metrics::Metrics;
+use crate::socket::{self, SocketLimits};
+use crate::store::MemoryStore;
+
+/// How often ended sessions and idle gates are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("invalid CORS origin `{0}`")]
+    CorsOrigin(String),
+    #[error("server failed: {0}")]
+    Serve(#[from] std::io::Error),
+}
+
+/// A bound, not yet serving, herald.
+pub struct Server {
+    listener: TcpListener,
+    app: axum::Router,
+    hub: Hub,
+    config: Config,
+}
+
+impl Server {
+    /// Builds everything and binds the listener, so the address is known before serving.
+    pub async fn bind(config: Config) -> Result<Self, ServerError> {
+        let addr = SocketAddr::new(config.host, config.port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        let metrics = Arc::new(Metrics::default());
+        let (io_layer, io) = SocketIo::builder()
+            .max_payload(config.max_payload)
+            .max_buffer_size(config.effective_socket_buffer())
+            .ping_interval(Duration::from_millis(config.ping_interval_ms))
+            .ping_timeout(Duration::from_millis(config.ping_timeout_ms))
+            .ws_read_buffer_size(config.ws_read_buffer)
+            .build_layer();
+        let hub = Hub::new(
+            Arc::new(MemoryLog::new(config.max_events_per_session)),
+            Arc::new(MemoryStore::new()),
+            io.clone(),
+            metrics,
+        );
+        socket::register(
+            &io,
+            hub.clone(),
+            SocketLimits {
+                max_subscriptions: config.max_subscriptions,
+                requests_per_sec: config.subscribe_rate.max(1),
+            },
+        );
+        let api = ApiState {
+            hub: hub.clone(),
+            max_batch: config.max_batch.max(1),
+        };
+        let app = router(api, config.max_body)
+            .layer(io_layer)
+            .layer(cors(&config)?)
+            .layer(TraceLayer::new_for_http());
+        Ok(Self {
+            listener,
+            app,
+            hub,
+            config,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then closes every socket and lets in-flight HTTP
+    /// requests finish (bounded by the configured shutdown timeout).
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let Server {
+            listener,
+            app,
+            hub,
+            config,
+        } = self;
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let sweeper = tokio::spawn(sweep_forever(hub.clone(), config.session_ttl()));
+        let grace = Duration::from_secs(config.shutdown_timeout_secs);
+        let hub_for_close = hub.clone();
+        let signal = async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing sockets, finishing in-flight requests");
+            // Closing sockets first ends long-polling requests, which would otherwise hold
+            // the graceful shutdown open until they time out.
+            hub_for_close.close().await;
+            let _ = stop_tx.send(true);
+        };
+        let server = axum::serve(listener, app).with_graceful_shutdown(signal);
+        let result = tokio::select! {
+            result = server => result.map_err(ServerError::from),
+            _ = async {
+                let _ = stop_rx.wait_for(|stopped| *stopped).await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!("shutdown grace period elapsed with requests still open");
+                Ok(())
+            }
+        };
+        sweeper.abort();
+        result
+    }
+}
+
+async fn sweep_forever(hub: Hub, ttl: Duration) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        tick.tick().await;
+        match hub.sweep(ttl).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(sessions = n, "dropped ended sessions"),
+            Err(error) => tracing::warn!(%error, "session sweep failed"),
+        }
+    }
+}
+
+fn cors(config: &Config) -> Result<CorsLayer, ServerError> {
+    let layer = CorsLayer::new()
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([
+            axum::http::header::CONTENT_TYPE,
+            axum::http::header::AUTHORIZATION,
+        ]);
+    if config.dev {
+        return Ok(layer.allow_origin(Any));
+    }
+    let origins = config
+        .cors_origins
+        .iter()
+        .filter(|o| !o.trim().is_empty())
+        .map(|o| HeaderValue::from_str(o.trim()).map_err(|_| ServerError::CorsOrigin(o.clone())))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(layer.allow_origin(AllowOrigin::list(origins)))
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}

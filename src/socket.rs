@@ -1,0 +1,324 @@
+//! The Socket.IO surface (SPEC §1): `connected`, `subscribe`, `unsubscribe` and the
+//! structured `error` event for bad input.
+//!
+//! Handlers are registered in the connect *middleware*, which socketioxide runs before it
+//! sends the CONNECT packet. Registering them in the connect handler instead (which runs
+//! after CONNECT) leaves a window in which a client's first `subscribe` is dropped.
+//! One fallback handler serves every event name, so a socket costs one boxed handler.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use socketioxide::SocketIo;
+use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
+use socketioxide::handler::ConnectHandler;
+
+use crate::event::{InvalidSessionId, now_timestamp, validate_session_id};
+use crate::hub::{Hub, HubError, Resume};
+
+/// Limits applied to each socket.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketLimits {
+    pub max_subscriptions: usize,
+    /// Subscribe/unsubscribe requests per second; bursts of twice that are allowed.
+    pub requests_per_sec: u32,
+}
+
+/// Per-socket state, owned by the socket's handlers.
+struct SocketState {
+    /// A std mutex: touched briefly by this socket's own handlers, never across an await.
+    inner: Mutex<StateInner>,
+}
+
+struct StateInner {
+    sessions: HashSet<String>,
+    tokens: f64,
+    refilled: Instant,
+}
+
+/// A request refused, with the code clients match on.
+#[derive(Debug, Clone)]
+struct Refusal {
+    session_id: Option<String>,
+    code: &'static str,
+    message: String,
+}
+
+impl Refusal {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            session_id: None,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn for_session(mut self, session_id: &str) -> Self {
+        self.session_id = Some(session_id.to_owned());
+        self
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ErrorEvent<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    session_id: Option<&'a str>,
+    error: &'a str,
+    code: &'a str,
+    timestamp: String,
+}
+
+/// Registers the `/` namespace on `io`.
+pub fn register(io: &SocketIo, hub: Hub, limits: SocketLimits) {
+    let on_connect = {
+        let hub = hub.clone();
+        move |socket: SocketRef| {
+            let hub = hub.clone();
+            async move {
+                hub.metrics().connections.inc();
+                let payload =
+                    json!({ "socketId": socket.id.to_string(), "timestamp": now_timestamp() });
+                socket.emit("connected", &payload).ok();
+            }
+        }
+    };
+    let install_handlers = move |socket: SocketRef| {
+        let hub = hub.clone();
+        async move {
+            install(&socket, hub, limits);
+            Ok::<(), std::convert::Infallible>(())
+        }
+    };
+    io.ns("/", on_connect.with(install_handlers));
+}
+
+fn install(socket: &SocketRef, hub: Hub, limits: SocketLimits) {
+    let state = Arc::new(SocketState {
+        inner: Mutex::new(StateInner {
+            sessions: HashSet::new(),
+            tokens: f64::from(limits.requests_per_sec) * 2.0,
+            refilled: Instant::now(),
+        }),
+    });
+    let on_event = {
+        let hub = hub.clone();
+        let state = state.clone();
+        move |socket: SocketRef,
+              Event(name): Event,
+              TryData(data): TryData<Value>,
+              ack: AckSender| {
+            let hub = hub.clone();
+            let state = state.clone();
+            async move {
+                let result = match data {
+                    Err(_) => Err(Refusal::new(
+                        "INVALID_PAYLOAD",
+                        "the payload is not valid JSON",
+                    )),
+                    Ok(data) => dispatch(&socket, &hub, &state, limits, &name, data).await,
+                };
+                match result {
+                    Ok(reply) => {
+                        ack.send(&reply).ok();
+                    }
+                    Err(refusal) => refuse(&socket, &hub, ack, &refusal),
+                }
+            }
+        }
+    };
+    socket.on_fallback(on_event);
+    socket.on_disconnect(move |_socket: SocketRef| {
+        let hub = hub.clone();
+        let state = state.clone();
+        async move {
+            let count = state.inner.lock().unwrap().sessions.len();
+            for _ in 0..count {
+                hub.metrics().subscriptions.dec();
+            }
+            hub.metrics().connections.dec();
+        }
+    });
+}
+
+async fn dispatch(
+    socket: &SocketRef,
+    hub: &Hub,
+    state: &SocketState,
+    limits: SocketLimits,
+    name: &str,
+    data: Value,
+) -> Result<Value, Refusal> {
+    match name {
+        "subscribe" => {
+            take_token(state, limits)?;
+            let (session_id, resume) = parse_subscribe(data)?;
+            subscribe(socket, hub, state, limits, session_id, resume).await
+        }
+        "unsubscribe" => {
+            take_token(state, limits)?;
+            let session_id = parse_session_ref(&data)?;
+            if state.inner.lock().unwrap().sessions.remove(&session_id) {
+                hub.metrics().subscriptions.dec();
+            }
+            hub.unsubscribe(socket, &session_id);
+            let reply = json!({ "sessionId": session_id, "timestamp": now_timestamp() });
+            socket.emit("unsubscribed", &reply).ok();
+            Ok(json!({ "ok": true, "sessionId": session_id }))
+        }
+        other => Err(Refusal::new(
+            "UNKNOWN_EVENT",
+            format!("unknown event `{other}`: herald accepts subscribe and unsubscribe"),
+        )),
+    }
+}
+
+async fn subscribe(
+    socket: &SocketRef,
+    hub: &Hub,
+    state: &SocketState,
+    limits: SocketLimits,
+    session_id: String,
+    resume: Option<Resume>,
+) -> Result<Value, Refusal> {
+    let newly_added = {
+        let mut inner = state.inner.lock().unwrap();
+        if !inner.sessions.contains(&session_id) && inner.sessions.len() >= limits.max_subscriptions
+        {
+            return Err(Refusal::new(
+                "TOO_MANY_SUBSCRIPTIONS",
+                format!(
+                    "a socket may follow at most {} sessions at once",
+                    limits.max_subscriptions
+                ),
+            )
+            .for_session(&session_id));
+        }
+        inner.sessions.insert(session_id.clone())
+    };
+    match hub.subscribe(socket, &session_id, resume).await {
+        Ok(reply) => {
+            if newly_added {
+                hub.metrics().subscriptions.inc();
+            }
+            let mut ack = json!({
+                "ok": true,
+                "sessionId": reply.session_id,
+                "lastSeq": reply.last_seq,
+                "epoch": reply.epoch,
+            });
+            if let Some(recovered) = reply.recovered {
+                ack["recovered"] = Value::Bool(recovered);
+            }
+            Ok(ack)
+        }
+        Err(error) => {
+            if newly_added {
+                state.inner.lock().unwrap().sessions.remove(&session_id);
+            }
+            let code = match error {
+                HubError::SocketGone => "SOCKET_GONE",
+                HubError::Log(_) | HubError::Store(_) => "INTERNAL",
+            };
+            tracing::error!(session_id, %error, "subscribe failed");
+            Err(Refusal::new(code, format!("could not subscribe: {error}"))
+                .for_session(&session_id))
+        }
+    }
+}
+
+/// Token bucket: refills continuously at `requests_per_sec`, holds twice that.
+fn take_token(state: &SocketState, limits: SocketLimits) -> Result<(), Refusal> {
+    let rate = f64::from(limits.requests_per_sec);
+    let mut inner = state.inner.lock().unwrap();
+    let now = Instant::now();
+    let refill = now.duration_since(inner.refilled).as_secs_f64() * rate;
+    inner.tokens = (inner.tokens + refill).min(rate * 2.0);
+    inner.refilled = now;
+    if inner.tokens < 1.0 {
+        return Err(Refusal::new(
+            "RATE_LIMITED",
+            format!("too many subscribe/unsubscribe requests: at most {rate} per second"),
+        ));
+    }
+    inner.tokens -= 1.0;
+    Ok(())
+}
+
+/// `"id"` or `{ sessionId, lastSeq?, epoch? }`.
+fn parse_subscribe(data: Value) -> Result<(String, Option<Resume>), Refusal> {
+    let session_id = parse_session_ref(&data)?;
+    let Value::Object(fields) = data else {
+        return Ok((session_id, None));
+    };
+    let last_seq = match fields.get("lastSeq") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| {
+            Refusal::new(
+                "INVALID_PAYLOAD",
+                "`lastSeq` must be a non-negative integer",
+            )
+            .for_session(&session_id)
+        })?),
+    };
+    let epoch = match fields.get("epoch") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(e)) => Some(e.clone()),
+        Some(_) => {
+            return Err(Refusal::new("INVALID_PAYLOAD", "`epoch` must be a string")
+                .for_session(&session_id));
+        }
+    };
+    let resume = last_seq.map(|last_seq| Resume { last_seq, epoch });
+    Ok((session_id, resume))
+}
+
+/// The session id of a `"id"` or `{ sessionId }` payload, validated.
+fn parse_session_ref(data: &Value) -> Result<String, Refusal> {
+    let id = match data {
+        Value::String(id) => id,
+        Value::Object(fields) => match fields.get("sessionId") {
+            Some(Value::String(id)) => id,
+            Some(_) => {
+                return Err(Refusal::new(
+                    "INVALID_PAYLOAD",
+                    "`sessionId` must be a string",
+                ));
+            }
+            None => return Err(Refusal::new("INVALID_PAYLOAD", "`sessionId` is required")),
+        },
+        _ => {
+            return Err(Refusal::new(
+                "INVALID_PAYLOAD",
+                "expected a session id string or { sessionId, lastSeq?, epoch? }",
+            ));
+        }
+    };
+    validate_session_id(id).map_err(|e: InvalidSessionId| {
+        let refusal = Refusal::new("INVALID_SESSION_ID", e.to_string());
+        // Echo the id only when it is short enough to be worth echoing.
+        if id.len() <= crate::event::MAX_SESSION_ID_LEN {
+            refusal.for_session(id)
+        } else {
+            refusal
+        }
+    })?;
+    Ok(id.clone())
+}
+
+fn refuse(socket: &SocketRef, hub: &Hub, ack: AckSender, refusal: &Refusal) {
+    hub.metrics().socket_errors.inc();
+    let event = ErrorEvent {
+        session_id: refusal.session_id.as_deref(),
+        error: &refusal.message,
+        code: refusal.code,
+        timestamp: now_timestamp(),
+    };
+    socket.emit("error", &event).ok();
+    let reply =
+        json!({ "ok": false, "error": { "code": refusal.code, "message": refusal.message } });
+    ack.send(&reply).ok();
+}

@@ -1,0 +1,244 @@
+//! The session store: each session's snapshot, folded from its events.
+//!
+//! The snapshot is what `GET /api/wizard/session/{id}` returns and what a client refetches
+//! when it cannot be brought up to date by replay. It is derived from the log only, so the
+//! fold ([`Snapshot::apply`]) is shared by every backend.
+
+mod memory;
+
+use std::time::Instant;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+pub use memory::MemoryStore;
+
+use crate::event::{EventKind, SessionStatus};
+use crate::log::Appended;
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct PromptCounts {
+    pub total: u64,
+    pub completed: u64,
+    pub processing: u64,
+    pub pending: u64,
+    pub failed: u64,
+}
+
+/// A clarification as last reported.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Clarification {
+    pub clarification_id: String,
+    pub question: String,
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
+    pub timestamp: Value,
+}
+
+/// Everything known about a session, as returned by the HTTP API.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    pub session_id: String,
+    pub status: SessionStatus,
+    pub progress: f64,
+    pub prompts: PromptCounts,
+    pub has_clarifications: bool,
+    pub clarification_count: usize,
+    pub clarifications: Vec<Clarification>,
+    /// The latest `model_result` per prompt and model, in order of first appearance.
+    pub model_results: Vec<Map<String, Value>>,
+    pub result: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
+    pub last_seq: u64,
+    pub epoch: String,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(skip)]
+    pub ended_at: Option<Instant>,
+}
+
+impl Snapshot {
+    pub fn new(session_id: &str, epoch: &str, timestamp: String) -> Self {
+        Self {
+            session_id: session_id.to_owned(),
+            status: SessionStatus::Active,
+            progress: 0.0,
+            prompts: PromptCounts::default(),
+            has_clarifications: false,
+            clarification_count: 0,
+            clarifications: Vec::new(),
+            model_results: Vec::new(),
+            result: None,
+            error: None,
+            last_seq: 0,
+            epoch: epoch.to_owned(),
+            created_at: timestamp.clone(),
+            updated_at: timestamp,
+            ended_at: None,
+        }
+    }
+
+    /// Folds logged events into the snapshot.
+    pub fn apply(&mut self, events: &[Appended], epoch: &str) {
+        if self.epoch != epoch {
+            // The log was recreated under us: the old fold no longer describes it.
+            *self = Snapshot::new(&self.session_id, epoch, self.created_at.clone());
+        }
+        for appended in events {
+            self.apply_one(appended.event.kind, appended.event.seq, &appended.data);
+        }
+    }
+
+    fn apply_one(&mut self, kind: EventKind, seq: u64, data: &Map<String, Value>) {
+        self.last_seq = self.last_seq.max(seq);
+        if let Some(Value::String(ts)) = data.get("timestamp") {
+            self.updated_at.clone_from(ts);
+        }
+        match kind {
+            EventKind::Progress => self.apply_progress(data),
+            EventKind::ModelResult => self.apply_model_result(data),
+            EventKind::Clarification => self.apply_clarification(data),
+            EventKind::Completed => {
+                self.set_status(SessionStatus::Completed);
+                self.progress = 100.0;
+                self.result = data.get("result").cloned();
+            }
+            EventKind::Error => {
+                self.set_status(SessionStatus::Failed);
+                self.error = Some(Value::Object(data.clone()));
+            }
+        }
+    }
+
+    fn apply_progress(&mut self, data: &Map<String, Value>) {
+        if let Some(status) = data
+            .get("status")
+            .and_then(Value::as_str)
+            .and_then(SessionStatus::parse)
+        {
+            self.set_status(status);
+        }
+        if let Some(progress) = data.get("progress").and_then(Value::as_f64) {
+            self.progress = progress;
+        }
+        if let Some(Value::Object(prompts)) = data.get("prompts") {
+            let count = |key: &str| prompts.get(key).and_then(Value::as_u64).unwrap_or(0);
+            self.prompts = PromptCounts {
+                total: count("total"),
+                completed: count("completed"),
+                processing: count("processing"),
+                pending: count("pending"),
+                failed: count("failed"),
+            };
+        }
+        if let Some(result) = data.get("result") {
+            self.result = Some(result.clone());
+        }
+    }
+
+    fn apply_model_result(&mut self, data: &Map<String, Value>) {
+        let key =
+            |m: &Map<String, Value>| (m.get("promptId").cloned(), m.get("modelName").cloned());
+        let wanted = key(data);
+        match self.model_results.iter_mut().find(|m| key(m) == wanted) {
+            Some(slot) => slot.clone_from(data),
+            None => self.model_results.push(data.clone()),
+        }
+    }
+
+    fn apply_clarification(&mut self, data: &Map<String, Value>) {
+        let text = |key: &str| data.get(key).and_then(Value::as_str).map(str::to_owned);
+        let id = text("clarificationId").unwrap_or_default();
+        let entry = Clarification {
+            clarification_id: id.clone(),
+            question: text("question").unwrap_or_default(),
+            status: text("status").unwrap_or_default(),
+            answer: text("answer"),
+            timestamp: data.get("timestamp").cloned().unwrap_or(Value::Null),
+        };
+        match self
+            .clarifications
+            .iter_mut()
+            .find(|c| c.clarification_id == id)
+        {
+            Some(slot) => *slot = entry,
+            None => self.clarifications.push(entry),
+        }
+        self.clarification_count = self
+            .clarifications
+            .iter()
+            .filter(|c| c.status == "pending")
+            .count();
+        self.has_clarifications = self.clarification_count > 0;
+    }
+
+    fn set_status(&mut self, status: SessionStatus) {
+        self.status = status;
+        self.ended_at = match (status.is_terminal(), self.ended_at) {
+            (true, None) => Some(Instant::now()),
+            (true, ended) => ended,
+            (false, _) => None,
+        };
+    }
+}
+
+/// One line of the session list: the snapshot without its bulky parts.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionSummary {
+    pub session_id: String,
+    pub status: SessionStatus,
+    pub progress: f64,
+    pub prompts: PromptCounts,
+    pub has_clarifications: bool,
+    pub clarification_count: usize,
+    pub last_seq: u64,
+    pub epoch: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<&Snapshot> for SessionSummary {
+    fn from(s: &Snapshot) -> Self {
+        Self {
+            session_id: s.session_id.clone(),
+            status: s.status,
+            progress: s.progress,
+            prompts: s.prompts.clone(),
+            has_clarifications: s.has_clarifications,
+            clarification_count: s.clarification_count,
+            last_seq: s.last_seq,
+            epoch: s.epoch.clone(),
+            created_at: s.created_at.clone(),
+            updated_at: s.updated_at.clone(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("session store backend failed: {0}")]
+    Backend(String),
+}
+
+/// Storage of session snapshots.
+#[async_trait]
+pub trait SessionStore: Send + Sync + 'static {
+    /// Folds newly logged events (already in `seq` order) into the session's snapshot,
+    /// creating it on its first event.
+    async fn apply(
+        &self,
+        session_id: &str,
+        epoch: &str,
+        events: &[Appended],
+    ) -> Result<(), StoreError>;
+    async fn get(&self, session_id: &str) -> Result<Option<Snapshot>, StoreError>;
+    async fn list(&self, status: Option<SessionStatus>) -> Result<Vec<SessionSummary>, StoreError>;
+    /// Removes and names the sessions that ended more than `ttl` ago.
+    async fn take_expired(&self, ttl: std::time::Duration) -> Result<Vec<String>, StoreError>;
+}
