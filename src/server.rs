@@ -20,8 +20,11 @@ use crate::metrics::Metrics;
 use crate::socket::{self, SocketLimits};
 use crate::store::MemoryStore;
 
-/// How often ended sessions and idle gates are swept.
-const SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// How often ended sessions and idle gates are swept: often enough that a session outlives
+/// its TTL by at most half of it (and never by more than five seconds).
+fn sweep_interval(ttl: Duration) -> Duration {
+    (ttl / 2).clamp(Duration::from_millis(100), Duration::from_secs(5))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -136,7 +139,7 @@ impl Server {
 }
 
 async fn sweep_forever(hub: Hub, ttl: Duration) {
-    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    let mut tick = tokio::time::interval(sweep_interval(ttl));
     loop {
         tick.tick().await;
         match hub.sweep(ttl).await {
