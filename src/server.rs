@@ -61,6 +61,8 @@ impl Server {
             .ping_interval(Duration::from_millis(config.ping_interval_ms))
             .ping_timeout(Duration::from_millis(config.ping_timeout_ms))
             .ws_read_buffer_size(config.ws_read_buffer)
+            // The same inbound limit on both transports (engineioxide's websocket default is 64 MiB).
+            .ws_max_message_size(usize::try_from(config.max_payload).unwrap_or(usize::MAX))
             .build_layer();
         let hub = Hub::new(
             Arc::new(MemoryLog::new(config.max_events_per_session)),

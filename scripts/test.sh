@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Runs every test herald has, installing what the tests need first. CI calls exactly this.
+#
+#   scripts/test.sh            # everything
+#   SKIP_JS=1 SKIP_PY=1 ...    # skip a part while iterating locally
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+need_cmd() {
+  command -v "$1" >/dev/null 2>&1 && return 0
+  step "installing $2 (Debian package) for $1"
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq && $sudo apt-get install -y -qq "$2"
+}
+
+need_cmd cargo cargo
+need_cmd node nodejs
+need_cmd npm npm
+need_cmd python3 python3
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+
+step "Rust unit and integration tests (real server, real websockets)"
+cargo build --locked --bins --examples
+cargo test --locked
+
+export HERALD_BIN="$ROOT/target/debug/herald"
+
+if [ "${SKIP_JS:-0}" != 1 ]; then
+  step "socket.io-client (Node) compatibility tests"
+  (cd tests/js && npm ci --no-audit --no-fund --loglevel=error && npm test)
+fi
+
+if [ "${SKIP_PY:-0}" != 1 ]; then
+  step "python-socketio compatibility tests"
+  venv="tests/python/.venv"
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv" || { need_cmd false python3-venv; python3 -m venv "$venv"; }
+  fi
+  "$venv/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
+  "$venv/bin/python" -m pytest -q tests/python
+fi
+
+if [ "${SKIP_BENCH_SMOKE:-0}" != 1 ]; then
+  step "load generator smoke run (keeps the benchmark tooling from rotting)"
+  bash scripts/bench-smoke.sh
+fi
+
+step "all tests passed"
