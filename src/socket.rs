@@ -117,7 +117,9 @@ fn install(socket: &SocketRef, hub: Hub, limits: SocketLimits) {
                 let result = match data {
                     Err(_) => Err(Refusal::new(
                         "INVALID_PAYLOAD",
-                        "the payload is not valid JSON",
+                        format!(
+                            "`{name}` needs one JSON argument: a session id or {{ sessionId, lastSeq?, epoch? }}"
+                        ),
                     )),
                     Ok(data) => dispatch(&socket, &hub, &state, limits, &name, data).await,
                 };
