@@ -58,6 +58,8 @@ pub struct Snapshot {
     pub epoch: String,
     pub created_at: String,
     pub updated_at: String,
+    /// What the session's creator attached (`null` for sessions that only have events).
+    pub metadata: Value,
     #[serde(skip)]
     pub ended_at: Option<Instant>,
 }
@@ -79,6 +81,7 @@ impl Snapshot {
             epoch: epoch.to_owned(),
             created_at: timestamp.clone(),
             updated_at: timestamp,
+            metadata: Value::Null,
             ended_at: None,
         }
     }
@@ -87,7 +90,9 @@ impl Snapshot {
     pub fn apply(&mut self, events: &[Appended], epoch: &str) {
         if self.epoch != epoch {
             // The log was recreated under us: the old fold no longer describes it.
+            let metadata = std::mem::take(&mut self.metadata);
             *self = Snapshot::new(&self.session_id, epoch, self.created_at.clone());
+            self.metadata = metadata;
         }
         for appended in events {
             self.apply_one(appended.event.kind, appended.event.seq, &appended.data);
