@@ -49,8 +49,8 @@ impl SessionStore for MemoryStore {
         let sessions = self.sessions.lock().unwrap();
         let mut out: Vec<SessionSummary> = sessions
             .values()
-            .filter(|s| status.is_none_or(|wanted| s.status == wanted))
-            .map(SessionSummary::from)
+            .filter(|s| status.is_none_or(|wanted| s.summary.status == wanted))
+            .map(|s| s.summary.clone())
             .collect();
         out.sort_by(|a, b| {
             a.created_at
@@ -65,7 +65,7 @@ impl SessionStore for MemoryStore {
         let expired: Vec<String> = sessions
             .values()
             .filter(|s| s.ended_at.is_some_and(|at| at.elapsed() >= ttl))
-            .map(|s| s.session_id.clone())
+            .map(|s| s.summary.session_id.clone())
             .collect();
         for id in &expired {
             sessions.remove(id);

@@ -38,26 +38,35 @@ pub struct Clarification {
     pub timestamp: Value,
 }
 
-/// Everything known about a session, as returned by the HTTP API.
+/// The headline of a session: what the session list shows, and the first part of the
+/// snapshot.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Snapshot {
+pub struct SessionSummary {
     pub session_id: String,
     pub status: SessionStatus,
     pub progress: f64,
     pub prompts: PromptCounts,
     pub has_clarifications: bool,
     pub clarification_count: usize,
+    pub last_seq: u64,
+    pub epoch: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// Everything known about a session, as returned by the HTTP API.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    #[serde(flatten)]
+    pub summary: SessionSummary,
     pub clarifications: Vec<Clarification>,
     /// The latest `model_result` per prompt and model, in order of first appearance.
     pub model_results: Vec<Map<String, Value>>,
     pub result: Option<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<Value>,
-    pub last_seq: u64,
-    pub epoch: String,
-    pub created_at: String,
-    pub updated_at: String,
     /// What the session's creator attached (`null` for sessions that only have events).
     pub metadata: Value,
     #[serde(skip)]
@@ -67,20 +76,22 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn new(session_id: &str, epoch: &str, timestamp: String) -> Self {
         Self {
-            session_id: session_id.to_owned(),
-            status: SessionStatus::Active,
-            progress: 0.0,
-            prompts: PromptCounts::default(),
-            has_clarifications: false,
-            clarification_count: 0,
+            summary: SessionSummary {
+                session_id: session_id.to_owned(),
+                status: SessionStatus::Active,
+                progress: 0.0,
+                prompts: PromptCounts::default(),
+                has_clarifications: false,
+                clarification_count: 0,
+                last_seq: 0,
+                epoch: epoch.to_owned(),
+                created_at: timestamp.clone(),
+                updated_at: timestamp,
+            },
             clarifications: Vec::new(),
             model_results: Vec::new(),
             result: None,
             error: None,
-            last_seq: 0,
-            epoch: epoch.to_owned(),
-            created_at: timestamp.clone(),
-            updated_at: timestamp,
             metadata: Value::Null,
             ended_at: None,
         }
@@ -88,10 +99,14 @@ impl Snapshot {
 
     /// Folds logged events into the snapshot.
     pub fn apply(&mut self, events: &[Appended], epoch: &str) {
-        if self.epoch != epoch {
+        if self.summary.epoch != epoch {
             // The log was recreated under us: the old fold no longer describes it.
             let metadata = std::mem::take(&mut self.metadata);
-            *self = Snapshot::new(&self.session_id, epoch, self.created_at.clone());
+            *self = Snapshot::new(
+                &self.summary.session_id,
+                epoch,
+                self.summary.created_at.clone(),
+            );
             self.metadata = metadata;
         }
         for appended in events {
@@ -100,9 +115,9 @@ impl Snapshot {
     }
 
     fn apply_one(&mut self, kind: EventKind, seq: u64, data: &Map<String, Value>) {
-        self.last_seq = self.last_seq.max(seq);
+        self.summary.last_seq = self.summary.last_seq.max(seq);
         if let Some(Value::String(ts)) = data.get("timestamp") {
-            self.updated_at.clone_from(ts);
+            self.summary.updated_at.clone_from(ts);
         }
         match kind {
             EventKind::Progress => self.apply_progress(data),
@@ -110,7 +125,7 @@ impl Snapshot {
             EventKind::Clarification => self.apply_clarification(data),
             EventKind::Completed => {
                 self.set_status(SessionStatus::Completed);
-                self.progress = 100.0;
+                self.summary.progress = 100.0;
                 self.result = data.get("result").cloned();
             }
             EventKind::Error => {
@@ -129,11 +144,11 @@ impl Snapshot {
             self.set_status(status);
         }
         if let Some(progress) = data.get("progress").and_then(Value::as_f64) {
-            self.progress = progress;
+            self.summary.progress = progress;
         }
         if let Some(Value::Object(prompts)) = data.get("prompts") {
             let count = |key: &str| prompts.get(key).and_then(Value::as_u64).unwrap_or(0);
-            self.prompts = PromptCounts {
+            self.summary.prompts = PromptCounts {
                 total: count("total"),
                 completed: count("completed"),
                 processing: count("processing"),
@@ -174,54 +189,21 @@ impl Snapshot {
             Some(slot) => *slot = entry,
             None => self.clarifications.push(entry),
         }
-        self.clarification_count = self
+        self.summary.clarification_count = self
             .clarifications
             .iter()
             .filter(|c| c.status == "pending")
             .count();
-        self.has_clarifications = self.clarification_count > 0;
+        self.summary.has_clarifications = self.summary.clarification_count > 0;
     }
 
     fn set_status(&mut self, status: SessionStatus) {
-        self.status = status;
+        self.summary.status = status;
         self.ended_at = match (status.is_terminal(), self.ended_at) {
             (true, None) => Some(Instant::now()),
             (true, ended) => ended,
             (false, _) => None,
         };
-    }
-}
-
-/// One line of the session list: the snapshot without its bulky parts.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SessionSummary {
-    pub session_id: String,
-    pub status: SessionStatus,
-    pub progress: f64,
-    pub prompts: PromptCounts,
-    pub has_clarifications: bool,
-    pub clarification_count: usize,
-    pub last_seq: u64,
-    pub epoch: String,
-    pub created_at: String,
-    pub updated_at: String,
-}
-
-impl From<&Snapshot> for SessionSummary {
-    fn from(s: &Snapshot) -> Self {
-        Self {
-            session_id: s.session_id.clone(),
-            status: s.status,
-            progress: s.progress,
-            prompts: s.prompts.clone(),
-            has_clarifications: s.has_clarifications,
-            clarification_count: s.clarification_count,
-            last_seq: s.last_seq,
-            epoch: s.epoch.clone(),
-            created_at: s.created_at.clone(),
-            updated_at: s.updated_at.clone(),
-        }
     }
 }
 
