@@ -22,6 +22,7 @@ cd "$ROOT"
 
 QUICK="${QUICK:-0}"
 SERVERS="${SERVERS:-herald node}"
+SCENARIOS="${SCENARIOS:-idle fanout}"
 SERVER_CPU="${SERVER_CPU:-1}"
 LOADGEN_CPU="${LOADGEN_CPU:-0}"
 FANOUT_CLIENTS="${FANOUT_CLIENTS:-1000}"
@@ -215,8 +216,9 @@ run_fanout() { # $1 = server name
 }
 
 for s in $SERVERS; do
-  run_idle "$s"
-  run_fanout "$s"
+  for scenario in $SCENARIOS; do
+    "run_$scenario" "$s"
+  done
 done
 
 # ---- report -----------------------------------------------------------------------------

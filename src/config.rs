@@ -86,8 +86,9 @@ pub struct Config {
     #[arg(long, env = "HERALD_PING_TIMEOUT_MS", default_value_t = 20_000)]
     pub ping_timeout_ms: u64,
 
-    /// Websocket read buffer per connection, in bytes (smaller saves memory per idle socket).
-    #[arg(long, env = "HERALD_WS_READ_BUFFER", default_value_t = 4096)]
+    /// Websocket read buffer per connection, in bytes. Clients send herald only small frames
+    /// (subscribe, pongs, acks); a larger frame still arrives, the buffer grows for it.
+    #[arg(long, env = "HERALD_WS_READ_BUFFER", default_value_t = 1024)]
     pub ws_read_buffer: usize,
 
     /// Seconds to wait for in-flight requests and sockets on shutdown.
