@@ -4,6 +4,7 @@
 #
 #   bash bench/run.sh            # full run (~3–5 min on 2 cores)
 #   QUICK=1 bash bench/run.sh    # smaller numbers, for a smoke test
+#   SERVERS=herald SCENARIOS=idle bash bench/run.sh   # one server, one scenario
 #
 # Each server runs pinned to one core (SERVER_CPU, default 1); the load generator runs on
 # another (LOADGEN_CPU, default 0). Scenarios, each against a freshly started server:

@@ -88,7 +88,7 @@ pub struct Config {
 
     /// Websocket read buffer per connection, in bytes. Clients send herald only small frames
     /// (subscribe, pongs, acks); a larger frame still arrives, the buffer grows for it.
-    #[arg(long, env = "HERALD_WS_READ_BUFFER", default_value_t = 1024)]
+    #[arg(long, env = "HERALD_WS_READ_BUFFER", default_value_t = 256)]
     pub ws_read_buffer: usize,
 
     /// Seconds to wait for in-flight requests and sockets on shutdown.

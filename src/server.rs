@@ -164,7 +164,8 @@ async fn sweep_forever(hub: Hub, ttl: Duration) {
 /// left alone.
 async fn detach_handshake_head(mut request: Request) -> Request {
     let uri = request.uri();
-    let is_handshake = uri.path().starts_with("/socket.io") && !uri.query().is_some_and(|q| q.contains("sid="));
+    let is_handshake =
+        uri.path().starts_with("/socket.io") && !uri.query().is_some_and(|q| q.contains("sid="));
     if !is_handshake {
         return request;
     }

@@ -114,6 +114,9 @@ fn install(socket: &SocketRef, hub: Hub, limits: SocketLimits) {
             let hub = hub.clone();
             let state = state.clone();
             async move {
+                if !until_connected(&socket).await {
+                    return;
+                }
                 let result = match data {
                     Err(_) => Err(Refusal::new(
                         "INVALID_PAYLOAD",
@@ -230,6 +233,25 @@ async fn subscribe(
                 .for_session(&session_id))
         }
     }
+}
+
+/// How long a handler waits for socketioxide to mark a fresh socket connected.
+const CONNECT_SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Waits (briefly) until the socket counts as connected; false if it never does.
+///
+/// socketioxide sends CONNECT and only then flags the socket connected, so a client that
+/// emits the instant it sees CONNECT can reach this handler in between, when every emit
+/// to the socket still fails as if it were closed. The window is microseconds wide.
+async fn until_connected(socket: &SocketRef) -> bool {
+    let deadline = std::time::Instant::now() + CONNECT_SETTLE_LIMIT;
+    while !socket.connected() {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    true
 }
 
 /// Token bucket: refills continuously at `requests_per_sec`, holds twice that.

@@ -52,7 +52,7 @@ async fn every_client_sees_every_seq_once_in_order_while_producers_race() {
             let ack = client
                 .call("subscribe", &json!({ "sessionId": id, "lastSeq": 0 }))
                 .await;
-            assert_eq!(ack["ok"], true);
+            assert_eq!(ack["ok"], true, "{ack}");
         }
         clients.push(client);
     }

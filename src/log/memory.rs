@@ -96,15 +96,12 @@ impl EventLog for MemoryLog {
         // the log untouched (all-or-nothing).
         let mut seqs = Vec::with_capacity(drafts.len());
         let mut appended = Vec::with_capacity(drafts.len());
-        let mut new_keys: Vec<(String, u64)> = Vec::new();
+        // Keys first seen in this batch; a batch may repeat its own key.
+        let mut new_keys: HashMap<String, u64> = HashMap::new();
         let mut next = log.last_seq;
         for draft in drafts {
             if let Some(key) = &draft.idempotency_key {
-                let seen = log
-                    .keys
-                    .get(key)
-                    .copied()
-                    .or_else(|| new_keys.iter().find(|(k, _)| k == key).map(|&(_, seq)| seq));
+                let seen = log.keys.get(key).or_else(|| new_keys.get(key)).copied();
                 if let Some(seq) = seen {
                     seqs.push(Some(seq));
                     continue;
@@ -114,7 +111,7 @@ impl EventLog for MemoryLog {
             let data = finalize(session_id, next, draft.data);
             let json = to_raw_value(&data)?;
             if let Some(key) = draft.idempotency_key {
-                new_keys.push((key, next));
+                new_keys.insert(key, next);
             }
             seqs.push(Some(next));
             appended.push(Appended {
