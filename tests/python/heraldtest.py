@@ -473,3 +473,11 @@ class AsyncCollector:
             lambda: len(self.session_events(sid)) >= count, timeout, what=f"{count} session events for {sid}"
         )
         return self.session_events(sid)
+
+# transport name -> (python-socketio `transports` argument, transport in use once connected).
+# None = python-socketio's default: connect with polling, then upgrade to websocket.
+TRANSPORTS = {
+    "websocket": (["websocket"], "websocket"),
+    "polling": (["polling"], "polling"),
+    "upgrade": (None, "websocket"),
+}

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from heraldtest import (
+    TRANSPORTS,
     TS_RE,
     WAIT,
     AsyncCollector,
@@ -16,11 +17,6 @@ from heraldtest import (
     sample_events,
 )
 
-TRANSPORTS = {
-    "websocket": (["websocket"], "websocket"),
-    "polling": (["polling"], "polling"),
-    "upgrade": (None, "websocket"),
-}
 
 
 async def apost(base, sid, body):

@@ -7,6 +7,7 @@ import pytest
 from heraldtest import (
     NEGATIVE_WAIT,
     SESSION_EVENTS,
+    TRANSPORTS,
     TS_RE,
     WAIT,
     SyncCollector,
@@ -16,12 +17,6 @@ from heraldtest import (
     sample_events,
 )
 
-# None = python-socketio's default: connect with polling, then upgrade to websocket
-TRANSPORTS = {
-    "websocket": (["websocket"], "websocket"),
-    "polling": (["polling"], "polling"),
-    "upgrade": (None, "websocket"),
-}
 
 
 @pytest.fixture(params=list(TRANSPORTS))
