@@ -28,6 +28,11 @@ pub enum Command {
 /// Everything the server needs to start. Field docs are the `--help` text.
 #[derive(Debug, Clone, Args)]
 pub struct Config {
+    /// Models and orchestrator settings (TOML; see examples/herald.toml). Without it, three
+    /// simulated models are available.
+    #[arg(long = "config", env = "HERALD_CONFIG")]
+    pub config_file: Option<std::path::PathBuf>,
+
     /// Address to listen on. Use 0.0.0.0 to accept connections from other hosts.
     #[arg(long, env = "HERALD_HOST", default_value = "127.0.0.1")]
     pub host: IpAddr,

@@ -12,11 +12,12 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::event::{IngestItem, SessionStatus, validate_item, validate_session_id};
 use crate::hub::{Hub, HubError};
+use crate::orchestrator::{CreateSession, Orchestrator, OrchestratorError};
 
 /// Largest page of history one request returns.
 pub const MAX_HISTORY_PAGE: usize = 1000;
@@ -25,6 +26,7 @@ const DEFAULT_HISTORY_PAGE: usize = 100;
 #[derive(Clone)]
 pub struct ApiState {
     pub hub: Hub,
+    pub orchestrator: Orchestrator,
     pub max_batch: usize,
 }
 
@@ -68,6 +70,26 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<OrchestratorError> for ApiError {
+    fn from(error: OrchestratorError) -> Self {
+        let message = error.to_string();
+        let (status, code) = match error {
+            OrchestratorError::Invalid(_) => (StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
+            OrchestratorError::UnknownModel(_) => (StatusCode::BAD_REQUEST, "UNKNOWN_MODEL"),
+            OrchestratorError::SessionNotFound(_) => (StatusCode::NOT_FOUND, "SESSION_NOT_FOUND"),
+            OrchestratorError::ClarificationNotFound(_) => {
+                (StatusCode::NOT_FOUND, "CLARIFICATION_NOT_FOUND")
+            }
+            OrchestratorError::ClarificationClosed(..) => {
+                (StatusCode::CONFLICT, "CLARIFICATION_CLOSED")
+            }
+            OrchestratorError::SessionEnded(_) => (StatusCode::CONFLICT, "SESSION_ENDED"),
+            OrchestratorError::Hub(error) => return error.into(),
+        };
+        Self::new(status, code, message)
+    }
+}
+
 impl From<HubError> for ApiError {
     fn from(error: HubError) -> Self {
         Self::new(
@@ -83,7 +105,21 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
         .route("/api/sessions/{session_id}/events", post(ingest))
         .route("/api/wizard/session/{session_id}", get(snapshot))
         .route("/api/wizard/session/{session_id}/events", get(history))
-        .route("/api/wizard/sessions", get(list_sessions))
+        .route(
+            "/api/wizard/sessions",
+            get(list_sessions).post(create_session),
+        )
+        .route(
+            "/api/wizard/session/{session_id}/cancel",
+            post(cancel_session),
+        )
+        .route("/api/wizard/clarifications/respond", post(respond))
+        .route(
+            "/api/models",
+            get(|State(state): State<ApiState>| async move {
+                Json(json!({ "models": state.orchestrator.models() }))
+            }),
+        )
         .route(
             "/healthz",
             get(|| async { Json(json!({ "status": "ok" })) }),
@@ -132,6 +168,28 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+/// A JSON request body: the right content type, within the size limit.
+fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    require_json(headers)?;
+    body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            "the request body is larger than the configured limit (--max-body)",
+        ),
+        status => ApiError::new(status, "INVALID_BODY", rejection.body_text()),
+    })
+}
+
+/// Parses a JSON body into `T`, answering 400 `code` with serde's reason otherwise.
+fn parse_json<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    code: &'static str,
+) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(code, format!("invalid request body: {e}")))
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct IngestReply {
@@ -148,15 +206,7 @@ async fn ingest(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<IngestReply>), ApiError> {
     session_id_from_path(&session_id)?;
-    require_json(&headers)?;
-    let body = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "PAYLOAD_TOO_LARGE",
-            "the request body is larger than the configured limit (--max-body)",
-        ),
-        status => ApiError::new(status, "INVALID_BODY", rejection.body_text()),
-    })?;
+    let body = json_body(&headers, body)?;
     let items = parse_batch(&body, state.max_batch)?;
     let drafts = items
         .into_iter()
@@ -224,16 +274,81 @@ async fn snapshot(
     Path(session_id): Path<String>,
 ) -> Result<Response, ApiError> {
     session_id_from_path(&session_id)?;
-    let snapshot = state
+    Ok(Json(load_snapshot(&state, &session_id).await?).into_response())
+}
+
+async fn load_snapshot(
+    state: &ApiState,
+    session_id: &str,
+) -> Result<crate::store::Snapshot, ApiError> {
+    state
         .hub
         .store()
-        .get(&session_id)
+        .get(session_id)
         .await
-        .map_err(HubError::from)?;
-    match snapshot {
-        Some(snapshot) => Ok(Json(snapshot).into_response()),
-        None => Err(ApiError::not_found(&session_id)),
+        .map_err(HubError::from)?
+        .ok_or_else(|| ApiError::not_found(session_id))
+}
+
+async fn create_session(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Response), ApiError> {
+    let body = json_body(&headers, body)?;
+    let request: CreateSession = parse_json(&body, "INVALID_REQUEST")?;
+    let session_id = state.orchestrator.create(request).await?;
+    let snapshot = load_snapshot(&state, &session_id).await?;
+    Ok((StatusCode::CREATED, Json(snapshot).into_response()))
+}
+
+async fn cancel_session(
+    State(state): State<ApiState>,
+    Path(session_id): Path<String>,
+) -> Result<(StatusCode, Response), ApiError> {
+    session_id_from_path(&session_id)?;
+    state.orchestrator.cancel(&session_id).await?;
+    let snapshot = load_snapshot(&state, &session_id).await?;
+    Ok((StatusCode::ACCEPTED, Json(snapshot).into_response()))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RespondRequest {
+    session_id: String,
+    clarification_id: String,
+    answer: String,
+}
+
+async fn respond(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = json_body(&headers, body)?;
+    let request: RespondRequest = parse_json(&body, "INVALID_REQUEST")?;
+    validate_session_id(&request.session_id)
+        .map_err(|e| ApiError::bad_request("INVALID_REQUEST", format!("sessionId: {e}")))?;
+    if request.answer.trim().is_empty() || request.clarification_id.is_empty() {
+        return Err(ApiError::bad_request(
+            "INVALID_REQUEST",
+            "`clarificationId` and `answer` must not be empty",
+        ));
     }
+    state
+        .orchestrator
+        .respond(
+            &request.session_id,
+            &request.clarification_id,
+            request.answer,
+        )
+        .await?;
+    Ok(Json(json!({
+        "ok": true,
+        "sessionId": request.session_id,
+        "clarificationId": request.clarification_id,
+    }))
+    .into_response())
 }
 
 async fn list_sessions(

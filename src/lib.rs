@@ -8,6 +8,8 @@ pub mod http;
 pub mod hub;
 pub mod log;
 pub mod metrics;
+pub mod orchestrator;
+pub mod providers;
 pub mod server;
 pub mod socket;
 pub mod store;

@@ -18,6 +18,8 @@ use crate::http::{ApiState, router};
 use crate::hub::Hub;
 use crate::log::MemoryLog;
 use crate::metrics::Metrics;
+use crate::orchestrator::Orchestrator;
+use crate::orchestrator::config::{ConfigError, ModelsFile};
 use crate::socket::{self, SocketLimits};
 use crate::store::MemoryStore;
 
@@ -36,6 +38,8 @@ pub enum ServerError {
     },
     #[error("invalid CORS origin `{0}`")]
     CorsOrigin(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("server failed: {0}")]
     Serve(#[from] std::io::Error),
 }
@@ -79,8 +83,10 @@ impl Server {
                 requests_per_sec: config.subscribe_rate.max(1),
             },
         );
+        let models = ModelsFile::load(config.config_file.as_deref())?;
         let api = ApiState {
             hub: hub.clone(),
+            orchestrator: Orchestrator::new(hub.clone(), models),
             max_batch: config.max_batch.max(1),
         };
         let app = router(api, config.max_body)

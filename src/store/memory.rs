@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use serde_json::Value;
 
 use super::{SessionStore, SessionSummary, Snapshot, StoreError};
 use crate::event::{SessionStatus, now_timestamp};
@@ -43,6 +44,13 @@ impl SessionStore for MemoryStore {
 
     async fn get(&self, session_id: &str) -> Result<Option<Snapshot>, StoreError> {
         Ok(self.sessions.lock().unwrap().get(session_id).cloned())
+    }
+
+    async fn set_metadata(&self, session_id: &str, metadata: Value) -> Result<(), StoreError> {
+        if let Some(snapshot) = self.sessions.lock().unwrap().get_mut(session_id) {
+            snapshot.metadata = metadata;
+        }
+        Ok(())
     }
 
     async fn list(&self, status: Option<SessionStatus>) -> Result<Vec<SessionSummary>, StoreError> {

@@ -225,6 +225,8 @@ pub trait SessionStore: Send + Sync + 'static {
         events: &[Appended],
     ) -> Result<(), StoreError>;
     async fn get(&self, session_id: &str) -> Result<Option<Snapshot>, StoreError>;
+    /// Attaches its creator's metadata to a session that already has events.
+    async fn set_metadata(&self, session_id: &str, metadata: Value) -> Result<(), StoreError>;
     async fn list(&self, status: Option<SessionStatus>) -> Result<Vec<SessionSummary>, StoreError>;
     /// Removes and names the sessions that ended more than `ttl` ago.
     async fn take_expired(&self, ttl: std::time::Duration) -> Result<Vec<String>, StoreError>;

@@ -1,0 +1,382 @@
+//! The multi-model orchestrator (SPEC §3): creates sessions, runs their prompts across
+//! models, and routes cancels and clarification answers to the run they belong to.
+//!
+//! Each running session is one actor task ([`run`]) that owns all of the run's state and
+//! is the only publisher of its events, so counts, progress and event order are consistent
+//! by construction; provider calls run in worker tasks that report to it. Everything a run
+//! does goes through [`Hub::publish`], so replay, snapshot and history work for
+//! orchestrated sessions exactly as for ingested ones.
+
+pub mod config;
+mod run;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::event::{EventDraft, EventKind, validate_session_id};
+use crate::hub::{Hub, HubError};
+use crate::providers::{self, Provider};
+use config::{ModelConfig, ModelsFile, OrchestratorSettings};
+use run::{Command, Run};
+
+/// Most prompts one session may carry.
+pub const MAX_PROMPTS: usize = 100;
+/// Commands and worker reports queued per running session.
+const RUN_QUEUE: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OrchestratorError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("unknown model `{0}`")]
+    UnknownModel(String),
+    #[error("no session `{0}`")]
+    SessionNotFound(String),
+    #[error("no clarification `{0}` in this session")]
+    ClarificationNotFound(String),
+    #[error("clarification `{0}` is already {1}")]
+    ClarificationClosed(String, String),
+    #[error("session `{0}` has already ended")]
+    SessionEnded(String),
+    #[error(transparent)]
+    Hub(#[from] HubError),
+}
+
+/// A configured model, ready to call.
+pub(crate) struct Model {
+    pub config: ModelConfig,
+    pub provider: Arc<dyn Provider>,
+    /// Calls in flight to this model, across sessions.
+    pub limit: Arc<Semaphore>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    All,
+    Fallback,
+}
+
+/// A prompt as a client may send it: `"text"` or `{ id?, text }`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PromptInput {
+    Text(String),
+    Full { id: Option<String>, text: String },
+}
+
+/// `POST /api/wizard/sessions`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateSession {
+    pub prompts: Vec<PromptInput>,
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    #[serde(default)]
+    pub strategy: Option<String>,
+    #[serde(default)]
+    pub metadata: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Prompt {
+    pub id: String,
+    pub text: String,
+}
+
+/// What `GET /api/models` lists.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelInfo {
+    pub name: String,
+    pub provider: &'static str,
+    pub max_concurrency: usize,
+    pub retries: u32,
+    pub timeout_secs: u64,
+}
+
+#[derive(Clone)]
+pub struct Orchestrator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    hub: Hub,
+    models: Vec<Arc<Model>>,
+    settings: OrchestratorSettings,
+    global: Arc<Semaphore>,
+    /// Running sessions' command queues. A std mutex: lookups only, never across an await.
+    running: Mutex<HashMap<String, mpsc::Sender<Command>>>,
+}
+
+impl Orchestrator {
+    pub fn new(hub: Hub, file: ModelsFile) -> Self {
+        let http = reqwest::Client::builder()
+            .build()
+            .expect("an HTTP client with default settings builds");
+        let models = file
+            .models
+            .into_iter()
+            .map(|config| {
+                Arc::new(Model {
+                    provider: providers::build(&config, &http),
+                    limit: Arc::new(Semaphore::new(config.max_concurrency)),
+                    config,
+                })
+            })
+            .collect();
+        Self {
+            inner: Arc::new(Inner {
+                hub,
+                models,
+                global: Arc::new(Semaphore::new(file.orchestrator.max_concurrency)),
+                settings: file.orchestrator,
+                running: Mutex::default(),
+            }),
+        }
+    }
+
+    pub fn models(&self) -> Vec<ModelInfo> {
+        self.inner
+            .models
+            .iter()
+            .map(|m| ModelInfo {
+                name: m.config.name.clone(),
+                provider: m.config.provider.as_str(),
+                max_concurrency: m.config.max_concurrency,
+                retries: m.config.retries,
+                timeout_secs: m.config.timeout_secs,
+            })
+            .collect()
+    }
+
+    /// Validates the request, logs the session's first `progress` and starts the run in the
+    /// background. Returns the new session's id.
+    pub async fn create(&self, request: CreateSession) -> Result<String, OrchestratorError> {
+        let strategy = parse_strategy(request.strategy.as_deref())?;
+        let prompts = parse_prompts(request.prompts)?;
+        let models = self.select_models(request.models)?;
+        let session_id = uuid::Uuid::new_v4().to_string();
+        let run = Run::new(
+            session_id.clone(),
+            self.inner.hub.clone(),
+            strategy,
+            prompts,
+            models,
+            self.inner.settings.clone(),
+            self.inner.global.clone(),
+        );
+        self.inner
+            .hub
+            .publish(&session_id, vec![run.first_progress()])
+            .await?;
+        if let Some(metadata) = request.metadata {
+            self.inner
+                .hub
+                .store()
+                .set_metadata(&session_id, Value::Object(metadata))
+                .await
+                .map_err(HubError::from)?;
+        }
+        let (tx, rx) = mpsc::channel(RUN_QUEUE);
+        self.inner
+            .running
+            .lock()
+            .unwrap()
+            .insert(session_id.clone(), tx.clone());
+        let this = self.clone();
+        let id = session_id.clone();
+        tokio::spawn(async move {
+            run.run(tx, rx).await;
+            this.inner.running.lock().unwrap().remove(&id);
+        });
+        Ok(session_id)
+    }
+
+    fn select_models(
+        &self,
+        names: Option<Vec<String>>,
+    ) -> Result<Vec<Arc<Model>>, OrchestratorError> {
+        let Some(names) = names else {
+            return Ok(self.inner.models.clone());
+        };
+        if names.is_empty() {
+            return Err(OrchestratorError::Invalid(
+                "`models` must name at least one model".into(),
+            ));
+        }
+        let mut selected: Vec<Arc<Model>> = Vec::with_capacity(names.len());
+        for name in names {
+            let model = self
+                .inner
+                .models
+                .iter()
+                .find(|m| m.config.name == name)
+                .ok_or_else(|| OrchestratorError::UnknownModel(name.clone()))?;
+            if selected.iter().any(|m| Arc::ptr_eq(m, model)) {
+                return Err(OrchestratorError::Invalid(format!(
+                    "model `{name}` is listed twice"
+                )));
+            }
+            selected.push(model.clone());
+        }
+        Ok(selected)
+    }
+
+    fn running(&self, session_id: &str) -> Option<mpsc::Sender<Command>> {
+        self.inner.running.lock().unwrap().get(session_id).cloned()
+    }
+
+    /// Sends a command to a running session and waits for its answer; `None` when the
+    /// session is not running here (or ended while the command was on its way).
+    async fn ask_run<T>(
+        &self,
+        session_id: &str,
+        command: impl FnOnce(oneshot::Sender<Result<T, OrchestratorError>>) -> Command,
+    ) -> Option<Result<T, OrchestratorError>> {
+        let tx = self.running(session_id)?;
+        let (reply, answer) = oneshot::channel();
+        tx.send(command(reply)).await.ok()?;
+        answer.await.ok()
+    }
+
+    /// Stops a session: `FAILED` with an `error` event `{ code: "CANCELLED" }`.
+    pub async fn cancel(&self, session_id: &str) -> Result<(), OrchestratorError> {
+        if let Some(outcome) = self
+            .ask_run(session_id, |reply| Command::Cancel { reply })
+            .await
+        {
+            return outcome;
+        }
+        // Not running here: a producer-fed session can still be cancelled in its log.
+        let snapshot = self.snapshot(session_id).await?;
+        if snapshot.summary.status.is_terminal() {
+            return Err(OrchestratorError::SessionEnded(session_id.to_owned()));
+        }
+        let error = json!({ "error": "the session was cancelled", "code": "CANCELLED" });
+        self.inner
+            .hub
+            .publish(session_id, vec![draft(EventKind::Error, error)])
+            .await?;
+        Ok(())
+    }
+
+    /// Answers a pending clarification; the paused prompt resumes with the answer.
+    pub async fn respond(
+        &self,
+        session_id: &str,
+        clarification_id: &str,
+        answer: String,
+    ) -> Result<(), OrchestratorError> {
+        let command = |reply| Command::Respond {
+            clarification_id: clarification_id.to_owned(),
+            answer: answer.clone(),
+            reply,
+        };
+        if let Some(outcome) = self.ask_run(session_id, command).await {
+            return outcome;
+        }
+        // Not running here: answer in the log, where the session's producer can see it.
+        let snapshot = self.snapshot(session_id).await?;
+        let clarification = snapshot
+            .clarifications
+            .iter()
+            .find(|c| c.clarification_id == clarification_id)
+            .ok_or_else(|| OrchestratorError::ClarificationNotFound(clarification_id.to_owned()))?;
+        if clarification.status != "pending" {
+            return Err(OrchestratorError::ClarificationClosed(
+                clarification_id.to_owned(),
+                clarification.status.clone(),
+            ));
+        }
+        let answered = json!({
+            "clarificationId": clarification_id,
+            "question": clarification.question,
+            "status": "answered",
+            "answer": answer,
+        });
+        self.inner
+            .hub
+            .publish(session_id, vec![draft(EventKind::Clarification, answered)])
+            .await?;
+        Ok(())
+    }
+
+    async fn snapshot(
+        &self,
+        session_id: &str,
+    ) -> Result<crate::store::Snapshot, OrchestratorError> {
+        self.inner
+            .hub
+            .store()
+            .get(session_id)
+            .await
+            .map_err(HubError::from)?
+            .ok_or_else(|| OrchestratorError::SessionNotFound(session_id.to_owned()))
+    }
+}
+
+/// An event for the log, from a JSON object.
+pub(crate) fn draft(kind: EventKind, data: Value) -> EventDraft {
+    let Value::Object(data) = data else {
+        unreachable!("session events are built as JSON objects")
+    };
+    EventDraft {
+        kind,
+        data,
+        idempotency_key: None,
+    }
+}
+
+fn parse_strategy(strategy: Option<&str>) -> Result<Strategy, OrchestratorError> {
+    match strategy {
+        None | Some("all") => Ok(Strategy::All),
+        Some("fallback") => Ok(Strategy::Fallback),
+        Some(other) => Err(OrchestratorError::Invalid(format!(
+            "unknown strategy `{other}`: expected all or fallback"
+        ))),
+    }
+}
+
+fn parse_prompts(inputs: Vec<PromptInput>) -> Result<Vec<Prompt>, OrchestratorError> {
+    if inputs.is_empty() {
+        return Err(OrchestratorError::Invalid(
+            "`prompts` must hold at least one prompt".into(),
+        ));
+    }
+    if inputs.len() > MAX_PROMPTS {
+        return Err(OrchestratorError::Invalid(format!(
+            "a session holds at most {MAX_PROMPTS} prompts"
+        )));
+    }
+    let mut prompts: Vec<Prompt> = Vec::with_capacity(inputs.len());
+    for (index, input) in inputs.into_iter().enumerate() {
+        let (id, text) = match input {
+            PromptInput::Text(text) => (None, text),
+            PromptInput::Full { id, text } => (id, text),
+        };
+        if text.trim().is_empty() {
+            return Err(OrchestratorError::Invalid(format!(
+                "prompt {index} has no text"
+            )));
+        }
+        let id = id.unwrap_or_else(|| format!("p{}", index + 1));
+        validate_session_id(&id).map_err(|e| {
+            OrchestratorError::Invalid(format!(
+                "prompt id `{id}`: {}",
+                e.to_string().replace("session id", "id")
+            ))
+        })?;
+        if prompts.iter().any(|p| p.id == id) {
+            return Err(OrchestratorError::Invalid(format!(
+                "prompt id `{id}` is used twice"
+            )));
+        }
+        prompts.push(Prompt { id, text });
+    }
+    Ok(prompts)
+}

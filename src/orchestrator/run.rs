@@ -1,0 +1,717 @@
+//! One running session: an actor that owns the run's state and publishes its events, and
+//! the worker tasks that call the providers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::config::OrchestratorSettings;
+use super::{Model, OrchestratorError, Prompt, Strategy, draft};
+use crate::event::{EventDraft, EventKind};
+use crate::hub::Hub;
+use crate::providers::{
+    CLARIFICATION_MARKER, ChatMessage, Role, SYSTEM_PROMPT, clarification_question,
+};
+
+/// What the actor is told: by its workers, or by the API on a user's behalf.
+pub(crate) enum Command {
+    Started {
+        prompt: usize,
+        model: usize,
+    },
+    Partial {
+        prompt: usize,
+        model: usize,
+        output: String,
+    },
+    Finished {
+        prompt: usize,
+        model: usize,
+        outcome: Result<String, String>,
+        attempts: u32,
+    },
+    Ask {
+        prompt: usize,
+        model: usize,
+        question: String,
+        reply: oneshot::Sender<String>,
+    },
+    Respond {
+        clarification_id: String,
+        answer: String,
+        reply: oneshot::Sender<Result<(), OrchestratorError>>,
+    },
+    Cancel {
+        reply: oneshot::Sender<Result<(), OrchestratorError>>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PromptStatus {
+    Pending,
+    Processing,
+    Completed,
+    Failed,
+}
+
+impl PromptStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            PromptStatus::Pending => "pending",
+            PromptStatus::Processing => "processing",
+            PromptStatus::Completed => "completed",
+            PromptStatus::Failed => "failed",
+        }
+    }
+}
+
+/// One model's work on one prompt.
+struct Unit {
+    started: Option<Instant>,
+    outcome: Option<Result<String, String>>,
+    duration_ms: u64,
+    attempts: u32,
+}
+
+struct PromptState {
+    prompt: Prompt,
+    status: PromptStatus,
+    units: Vec<Unit>,
+}
+
+enum Clarification {
+    Pending {
+        prompt: usize,
+        question: String,
+        deadline: Instant,
+        reply: oneshot::Sender<String>,
+    },
+    Closed {
+        status: &'static str,
+    },
+}
+
+/// How a run ended.
+enum End {
+    Completed,
+    AllFailed,
+    Cancelled,
+    Expired,
+}
+
+pub(crate) struct Run {
+    session_id: String,
+    hub: Hub,
+    strategy: Strategy,
+    prompts: Vec<PromptState>,
+    models: Vec<Arc<Model>>,
+    settings: OrchestratorSettings,
+    global: Arc<Semaphore>,
+    clarifications: HashMap<String, Clarification>,
+    /// Finished units of work (prompt × model under `all`, prompts under `fallback`).
+    done: u64,
+}
+
+impl Run {
+    pub fn new(
+        session_id: String,
+        hub: Hub,
+        strategy: Strategy,
+        prompts: Vec<Prompt>,
+        models: Vec<Arc<Model>>,
+        settings: OrchestratorSettings,
+        global: Arc<Semaphore>,
+    ) -> Self {
+        let prompts = prompts
+            .into_iter()
+            .map(|prompt| PromptState {
+                prompt,
+                status: PromptStatus::Pending,
+                units: models
+                    .iter()
+                    .map(|_| Unit {
+                        started: None,
+                        outcome: None,
+                        duration_ms: 0,
+                        attempts: 0,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Self {
+            session_id,
+            hub,
+            strategy,
+            prompts,
+            models,
+            settings,
+            global,
+            clarifications: HashMap::new(),
+            done: 0,
+        }
+    }
+
+    fn total_units(&self) -> u64 {
+        let per_prompt = match self.strategy {
+            Strategy::All => self.models.len() as u64,
+            Strategy::Fallback => 1,
+        };
+        self.prompts.len() as u64 * per_prompt
+    }
+
+    pub fn first_progress(&self) -> EventDraft {
+        self.progress("PROCESSING", None)
+    }
+
+    /// A `progress` event from the current counts. Progress is the share of finished work,
+    /// kept below 100 until the run completes.
+    fn progress(&self, status: &str, result: Option<&Value>) -> EventDraft {
+        let count = |s: PromptStatus| self.prompts.iter().filter(|p| p.status == s).count();
+        let pending_clarifications = self
+            .clarifications
+            .values()
+            .filter(|c| matches!(c, Clarification::Pending { .. }))
+            .count();
+        let progress = match result {
+            Some(_) => 100,
+            None => self.done * 99 / self.total_units().max(1),
+        };
+        let mut data = json!({
+            "status": status,
+            "progress": progress,
+            "prompts": {
+                "total": self.prompts.len(),
+                "completed": count(PromptStatus::Completed),
+                "processing": count(PromptStatus::Processing),
+                "pending": count(PromptStatus::Pending),
+                "failed": count(PromptStatus::Failed),
+            },
+            "hasClarifications": pending_clarifications > 0,
+            "clarificationCount": pending_clarifications,
+        });
+        if let Some(result) = result {
+            data["hasResult"] = Value::Bool(true);
+            data["result"] = result.clone();
+        }
+        draft(EventKind::Progress, data)
+    }
+
+    fn model_result(
+        &self,
+        prompt: usize,
+        model: usize,
+        status: &str,
+        output: &str,
+        error: Option<&str>,
+    ) -> EventDraft {
+        let unit = &self.prompts[prompt].units[model];
+        let duration = match status {
+            "processing" => unit.started.map_or(0, |s| s.elapsed().as_millis() as u64),
+            _ => unit.duration_ms,
+        };
+        let config = &self.models[model].config;
+        let mut data = json!({
+            "promptId": self.prompts[prompt].prompt.id,
+            "modelName": config.name,
+            "provider": config.provider.as_str(),
+            "duration": duration,
+            "result": output,
+            "status": status,
+        });
+        if let Some(error) = error {
+            data["error"] = Value::String(error.to_owned());
+        }
+        draft(EventKind::ModelResult, data)
+    }
+
+    /// Runs the session to its end.
+    pub async fn run(mut self, tx: mpsc::Sender<Command>, mut rx: mpsc::Receiver<Command>) {
+        let mut workers = JoinSet::new();
+        self.spawn_workers(&mut workers, &tx);
+        // The API keeps its own sender; the run must not wait on its own.
+        drop(tx);
+        let end = loop {
+            let deadline = self.next_deadline();
+            let command = tokio::select! {
+                command = rx.recv() => command,
+                () = sleep_until(deadline), if deadline.is_some() => {
+                    self.expire().await;
+                    break End::Expired;
+                }
+            };
+            let Some(command) = command else {
+                // Every sender is gone: nothing can change any more.
+                break End::Cancelled;
+            };
+            if let Some(end) = self.handle(command).await {
+                break end;
+            }
+            if self
+                .prompts
+                .iter()
+                .all(|p| matches!(p.status, PromptStatus::Completed | PromptStatus::Failed))
+            {
+                break self.finish().await;
+            }
+        };
+        // Dropping the workers drops their in-flight provider requests.
+        workers.abort_all();
+        tracing::debug!(session_id = %self.session_id, ended = end.name(), "run ended");
+    }
+
+    fn spawn_workers(&self, workers: &mut JoinSet<()>, tx: &mpsc::Sender<Command>) {
+        for (p, state) in self.prompts.iter().enumerate() {
+            let worker = Worker {
+                tx: tx.clone(),
+                prompt: p,
+                text: state.prompt.text.clone(),
+                global: self.global.clone(),
+                settings: self.settings.clone(),
+            };
+            match self.strategy {
+                Strategy::All => {
+                    for (m, model) in self.models.iter().enumerate() {
+                        let worker = worker.clone();
+                        let model = model.clone();
+                        workers.spawn(async move {
+                            worker.run_model(m, &model).await;
+                        });
+                    }
+                }
+                Strategy::Fallback => {
+                    let models = self.models.clone();
+                    workers.spawn(async move {
+                        for (m, model) in models.iter().enumerate() {
+                            if worker.run_model(m, model).await {
+                                break;
+                            }
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    async fn publish(&self, events: Vec<EventDraft>) {
+        if let Err(error) = self.hub.publish(&self.session_id, events).await {
+            tracing::error!(session_id = %self.session_id, %error, "could not log the run's events");
+        }
+    }
+
+    /// Applies one command; `Some` when it ends the run.
+    async fn handle(&mut self, command: Command) -> Option<End> {
+        match command {
+            Command::Started { prompt, model } => {
+                self.prompts[prompt].units[model].started = Some(Instant::now());
+                let mut events = vec![self.model_result(prompt, model, "processing", "", None)];
+                if self.prompts[prompt].status == PromptStatus::Pending {
+                    self.prompts[prompt].status = PromptStatus::Processing;
+                    events.push(self.progress("PROCESSING", None));
+                }
+                self.publish(events).await;
+            }
+            Command::Partial {
+                prompt,
+                model,
+                output,
+            } => {
+                let event = self.model_result(prompt, model, "processing", &output, None);
+                self.publish(vec![event]).await;
+            }
+            Command::Finished {
+                prompt,
+                model,
+                outcome,
+                attempts,
+            } => {
+                let event = self.finish_unit(prompt, model, outcome, attempts);
+                let progress = self.progress("PROCESSING", None);
+                self.publish(vec![event, progress]).await;
+            }
+            Command::Ask {
+                prompt,
+                model,
+                question,
+                reply,
+            } => {
+                let clarification_id = uuid::Uuid::new_v4().to_string();
+                let deadline =
+                    Instant::now() + Duration::from_secs(self.settings.clarification_timeout_secs);
+                let event = json!({
+                    "clarificationId": clarification_id,
+                    "question": question,
+                    "status": "pending",
+                    "promptId": self.prompts[prompt].prompt.id,
+                    "modelName": self.models[model].config.name,
+                });
+                self.clarifications.insert(
+                    clarification_id,
+                    Clarification::Pending {
+                        prompt,
+                        question,
+                        deadline,
+                        reply,
+                    },
+                );
+                let progress = self.progress("PROCESSING", None);
+                self.publish(vec![draft(EventKind::Clarification, event), progress])
+                    .await;
+            }
+            Command::Respond {
+                clarification_id,
+                answer,
+                reply,
+            } => {
+                let outcome = self.answer(&clarification_id, answer).await;
+                let _ = reply.send(outcome);
+            }
+            Command::Cancel { reply } => {
+                let progress = self.progress("FAILED", None);
+                let error = json!({ "error": "the session was cancelled", "code": "CANCELLED" });
+                self.publish(vec![progress, draft(EventKind::Error, error)])
+                    .await;
+                let _ = reply.send(Ok(()));
+                return Some(End::Cancelled);
+            }
+        }
+        None
+    }
+
+    /// Records a model's end on a prompt and, when it decides the prompt, the prompt's end.
+    fn finish_unit(
+        &mut self,
+        prompt: usize,
+        model: usize,
+        outcome: Result<String, String>,
+        attempts: u32,
+    ) -> EventDraft {
+        let state = &mut self.prompts[prompt];
+        let unit = &mut state.units[model];
+        unit.duration_ms = unit.started.map_or(0, |s| s.elapsed().as_millis() as u64);
+        unit.attempts = attempts;
+        unit.outcome = Some(outcome.clone());
+        let last_model = model + 1 == self.models.len();
+        let decided = match self.strategy {
+            Strategy::All => state.units.iter().all(|u| u.outcome.is_some()),
+            Strategy::Fallback => outcome.is_ok() || last_model,
+        };
+        if self.strategy == Strategy::All {
+            self.done += 1;
+        }
+        if decided {
+            let any_ok = state.units.iter().any(|u| matches!(u.outcome, Some(Ok(_))));
+            state.status = if any_ok {
+                PromptStatus::Completed
+            } else {
+                PromptStatus::Failed
+            };
+            if self.strategy == Strategy::Fallback {
+                self.done += 1;
+            }
+        }
+        match &outcome {
+            Ok(output) => self.model_result(prompt, model, "completed", output, None),
+            Err(error) => self.model_result(prompt, model, "failed", "", Some(error)),
+        }
+    }
+
+    async fn answer(
+        &mut self,
+        clarification_id: &str,
+        answer: String,
+    ) -> Result<(), OrchestratorError> {
+        let closed = Clarification::Closed { status: "answered" };
+        let previous = match self.clarifications.get_mut(clarification_id) {
+            None => {
+                return Err(OrchestratorError::ClarificationNotFound(
+                    clarification_id.to_owned(),
+                ));
+            }
+            Some(Clarification::Closed { status }) => {
+                return Err(OrchestratorError::ClarificationClosed(
+                    clarification_id.to_owned(),
+                    (*status).to_owned(),
+                ));
+            }
+            Some(slot) => std::mem::replace(slot, closed),
+        };
+        let Clarification::Pending {
+            prompt,
+            question,
+            reply,
+            ..
+        } = previous
+        else {
+            unreachable!("closed clarifications returned above")
+        };
+        let event = json!({
+            "clarificationId": clarification_id,
+            "question": question,
+            "status": "answered",
+            "answer": answer,
+            "promptId": self.prompts[prompt].prompt.id,
+        });
+        let progress = self.progress("PROCESSING", None);
+        self.publish(vec![draft(EventKind::Clarification, event), progress])
+            .await;
+        // The worker may be gone (the run is ending); the answer is logged either way.
+        let _ = reply.send(answer);
+        Ok(())
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.clarifications
+            .values()
+            .filter_map(|c| match c {
+                Clarification::Pending { deadline, .. } => Some(*deadline),
+                Clarification::Closed { .. } => None,
+            })
+            .min()
+    }
+
+    /// An unanswered clarification ran out of time: it expires and so does the session.
+    async fn expire(&mut self) {
+        let now = Instant::now();
+        let mut events = Vec::new();
+        for (id, slot) in self.clarifications.iter_mut() {
+            if matches!(slot, Clarification::Pending { deadline, .. } if *deadline <= now) {
+                let Clarification::Pending {
+                    prompt, question, ..
+                } = std::mem::replace(slot, Clarification::Closed { status: "expired" })
+                else {
+                    continue;
+                };
+                events.push(draft(
+                    EventKind::Clarification,
+                    json!({
+                        "clarificationId": id,
+                        "question": question,
+                        "status": "expired",
+                        "promptId": self.prompts[prompt].prompt.id,
+                    }),
+                ));
+            }
+        }
+        events.push(self.progress("EXPIRED", None));
+        self.publish(events).await;
+    }
+
+    async fn finish(&mut self) -> End {
+        if self
+            .prompts
+            .iter()
+            .all(|p| p.status == PromptStatus::Failed)
+        {
+            let progress = self.progress("FAILED", None);
+            let error = json!({ "error": "every prompt failed on every model", "code": "ALL_PROMPTS_FAILED" });
+            self.publish(vec![progress, draft(EventKind::Error, error)])
+                .await;
+            return End::AllFailed;
+        }
+        let result = self.result();
+        let progress = self.progress("COMPLETED", Some(&result));
+        let completed = draft(EventKind::Completed, json!({ "result": result }));
+        self.publish(vec![progress, completed]).await;
+        End::Completed
+    }
+
+    /// Per prompt, each model's output.
+    fn result(&self) -> Value {
+        let prompts: Vec<Value> = self
+            .prompts
+            .iter()
+            .map(|state| {
+                let outputs: Vec<Value> = state
+                    .units
+                    .iter()
+                    .zip(&self.models)
+                    .filter_map(|(unit, model)| {
+                        let outcome = unit.outcome.as_ref()?;
+                        let mut output = json!({
+                            "modelName": model.config.name,
+                            "provider": model.config.provider.as_str(),
+                            "status": if outcome.is_ok() { "completed" } else { "failed" },
+                            "output": outcome.as_ref().map_or("", String::as_str),
+                            "duration": unit.duration_ms,
+                            "attempts": unit.attempts,
+                        });
+                        if let Err(error) = outcome {
+                            output["error"] = Value::String(error.clone());
+                        }
+                        Some(output)
+                    })
+                    .collect();
+                json!({
+                    "promptId": state.prompt.id,
+                    "text": state.prompt.text,
+                    "status": state.status.as_str(),
+                    "outputs": outputs,
+                })
+            })
+            .collect();
+        let strategy = match self.strategy {
+            Strategy::All => "all",
+            Strategy::Fallback => "fallback",
+        };
+        let models: Vec<&str> = self.models.iter().map(|m| m.config.name.as_str()).collect();
+        json!({ "strategy": strategy, "models": models, "prompts": prompts })
+    }
+}
+
+impl End {
+    fn name(&self) -> &'static str {
+        match self {
+            End::Completed => "completed",
+            End::AllFailed => "all prompts failed",
+            End::Cancelled => "cancelled",
+            End::Expired => "expired",
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Calls one provider for one prompt, reporting to the run.
+#[derive(Clone)]
+struct Worker {
+    tx: mpsc::Sender<Command>,
+    prompt: usize,
+    text: String,
+    global: Arc<Semaphore>,
+    settings: OrchestratorSettings,
+}
+
+impl Worker {
+    /// Runs `model` on the prompt to its end: retries, clarifications and all. Returns
+    /// whether it succeeded. A closed channel means the run is over: stop quietly.
+    async fn run_model(&self, m: usize, model: &Model) -> bool {
+        let (prompt, tx) = (self.prompt, &self.tx);
+        if tx
+            .send(Command::Started { prompt, model: m })
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let mut messages = vec![
+            ChatMessage::new(Role::System, SYSTEM_PROMPT),
+            ChatMessage::new(Role::User, self.text.clone()),
+        ];
+        let mut attempts = 0;
+        let mut failures = 0;
+        let outcome = loop {
+            attempts += 1;
+            match self.attempt(m, model, messages.clone()).await {
+                Ok(output) => match clarification_question(&output) {
+                    Some(question) => {
+                        let (reply, answer) = oneshot::channel();
+                        let ask = Command::Ask {
+                            prompt,
+                            model: m,
+                            question: question.to_owned(),
+                            reply,
+                        };
+                        if tx.send(ask).await.is_err() {
+                            return false;
+                        }
+                        let Ok(answer) = answer.await else {
+                            return false;
+                        };
+                        messages.push(ChatMessage::new(Role::Assistant, output));
+                        messages.push(ChatMessage::new(Role::User, answer));
+                        failures = 0;
+                    }
+                    None => break Ok(output),
+                },
+                Err(error) => {
+                    failures += 1;
+                    if failures > model.config.retries {
+                        break Err(error);
+                    }
+                    let backoff = self
+                        .settings
+                        .retry_backoff_ms
+                        .saturating_mul(1 << (failures - 1).min(16));
+                    tokio::time::sleep(Duration::from_millis(backoff)).await;
+                }
+            }
+        };
+        let ok = outcome.is_ok();
+        let finished = Command::Finished {
+            prompt,
+            model: m,
+            outcome,
+            attempts,
+        };
+        tx.send(finished).await.is_ok() && ok
+    }
+
+    /// One request, streamed, bounded by the model's timeout and the concurrency limits.
+    async fn attempt(
+        &self,
+        m: usize,
+        model: &Model,
+        messages: Vec<ChatMessage>,
+    ) -> Result<String, String> {
+        let _global = self.global.acquire().await.map_err(|e| e.to_string())?;
+        let _model = model.limit.acquire().await.map_err(|e| e.to_string())?;
+        let timeout = model.config.timeout();
+        let streamed = tokio::time::timeout(timeout, self.stream(m, model, messages)).await;
+        match streamed {
+            Ok(result) => result,
+            Err(_) => Err(format!("timed out after {} s", timeout.as_secs())),
+        }
+    }
+
+    async fn stream(
+        &self,
+        m: usize,
+        model: &Model,
+        messages: Vec<ChatMessage>,
+    ) -> Result<String, String> {
+        let mut pieces = model
+            .provider
+            .chat(messages)
+            .await
+            .map_err(|e| e.to_string())?;
+        let interval = Duration::from_millis(self.settings.update_interval_ms);
+        let mut output = String::new();
+        let mut last_update = Instant::now();
+        while let Some(piece) = pieces.next().await {
+            output.push_str(&piece.map_err(|e| e.to_string())?);
+            if last_update.elapsed() >= interval
+                && !output.is_empty()
+                && !is_question_so_far(&output)
+            {
+                last_update = Instant::now();
+                let partial = Command::Partial {
+                    prompt: self.prompt,
+                    model: m,
+                    output: output.clone(),
+                };
+                if self.tx.send(partial).await.is_err() {
+                    return Err("the session ended".into());
+                }
+            }
+        }
+        Ok(output)
+    }
+}
+
+/// Whether a partial output is (or may still become) a clarification request, which must
+/// not be shown as an answer.
+fn is_question_so_far(output: &str) -> bool {
+    let start = output.trim_start();
+    start.starts_with(CLARIFICATION_MARKER) || CLARIFICATION_MARKER.starts_with(start)
+}

@@ -1,0 +1,183 @@
+//! Model providers: one trait, one implementation per wire format.
+//!
+//! A provider turns a conversation into a stream of text pieces. Everything else (retries,
+//! timeouts, throttled partial updates, clarifications) is the orchestrator's, so each
+//! provider stays a thin translation of its wire format.
+
+mod ollama;
+mod openai;
+mod simulated;
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures_util::Stream;
+use serde::Serialize;
+
+use crate::orchestrator::config::{ModelConfig, ProviderKind};
+
+/// The line a model answers with when it needs more information.
+pub const CLARIFICATION_MARKER: &str = "CLARIFICATION_NEEDED:";
+
+/// Sent first in every conversation with a real model: how to ask for clarification.
+pub const SYSTEM_PROMPT: &str = "You are one of several models answering the user's prompt. \
+If the prompt is too ambiguous to answer well, do not guess: reply with exactly one line \
+`CLARIFICATION_NEEDED: <your question>` and nothing else. Otherwise answer directly.";
+
+/// The question in a model's output, if the output is a clarification request.
+pub fn clarification_question(output: &str) -> Option<&str> {
+    let rest = output.trim_start().strip_prefix(CLARIFICATION_MARKER)?;
+    let question = rest.trim();
+    Some(if question.is_empty() {
+        "Could you clarify the prompt?"
+    } else {
+        question
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProviderError {
+    #[error("request failed: {0}")]
+    Transport(String),
+    #[error("provider answered {status}: {message}")]
+    Status { status: u16, message: String },
+    #[error("malformed response: {0}")]
+    Malformed(String),
+    #[error("simulated failure")]
+    Simulated,
+    #[error("missing API key: set {0}")]
+    MissingKey(String),
+}
+
+impl From<reqwest::Error> for ProviderError {
+    fn from(error: reqwest::Error) -> Self {
+        ProviderError::Transport(error.to_string())
+    }
+}
+
+/// The reply, piece by piece.
+pub type TokenStream = Pin<Box<dyn Stream<Item = Result<String, ProviderError>> + Send>>;
+
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// Starts the model on `messages`; the stream yields the reply as it is produced.
+    async fn chat(&self, messages: Vec<ChatMessage>) -> Result<TokenStream, ProviderError>;
+}
+
+/// Builds the provider a model's configuration names.
+pub fn build(model: &ModelConfig, http: &reqwest::Client) -> Arc<dyn Provider> {
+    let base_url = model.base_url.clone().unwrap_or_default();
+    match model.provider {
+        ProviderKind::Simulated => Arc::new(simulated::Simulated::new(model)),
+        ProviderKind::Ollama => Arc::new(ollama::Ollama::new(
+            http.clone(),
+            base_url,
+            model.provider_model(),
+        )),
+        ProviderKind::Openai => Arc::new(openai::OpenAi::new(
+            http.clone(),
+            base_url,
+            model.provider_model(),
+            model.api_key_env.clone(),
+        )),
+    }
+}
+
+/// Fails with the body's error message when the status is not a success.
+async fn check_status(response: reqwest::Response) -> Result<reqwest::Response, ProviderError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let body = response.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/error/message")
+                .or_else(|| v.get("error"))
+                .and_then(|e| e.as_str().map(str::to_owned))
+        })
+        .unwrap_or_else(|| body.chars().take(200).collect());
+    Err(ProviderError::Status {
+        status: status.as_u16(),
+        message,
+    })
+}
+
+/// Splits a byte stream into lines, across chunk boundaries.
+fn lines(
+    bytes: impl Stream<Item = Result<bytes::Bytes, reqwest::Error>> + Send + 'static,
+) -> impl Stream<Item = Result<String, ProviderError>> + Send {
+    use futures_util::StreamExt;
+    futures_util::stream::unfold(
+        (Box::pin(bytes), Vec::<u8>::new(), false),
+        |(mut bytes, mut buffer, mut ended)| async move {
+            loop {
+                if let Some(end) = buffer.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buffer.drain(..=end).collect();
+                    let line = String::from_utf8_lossy(&line)
+                        .trim_end_matches(['\r', '\n'])
+                        .to_owned();
+                    return Some((Ok(line), (bytes, buffer, ended)));
+                }
+                if ended {
+                    if buffer.is_empty() {
+                        return None;
+                    }
+                    let line = String::from_utf8_lossy(&std::mem::take(&mut buffer)).into_owned();
+                    return Some((Ok(line), (bytes, buffer, ended)));
+                }
+                match bytes.next().await {
+                    Some(Ok(chunk)) => buffer.extend_from_slice(&chunk),
+                    Some(Err(error)) => return Some((Err(error.into()), (bytes, buffer, true))),
+                    None => ended = true,
+                }
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clarification_question;
+
+    #[test]
+    fn clarification_marker_is_detected_at_the_start_only() {
+        assert_eq!(
+            clarification_question("  CLARIFICATION_NEEDED: Which year?\n"),
+            Some("Which year?")
+        );
+        assert_eq!(
+            clarification_question("The answer. CLARIFICATION_NEEDED: no"),
+            None
+        );
+        assert_eq!(
+            clarification_question("CLARIFICATION_NEEDED:"),
+            Some("Could you clarify the prompt?")
+        );
+    }
+}
