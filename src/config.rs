@@ -23,6 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the server (in-memory store, no Redis needed).
     Serve(Box<Config>),
+    /// Create a session on a running herald and print its events live.
+    Demo(crate::demo::DemoArgs),
 }
 
 /// Everything the server needs to start. Field docs are the `--help` text.
@@ -107,6 +109,7 @@ impl Config {
         let cli = Cli::parse_from(["herald", "serve"]);
         match cli.command {
             Command::Serve(config) => *config,
+            Command::Demo(_) => unreachable!("parsed from `serve`"),
         }
     }
 

@@ -3,6 +3,7 @@
 //! See `ARCHITECTURE.md` for the code map and the invariants.
 
 pub mod config;
+pub mod demo;
 pub mod event;
 pub mod http;
 pub mod hub;

@@ -22,6 +22,14 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Serve(config) => serve(*config).await,
+        Command::Demo(args) => {
+            let finished = herald::demo::run(args, &mut std::io::stdout()).await?;
+            println!(
+                "done: {} events in session {}",
+                finished.events, finished.session_id
+            );
+            Ok(())
+        }
     }
 }
 

@@ -181,3 +181,22 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod line_tests {
+    use futures_util::StreamExt;
+
+    #[tokio::test]
+    async fn lines_are_reassembled_across_chunks() {
+        let chunks: Vec<Result<bytes::Bytes, reqwest::Error>> =
+            ["{\"a\":", "1}\n{\"b\"", ":2}\r\n", "tail"]
+                .into_iter()
+                .map(|c| Ok(bytes::Bytes::from(c)))
+                .collect();
+        let lines: Vec<String> = super::lines(futures_util::stream::iter(chunks))
+            .map(Result::unwrap)
+            .collect()
+            .await;
+        assert_eq!(lines, ["{\"a\":1}", "{\"b\":2}", "tail"]);
+    }
+}

@@ -56,3 +56,22 @@ fn parse_line(line: &str) -> Result<String, ProviderError> {
         .unwrap_or_default()
         .to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::parse_line;
+
+    #[test]
+    fn ndjson_lines_give_content_or_errors() {
+        let line = r#"{"model":"m","message":{"role":"assistant","content":"Hel"},"done":false}"#;
+        assert_eq!(parse_line(line).unwrap(), "Hel");
+        assert_eq!(parse_line(r#"{"model":"m","done":true}"#).unwrap(), "");
+        assert!(
+            parse_line(r#"{"error":"model not found"}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("model not found")
+        );
+        assert!(parse_line("not json").is_err());
+    }
+}

@@ -95,3 +95,21 @@ fn parse_line(line: &str) -> Result<Line, ProviderError> {
         .unwrap_or_default();
     Ok(Line::Piece(piece.to_owned()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Line, parse_line};
+
+    #[test]
+    fn sse_lines_give_deltas_done_or_nothing() {
+        let chunk =
+            r#"data: {"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":null}]}"#;
+        assert!(matches!(parse_line(chunk), Ok(Line::Piece(p)) if p == "lo"));
+        assert!(matches!(parse_line("data: [DONE]"), Ok(Line::Done)));
+        assert!(matches!(parse_line(": keep-alive"), Ok(Line::Skip)));
+        assert!(matches!(parse_line(""), Ok(Line::Skip)));
+        let role_only = r#"data: {"choices":[{"index":0,"delta":{"role":"assistant"}}]}"#;
+        assert!(matches!(parse_line(role_only), Ok(Line::Piece(p)) if p.is_empty()));
+        assert!(parse_line(r#"data: {"error":{"message":"rate limited"}}"#).is_err());
+    }
+}
