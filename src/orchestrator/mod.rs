@@ -287,10 +287,18 @@ impl Orchestrator {
             .iter()
             .find(|c| c.clarification_id == clarification_id)
             .ok_or_else(|| OrchestratorError::ClarificationNotFound(clarification_id.to_owned()))?;
-        if clarification.status != "pending" {
+        // A question left pending in a session that has ended can never be acted on.
+        let status = match clarification.status.as_str() {
+            "pending" if snapshot.summary.status.is_terminal() => {
+                Some("closed: the session has ended")
+            }
+            "pending" => None,
+            other => Some(other),
+        };
+        if let Some(status) = status {
             return Err(OrchestratorError::ClarificationClosed(
                 clarification_id.to_owned(),
-                clarification.status.clone(),
+                status.to_owned(),
             ));
         }
         let answered = json!({

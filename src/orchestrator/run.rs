@@ -372,10 +372,12 @@ impl Run {
                 let _ = reply.send(outcome);
             }
             Command::Cancel { reply } => {
-                let progress = self.progress("FAILED", None);
+                // Questions nobody will act on any more are closed, so they cannot be answered.
+                let mut events = self.close_clarifications();
+                events.push(self.progress("FAILED", None));
                 let error = json!({ "error": "the session was cancelled", "code": "CANCELLED" });
-                self.publish(vec![progress, draft(EventKind::Error, error)])
-                    .await;
+                events.push(draft(EventKind::Error, error));
+                self.publish(events).await;
                 let _ = reply.send(Ok(()));
                 return Some(End::Cancelled);
             }
@@ -475,31 +477,37 @@ impl Run {
             .min()
     }
 
-    /// An unanswered clarification ran out of time: it expires and so does the session.
+    /// An unanswered clarification ran out of time: it expires and so does the session,
+    /// and with it every other open question.
     async fn expire(&mut self) {
-        let now = Instant::now();
-        let mut events = Vec::new();
-        for (id, slot) in self.clarifications.iter_mut() {
-            if matches!(slot, Clarification::Pending { deadline, .. } if *deadline <= now) {
-                let Clarification::Pending {
-                    prompt, question, ..
-                } = std::mem::replace(slot, Clarification::Closed { status: "expired" })
-                else {
-                    continue;
-                };
-                events.push(draft(
-                    EventKind::Clarification,
-                    json!({
-                        "clarificationId": id,
-                        "question": question,
-                        "status": "expired",
-                        "promptId": self.prompts[prompt].prompt.id,
-                    }),
-                ));
-            }
-        }
+        let mut events = self.close_clarifications();
         events.push(self.progress("EXPIRED", None));
         self.publish(events).await;
+    }
+
+    /// Marks every pending clarification expired; returns their events.
+    fn close_clarifications(&mut self) -> Vec<EventDraft> {
+        let mut events = Vec::new();
+        for (id, slot) in self.clarifications.iter_mut() {
+            if !matches!(slot, Clarification::Pending { .. }) {
+                continue;
+            }
+            let closed = Clarification::Closed { status: "expired" };
+            let Clarification::Pending {
+                prompt, question, ..
+            } = std::mem::replace(slot, closed)
+            else {
+                unreachable!("checked pending above")
+            };
+            let data = json!({
+                "clarificationId": id,
+                "question": question,
+                "status": "expired",
+                "promptId": self.prompts[prompt].prompt.id,
+            });
+            events.push(draft(EventKind::Clarification, data));
+        }
+        events
     }
 
     async fn finish(&mut self) -> End {
