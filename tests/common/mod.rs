@@ -2,6 +2,8 @@
 //! over real websockets (Engine.IO v4 text frames).
 #![allow(dead_code)]
 
+pub mod fake_llm;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -66,6 +68,12 @@ impl TestServer {
             body.to_string(),
         )
         .await
+    }
+
+    /// POSTs a JSON body to `path`; returns status and body.
+    pub async fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_raw(path, "application/json", body.to_string())
+            .await
     }
 
     pub async fn post_raw(&self, path: &str, content_type: &str, body: String) -> (u16, Value) {
