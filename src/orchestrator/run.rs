@@ -88,6 +88,7 @@ struct PromptState {
 enum Clarification {
     Pending {
         prompt: usize,
+        model: usize,
         question: String,
         deadline: Instant,
         reply: oneshot::Sender<String>,
@@ -354,6 +355,7 @@ impl Run {
                     clarification_id,
                     Clarification::Pending {
                         prompt,
+                        model,
                         question,
                         deadline,
                         reply,
@@ -445,6 +447,7 @@ impl Run {
         };
         let Clarification::Pending {
             prompt,
+            model,
             question,
             reply,
             ..
@@ -458,6 +461,7 @@ impl Run {
             "status": "answered",
             "answer": answer,
             "promptId": self.prompts[prompt].prompt.id,
+            "modelName": self.models[model].config.name,
         });
         let progress = self.progress("PROCESSING", None);
         self.publish(vec![draft(EventKind::Clarification, event), progress])
@@ -494,7 +498,10 @@ impl Run {
             }
             let closed = Clarification::Closed { status: "expired" };
             let Clarification::Pending {
-                prompt, question, ..
+                prompt,
+                model,
+                question,
+                ..
             } = std::mem::replace(slot, closed)
             else {
                 unreachable!("checked pending above")
@@ -504,6 +511,7 @@ impl Run {
                 "question": question,
                 "status": "expired",
                 "promptId": self.prompts[prompt].prompt.id,
+                "modelName": self.models[model].config.name,
             });
             events.push(draft(EventKind::Clarification, data));
         }
