@@ -181,13 +181,30 @@ fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result
     })
 }
 
-/// Parses a JSON body into `T`, answering 400 `code` with serde's reason otherwise.
+/// Parses a JSON body into `T`, answering 400 `code` with the reason otherwise.
 fn parse_json<T: serde::de::DeserializeOwned>(
     body: &[u8],
     code: &'static str,
 ) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(code, format!("invalid request body: {e}")))
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(code, format!("invalid request body: {e}")))?;
+    from_object(value, code, "the request body")
+}
+
+/// Deserializes `T` from a JSON object. (A derived `Deserialize` would also take an array
+/// of the fields in order, which no client means.)
+fn from_object<T: serde::de::DeserializeOwned>(
+    value: Value,
+    code: &'static str,
+    what: &str,
+) -> Result<T, ApiError> {
+    if !value.is_object() {
+        return Err(ApiError::bad_request(
+            code,
+            format!("{what} must be a JSON object"),
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::bad_request(code, format!("{what}: {e}")))
 }
 
 #[derive(Serialize)]
@@ -259,12 +276,8 @@ fn parse_batch(body: &[u8], max_batch: usize) -> Result<Vec<IngestItem>, ApiErro
         .into_iter()
         .enumerate()
         .map(|(index, value)| {
-            serde_json::from_value(value).map_err(|e| {
-                ApiError::bad_request(
-                    "INVALID_EVENT",
-                    format!("item {index}: expected {{ event, data, idempotencyKey? }}: {e}"),
-                )
-            })
+            let what = format!("item {index} (expected {{ event, data, idempotencyKey? }})");
+            from_object(value, "INVALID_EVENT", &what)
         })
         .collect()
 }

@@ -24,6 +24,12 @@ async fn ingest_rejects_bad_input_with_codes_and_logs_nothing() {
     let good = progress(1);
     let cases: Vec<(&str, Value, u16, &str)> = vec![
         ("not an object", json!("progress"), 400, "INVALID_EVENT"),
+        (
+            "item given as an array",
+            json!([["progress", { "status": "ACTIVE", "progress": 1 }]]),
+            400,
+            "INVALID_EVENT",
+        ),
         ("empty batch", json!([]), 400, "EMPTY_BATCH"),
         (
             "batch over the limit",
