@@ -344,13 +344,14 @@ impl Run {
                 let clarification_id = uuid::Uuid::new_v4().to_string();
                 let deadline =
                     Instant::now() + Duration::from_secs(self.settings.clarification_timeout_secs);
-                let event = json!({
-                    "clarificationId": clarification_id,
-                    "question": question,
-                    "status": "pending",
-                    "promptId": self.prompts[prompt].prompt.id,
-                    "modelName": self.models[model].config.name,
-                });
+                let event = self.clarification_event(
+                    &clarification_id,
+                    prompt,
+                    model,
+                    &question,
+                    "pending",
+                    None,
+                );
                 self.clarifications.insert(
                     clarification_id,
                     Clarification::Pending {
@@ -362,8 +363,7 @@ impl Run {
                     },
                 );
                 let progress = self.progress("PROCESSING", None);
-                self.publish(vec![draft(EventKind::Clarification, event), progress])
-                    .await;
+                self.publish(vec![event, progress]).await;
             }
             Command::Respond {
                 clarification_id,
@@ -455,17 +455,16 @@ impl Run {
         else {
             unreachable!("closed clarifications returned above")
         };
-        let event = json!({
-            "clarificationId": clarification_id,
-            "question": question,
-            "status": "answered",
-            "answer": answer,
-            "promptId": self.prompts[prompt].prompt.id,
-            "modelName": self.models[model].config.name,
-        });
+        let event = self.clarification_event(
+            clarification_id,
+            prompt,
+            model,
+            &question,
+            "answered",
+            Some(&answer),
+        );
         let progress = self.progress("PROCESSING", None);
-        self.publish(vec![draft(EventKind::Clarification, event), progress])
-            .await;
+        self.publish(vec![event, progress]).await;
         // The worker may be gone (the run is ending); the answer is logged either way.
         let _ = reply.send(answer);
         Ok(())
@@ -491,31 +490,47 @@ impl Run {
 
     /// Marks every pending clarification expired; returns their events.
     fn close_clarifications(&mut self) -> Vec<EventDraft> {
-        let mut events = Vec::new();
+        let mut closed = Vec::new();
         for (id, slot) in self.clarifications.iter_mut() {
-            if !matches!(slot, Clarification::Pending { .. }) {
-                continue;
-            }
-            let closed = Clarification::Closed { status: "expired" };
-            let Clarification::Pending {
+            if let Clarification::Pending {
                 prompt,
                 model,
                 question,
                 ..
-            } = std::mem::replace(slot, closed)
-            else {
-                unreachable!("checked pending above")
-            };
-            let data = json!({
-                "clarificationId": id,
-                "question": question,
-                "status": "expired",
-                "promptId": self.prompts[prompt].prompt.id,
-                "modelName": self.models[model].config.name,
-            });
-            events.push(draft(EventKind::Clarification, data));
+            } = slot
+            {
+                closed.push((id.clone(), *prompt, *model, std::mem::take(question)));
+                *slot = Clarification::Closed { status: "expired" };
+            }
         }
-        events
+        closed
+            .iter()
+            .map(|(id, prompt, model, question)| {
+                self.clarification_event(id, *prompt, *model, question, "expired", None)
+            })
+            .collect()
+    }
+
+    fn clarification_event(
+        &self,
+        clarification_id: &str,
+        prompt: usize,
+        model: usize,
+        question: &str,
+        status: &str,
+        answer: Option<&str>,
+    ) -> EventDraft {
+        let mut data = json!({
+            "clarificationId": clarification_id,
+            "question": question,
+            "status": status,
+            "promptId": self.prompts[prompt].prompt.id,
+            "modelName": self.models[model].config.name,
+        });
+        if let Some(answer) = answer {
+            data["answer"] = Value::String(answer.to_owned());
+        }
+        draft(EventKind::Clarification, data)
     }
 
     async fn finish(&mut self) -> End {
