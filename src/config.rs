@@ -35,6 +35,15 @@ pub struct Config {
     #[arg(long = "config", env = "HERALD_CONFIG")]
     pub config_file: Option<std::path::PathBuf>,
 
+    /// Redis URL (e.g. redis://127.0.0.1:6379): nodes sharing it share sessions, logs and
+    /// rooms. Without it everything stays in this process.
+    #[arg(long, env = "HERALD_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key and channel herald uses.
+    #[arg(long, env = "HERALD_REDIS_PREFIX", default_value = "herald")]
+    pub redis_prefix: String,
+
     /// Address to listen on. Use 0.0.0.0 to accept connections from other hosts.
     #[arg(long, env = "HERALD_HOST", default_value = "127.0.0.1")]
     pub host: IpAddr,

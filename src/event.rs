@@ -322,9 +322,14 @@ fn validate_data(
 /// Puts the fields only the server may set onto a draft's data, in SPEC order
 /// (`sessionId`, `seq` first so that payloads read naturally).
 pub fn finalize(session_id: &str, seq: u64, data: Map<String, Value>) -> Map<String, Value> {
-    let mut out = Map::with_capacity(data.len() + 3);
-    out.insert("sessionId".into(), Value::String(session_id.to_owned()));
-    out.insert("seq".into(), Value::from(seq));
+    with_identity(session_id, seq, finalize_body(data))
+}
+
+/// The draft's fields without `sessionId` and `seq`, with `timestamp` last (filled when
+/// missing). Backends that learn `seq` only when they store the event serialize this part
+/// before they know it.
+pub fn finalize_body(data: Map<String, Value>) -> Map<String, Value> {
+    let mut out = Map::with_capacity(data.len() + 1);
     let mut timestamp = None;
     for (key, value) in data {
         match key.as_str() {
@@ -339,6 +344,15 @@ pub fn finalize(session_id: &str, seq: u64, data: Map<String, Value>) -> Map<Str
         "timestamp".into(),
         timestamp.unwrap_or_else(|| Value::String(now_timestamp())),
     );
+    out
+}
+
+/// `{ sessionId, seq, ...body }`.
+pub fn with_identity(session_id: &str, seq: u64, body: Map<String, Value>) -> Map<String, Value> {
+    let mut out = Map::with_capacity(body.len() + 2);
+    out.insert("sessionId".into(), Value::String(session_id.to_owned()));
+    out.insert("seq".into(), Value::from(seq));
+    out.extend(body);
     out
 }
 

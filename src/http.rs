@@ -124,10 +124,7 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
             "/healthz",
             get(|| async { Json(json!({ "status": "ok" })) }),
         )
-        .route(
-            "/readyz",
-            get(|| async { Json(json!({ "status": "ready" })) }),
-        )
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route") })
         .method_not_allowed_fallback(|| async {
@@ -445,6 +442,18 @@ async fn history(
         "events": events,
     }))
     .into_response())
+}
+
+/// Ready while the log's backend answers (always, in memory; Redis must be reachable).
+async fn readyz(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    state.hub.log().ready().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NOT_READY",
+            format!("not ready: {e}"),
+        )
+    })?;
+    Ok(Json(json!({ "status": "ready" })))
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {

@@ -67,7 +67,17 @@ pub struct Subscribed {
     pub recovered: Option<bool>,
 }
 
-type Gate = Arc<tokio::sync::Mutex<()>>;
+/// What this node has delivered of a session to its local room.
+#[derive(Debug, Default)]
+struct Cursor {
+    /// Every local room member has every event up to here and gets later ones live.
+    delivered: u64,
+    /// The log incarnation `delivered` counts in: `None` until the cursor is first used,
+    /// `Some("")` when a socket followed the session before its log existed.
+    epoch: Option<String>,
+}
+
+type Gate = Arc<tokio::sync::Mutex<Cursor>>;
 
 #[derive(Clone)]
 pub struct Hub {
@@ -128,15 +138,17 @@ impl Hub {
         drafts: Vec<EventDraft>,
     ) -> Result<Published, HubError> {
         let gate = self.gate(session_id);
-        let _order = gate.lock().await;
+        let mut cursor = gate.lock().await;
         let outcome = self.inner.log.append(session_id, drafts).await?;
         self.inner
             .store
             .apply(session_id, &outcome.head.epoch, &outcome.appended)
             .await?;
-        for appended in &outcome.appended {
-            self.broadcast(session_id, &appended.event).await;
-        }
+        let fresh: Vec<Arc<LoggedEvent>> =
+            outcome.appended.iter().map(|a| a.event.clone()).collect();
+        let upto = fresh.last().map_or(outcome.head.last_seq, |e| e.seq);
+        self.deliver(session_id, &mut cursor, &outcome.head.epoch, upto, &fresh)
+            .await?;
         self.inner
             .metrics
             .events_logged
@@ -147,6 +159,100 @@ impl Hub {
             seqs: outcome.seqs,
             last_seq: outcome.head.last_seq,
         })
+    }
+
+    /// Brings the local room of a session up to the log's head: called when another node
+    /// announces that it logged events (cluster mode).
+    pub async fn catch_up(&self, session_id: &str) -> Result<(), HubError> {
+        let gate = self.gate(session_id);
+        let mut cursor = gate.lock().await;
+        let head = self.inner.log.head(session_id).await?;
+        self.deliver(session_id, &mut cursor, &head.epoch, head.last_seq, &[])
+            .await
+    }
+
+    /// [`Hub::catch_up`] for a session some local socket follows; nothing otherwise.
+    pub async fn catch_up_if_followed(&self, session_id: &str) -> Result<(), HubError> {
+        // Every followed session has a gate: `subscribe` makes one and `sweep` keeps it
+        // while the room has members.
+        if !self.inner.gates.lock().unwrap().contains_key(session_id) {
+            return Ok(());
+        }
+        self.catch_up(session_id).await
+    }
+
+    /// Catches up every session this node follows (after a lost announcement channel).
+    pub async fn catch_up_all(&self) -> Result<(), HubError> {
+        let sessions: Vec<String> = self.inner.gates.lock().unwrap().keys().cloned().collect();
+        for session_id in sessions {
+            self.catch_up(&session_id).await?;
+        }
+        Ok(())
+    }
+
+    /// Broadcasts, in order, every event after `cursor.delivered` up to `upto`: `fresh`
+    /// when it continues the cursor (the common case: events this node just logged),
+    /// otherwise what the log holds (events other nodes logged in between).
+    async fn deliver(
+        &self,
+        session_id: &str,
+        cursor: &mut Cursor,
+        epoch: &str,
+        upto: u64,
+        fresh: &[Arc<LoggedEvent>],
+    ) -> Result<(), HubError> {
+        match cursor.epoch.as_deref() {
+            Some(known) if known == epoch => {}
+            Some(_) => {
+                // The log is new (or was recreated): its events all count from seq 1.
+                cursor.epoch = Some(epoch.to_owned());
+                cursor.delivered = 0;
+            }
+            None => {
+                // First use: no local socket follows the session yet (see `sweep`), so only
+                // what is being delivered now matters.
+                cursor.epoch = Some(epoch.to_owned());
+                cursor.delivered = fresh.first().map_or(upto, |e| e.seq - 1);
+            }
+        }
+        if epoch.is_empty() {
+            return Ok(());
+        }
+        if upto <= cursor.delivered {
+            return Ok(());
+        }
+        if fresh.first().is_some_and(|e| e.seq == cursor.delivered + 1) {
+            for event in fresh {
+                self.broadcast(session_id, event).await;
+            }
+        } else if !self.room_is_empty(session_id) {
+            let count = usize::try_from(upto - cursor.delivered).unwrap_or(usize::MAX);
+            let slice = self
+                .inner
+                .log
+                .read(session_id, cursor.delivered, count)
+                .await?;
+            if slice
+                .events
+                .first()
+                .is_some_and(|e| e.seq != cursor.delivered + 1)
+            {
+                tracing::warn!(
+                    session_id,
+                    "events left the log before this node delivered them"
+                );
+            }
+            for event in slice.events.iter().filter(|e| e.seq <= upto) {
+                self.broadcast(session_id, event).await;
+            }
+        }
+        cursor.delivered = upto;
+        Ok(())
+    }
+
+    /// Whether no local socket follows the session (then nothing needs reading to deliver).
+    fn room_is_empty(&self, session_id: &str) -> bool {
+        self.inner.io.to(session_id.to_owned()).sockets().is_empty()
     }
 
     async fn broadcast(&self, session_id: &str, event: &LoggedEvent) {
@@ -177,8 +283,11 @@ impl Hub {
         resume: Option<Resume>,
     ) -> Result<Subscribed, HubError> {
         let gate = self.gate(session_id);
-        let _order = gate.lock().await;
+        let mut cursor = gate.lock().await;
         let head = self.inner.log.head(session_id).await?;
+        // The room must be at the head before this socket joins it at the head.
+        self.deliver(session_id, &mut cursor, &head.epoch, head.last_seq, &[])
+            .await?;
         let recovered = resume
             .as_ref()
             .map(|r| head.can_resume(r.last_seq, r.epoch.as_deref()));
@@ -255,12 +364,12 @@ impl Hub {
             self.inner.log.remove(session_id).await?;
         }
         // A gate only the map holds is in nobody's hands, and new users must come through
-        // the map lock, so removing it cannot split a session's order in two.
-        self.inner
-            .gates
-            .lock()
-            .unwrap()
-            .retain(|_, gate| Arc::strong_count(gate) > 1);
+        // the map lock, so removing it cannot split a session's order in two. A gate whose
+        // room still has local members is kept: its cursor is what they have received.
+        let mut gates = self.inner.gates.lock().unwrap();
+        gates.retain(|session_id, gate| {
+            Arc::strong_count(gate) > 1 || !self.room_is_empty(session_id)
+        });
         Ok(expired.len())
     }
 

@@ -16,12 +16,12 @@ use tower_http::trace::TraceLayer;
 use crate::config::Config;
 use crate::http::{ApiState, router};
 use crate::hub::Hub;
-use crate::log::MemoryLog;
+use crate::log::{EventLog, MemoryLog, RedisLog};
 use crate::metrics::Metrics;
 use crate::orchestrator::Orchestrator;
 use crate::orchestrator::config::{ConfigError, ModelsFile};
 use crate::socket::{self, SocketLimits};
-use crate::store::MemoryStore;
+use crate::store::{MemoryStore, RedisStore, SessionStore};
 
 /// How often ended sessions and idle gates are swept: often enough that a session outlives
 /// its TTL by at most half of it (and never by more than five seconds).
@@ -40,6 +40,8 @@ pub enum ServerError {
     CorsOrigin(String),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("cannot use Redis at {url}: {message}")]
+    Redis { url: String, message: String },
     #[error("server failed: {0}")]
     Serve(#[from] std::io::Error),
 }
@@ -50,6 +52,8 @@ pub struct Server {
     app: axum::Router,
     hub: Hub,
     config: Config,
+    /// The Redis client and announcement channel, in cluster mode.
+    redis: Option<(redis::Client, String)>,
 }
 
 impl Server {
@@ -69,12 +73,8 @@ impl Server {
             // The same inbound limit on both transports (engineioxide's websocket default is 64 MiB).
             .ws_max_message_size(usize::try_from(config.max_payload).unwrap_or(usize::MAX))
             .build_layer();
-        let hub = Hub::new(
-            Arc::new(MemoryLog::new(config.max_events_per_session)),
-            Arc::new(MemoryStore::new()),
-            io.clone(),
-            metrics,
-        );
+        let (log, store, redis) = backends(&config).await?;
+        let hub = Hub::new(log, store, io.clone(), metrics);
         socket::register(
             &io,
             hub.clone(),
@@ -99,6 +99,7 @@ impl Server {
             app,
             hub,
             config,
+            redis,
         })
     }
 
@@ -119,7 +120,10 @@ impl Server {
             app,
             hub,
             config,
+            redis,
         } = self;
+        let listener_task = redis
+            .map(|(client, channel)| crate::cluster::spawn_listener(client, channel, hub.clone()));
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let sweeper = tokio::spawn(sweep_forever(hub.clone(), config.session_ttl()));
         let grace = Duration::from_secs(config.shutdown_timeout_secs);
@@ -144,6 +148,9 @@ impl Server {
             }
         };
         sweeper.abort();
+        if let Some(task) = listener_task {
+            task.abort();
+        }
         result
     }
 }
@@ -187,6 +194,39 @@ async fn detach_handshake_head(mut request: Request) -> Request {
     // it. (The other extensions stay: hyper's upgrade handle lives there.)
     request.extensions_mut().remove::<OriginalUri>();
     request
+}
+
+type Backends = (
+    Arc<dyn EventLog>,
+    Arc<dyn SessionStore>,
+    Option<(redis::Client, String)>,
+);
+
+/// In-memory log and store, or (with `--redis-url`) Redis ones shared by every node.
+async fn backends(config: &Config) -> Result<Backends, ServerError> {
+    let Some(url) = &config.redis_url else {
+        let log = Arc::new(MemoryLog::new(config.max_events_per_session));
+        return Ok((log, Arc::new(MemoryStore::new()), None));
+    };
+    let failed = |message: String| ServerError::Redis {
+        url: url.clone(),
+        message,
+    };
+    let prefix = &config.redis_prefix;
+    let log = RedisLog::connect(url, prefix, config.max_events_per_session)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let channel = log.channel();
+    let log: Arc<dyn EventLog> = Arc::new(log);
+    let store = RedisStore::connect(url, prefix, log.clone())
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    let client = redis::Client::open(url.as_str()).map_err(|e| failed(e.to_string()))?;
+    tracing::info!(
+        prefix,
+        "cluster mode: sessions, logs and snapshots live in Redis"
+    );
+    Ok((log, Arc::new(store), Some((client, channel))))
 }
 
 fn cors(config: &Config) -> Result<CorsLayer, ServerError> {

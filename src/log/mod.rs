@@ -7,6 +7,7 @@
 //! and the same bytes go to the history route, the replay and the live broadcast.
 
 mod memory;
+mod redis;
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 pub use memory::MemoryLog;
+pub use redis::RedisLog;
 
 use crate::event::{EventDraft, EventKind};
 
@@ -98,6 +100,10 @@ pub trait EventLog: Send + Sync + 'static {
     /// Retained events with `seq > after`, at most `limit` of them.
     async fn read(&self, session_id: &str, after: u64, limit: usize) -> Result<LogSlice, LogError>;
     async fn remove(&self, session_id: &str) -> Result<(), LogError>;
+    /// Whether the backend can serve requests now (for `/readyz`).
+    async fn ready(&self) -> Result<(), LogError> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

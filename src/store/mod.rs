@@ -5,19 +5,21 @@
 //! fold ([`Snapshot::apply`]) is shared by every backend.
 
 mod memory;
+mod redis;
 
 use std::time::Instant;
 
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use memory::MemoryStore;
+pub use redis::RedisStore;
 
 use crate::event::{EventKind, SessionStatus};
 use crate::log::Appended;
 
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PromptCounts {
     pub total: u64,
     pub completed: u64,
@@ -27,7 +29,7 @@ pub struct PromptCounts {
 }
 
 /// A clarification as last reported.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Clarification {
     pub clarification_id: String,
@@ -40,7 +42,7 @@ pub struct Clarification {
 
 /// The headline of a session: what the session list shows, and the first part of the
 /// snapshot.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SessionSummary {
     pub session_id: String,
@@ -56,7 +58,7 @@ pub struct SessionSummary {
 }
 
 /// Everything known about a session, as returned by the HTTP API.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Snapshot {
     #[serde(flatten)]

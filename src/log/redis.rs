@@ -1,0 +1,276 @@
+//! The event log in Redis, shared by every node.
+//!
+//! Per session: a hash `{prefix}:head:{id}` (`seq`, `epoch`), a stream `{prefix}:log:{id}`
+//! whose entry ids are `{seq}-1` and whose fields are `k` (event name) and `d` (the
+//! serialized payload), and a sorted set `{prefix}:keys:{id}` of idempotency keys scored
+//! by the `seq` they were first given. One Lua script appends a batch atomically: it is the
+//! single sequencer of the session for the whole cluster. Events are serialized on the node
+//! around a gap where `seq` goes, and the script splices the number in, so the payload
+//! stays byte-for-byte what the producer sent (Redis' own JSON would reformat numbers).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script, Value as RedisValue};
+use serde_json::value::RawValue;
+
+use super::{AppendOutcome, Appended, EventLog, LogError, LogHead, LogSlice, LoggedEvent};
+use crate::event::{EventDraft, EventKind, finalize_body, with_identity};
+
+/// Idempotency keys remembered per session; the oldest are forgotten first.
+const MAX_KEYS_PER_SESSION: usize = 10_000;
+
+/// KEYS: head, log, idempotency keys. ARGV: max events, max keys, a fresh epoch, the
+/// notification channel, the session id, then per event: name, idempotency key ("" for
+/// none), payload before `seq`, payload after `seq`. Returns `{ epoch, last_seq, seqs }`
+/// where a duplicate's seq is negated, and publishes `"<last_seq> <session id>"` on the
+/// channel when anything was logged, so every node can deliver the new events.
+const APPEND: &str = r#"
+local head, log, keys = KEYS[1], KEYS[2], KEYS[3]
+local max_events, max_keys = tonumber(ARGV[1]), tonumber(ARGV[2])
+local epoch = redis.call('HGET', head, 'epoch')
+if not epoch then
+  epoch = ARGV[3]
+  redis.call('HSET', head, 'epoch', epoch, 'seq', 0)
+end
+local seq = tonumber(redis.call('HGET', head, 'seq'))
+local first = seq
+local seqs = {}
+for i = 6, #ARGV, 4 do
+  local name, key, before, after = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local seen = false
+  if key ~= '' then
+    seen = redis.call('ZSCORE', keys, key)
+  end
+  if seen then
+    table.insert(seqs, -tonumber(seen))
+  else
+    seq = seq + 1
+    redis.call('XADD', log, 'MAXLEN', max_events, seq .. '-1', 'k', name, 'd', before .. seq .. after)
+    if key ~= '' then
+      redis.call('ZADD', keys, seq, key)
+      local excess = redis.call('ZCARD', keys) - max_keys
+      if excess > 0 then redis.call('ZREMRANGEBYRANK', keys, 0, excess - 1) end
+    end
+    table.insert(seqs, seq)
+  end
+end
+redis.call('HSET', head, 'seq', seq)
+if seq > first then
+  redis.call('PUBLISH', ARGV[4], seq .. ' ' .. ARGV[5])
+end
+return { epoch, seq, seqs }
+"#;
+
+pub struct RedisLog {
+    redis: ConnectionManager,
+    prefix: Arc<str>,
+    max_events: u64,
+    append: Script,
+}
+
+impl RedisLog {
+    /// Connects (the connection manager reconnects by itself after Redis restarts).
+    pub async fn connect(url: &str, prefix: &str, max_events: u64) -> Result<Self, LogError> {
+        let client = redis::Client::open(url).map_err(backend)?;
+        let redis = ConnectionManager::new(client).await.map_err(backend)?;
+        Ok(Self {
+            redis,
+            prefix: prefix.into(),
+            max_events: max_events.max(1),
+            append: Script::new(APPEND),
+        })
+    }
+
+    fn key(&self, kind: &str, session_id: &str) -> String {
+        format!("{}:{kind}:{session_id}", self.prefix)
+    }
+
+    /// Where appends are announced: `"<last_seq> <session id>"`.
+    pub fn channel(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+
+    /// The keys that make up a session's log, for expiry and removal.
+    pub fn session_keys(&self, session_id: &str) -> [String; 3] {
+        [
+            self.key("head", session_id),
+            self.key("log", session_id),
+            self.key("keys", session_id),
+        ]
+    }
+}
+
+fn backend(error: redis::RedisError) -> LogError {
+    LogError::Backend(error.to_string())
+}
+
+/// A payload serialized around the place where its `seq` goes.
+struct Split {
+    before: String,
+    after: String,
+}
+
+fn split(
+    session_id: &str,
+    body: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Split, LogError> {
+    let before = format!(
+        "{{\"sessionId\":{},\"seq\":",
+        serde_json::to_string(session_id)?
+    );
+    // The body always has `timestamp`, so it serializes as `{…}`; its `{` becomes a comma.
+    let body = serde_json::to_string(body)?;
+    Ok(Split {
+        before,
+        after: format!(",{}", &body[1..]),
+    })
+}
+
+#[async_trait]
+impl EventLog for RedisLog {
+    async fn append(
+        &self,
+        session_id: &str,
+        drafts: Vec<EventDraft>,
+    ) -> Result<AppendOutcome, LogError> {
+        let mut invocation = self.append.prepare_invoke();
+        let [head_key, log_key, keys_key] = self.session_keys(session_id);
+        invocation
+            .key(&head_key)
+            .key(&log_key)
+            .key(&keys_key)
+            .arg(self.max_events)
+            .arg(MAX_KEYS_PER_SESSION)
+            .arg(uuid::Uuid::new_v4().simple().to_string())
+            .arg(self.channel())
+            .arg(session_id);
+        let mut bodies = Vec::with_capacity(drafts.len());
+        for draft in drafts {
+            let body = finalize_body(draft.data);
+            let Split { before, after } = split(session_id, &body)?;
+            invocation
+                .arg(draft.kind.as_str())
+                .arg(draft.idempotency_key.as_deref().unwrap_or(""))
+                .arg(before.clone())
+                .arg(after.clone());
+            bodies.push((draft.kind, body, before, after));
+        }
+        let (epoch, last_seq, raw_seqs): (String, u64, Vec<i64>) = invocation
+            .invoke_async(&mut self.redis.clone())
+            .await
+            .map_err(backend)?;
+        let mut seqs = Vec::with_capacity(raw_seqs.len());
+        let mut appended = Vec::new();
+        for ((kind, body, before, after), raw) in bodies.into_iter().zip(raw_seqs) {
+            let seq = raw.unsigned_abs();
+            seqs.push(Some(seq));
+            if raw < 0 {
+                continue;
+            }
+            let json = RawValue::from_string(format!("{before}{seq}{after}"))?;
+            appended.push(Appended {
+                event: Arc::new(LoggedEvent { seq, kind, json }),
+                data: with_identity(session_id, seq, body),
+            });
+        }
+        let duplicates = seqs.len() - appended.len();
+        let head = self.head(session_id).await?;
+        debug_assert!(head.last_seq >= last_seq);
+        let head = LogHead { epoch, ..head };
+        Ok(AppendOutcome {
+            appended,
+            seqs,
+            duplicates,
+            head,
+        })
+    }
+
+    async fn head(&self, session_id: &str) -> Result<LogHead, LogError> {
+        let mut redis = self.redis.clone();
+        let [head_key, log_key, _] = self.session_keys(session_id);
+        let ((seq, epoch), retained): ((Option<u64>, Option<String>), u64) = redis::pipe()
+            .cmd("HMGET")
+            .arg(&head_key)
+            .arg("seq")
+            .arg("epoch")
+            .xlen(&log_key)
+            .query_async(&mut redis)
+            .await
+            .map_err(backend)?;
+        let last_seq = seq.unwrap_or(0);
+        Ok(LogHead {
+            last_seq,
+            // Entries are contiguous, so the oldest retained one follows from the count.
+            first_seq: last_seq + 1 - retained.min(last_seq),
+            epoch: epoch.unwrap_or_default(),
+        })
+    }
+
+    async fn read(&self, session_id: &str, after: u64, limit: usize) -> Result<LogSlice, LogError> {
+        let head = self.head(session_id).await?;
+        if head.epoch.is_empty() || after >= head.last_seq || limit == 0 {
+            return Ok(LogSlice {
+                head,
+                events: Vec::new(),
+            });
+        }
+        let mut redis = self.redis.clone();
+        let start = format!("{}-1", after + 1);
+        let count = limit.min(usize::try_from(head.last_seq - after).unwrap_or(usize::MAX));
+        let entries: RedisValue = redis
+            .xrange_count(self.key("log", session_id), start, "+", count)
+            .await
+            .map_err(backend)?;
+        let events = parse_entries(entries)?;
+        Ok(LogSlice { head, events })
+    }
+
+    async fn ready(&self) -> Result<(), LogError> {
+        let _: String = redis::cmd("PING")
+            .query_async(&mut self.redis.clone())
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn remove(&self, session_id: &str) -> Result<(), LogError> {
+        let mut redis = self.redis.clone();
+        let _: () = redis
+            .del(&self.session_keys(session_id))
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+}
+
+/// `XRANGE` entries: `[[id, [field, value, …]], …]`.
+fn parse_entries(entries: RedisValue) -> Result<Vec<Arc<LoggedEvent>>, LogError> {
+    let malformed = |what: &str| LogError::Backend(format!("malformed log entry: {what}"));
+    let RedisValue::Array(entries) = entries else {
+        return Err(malformed("not a list"));
+    };
+    entries
+        .into_iter()
+        .map(|entry| {
+            let (id, fields): (String, Vec<String>) =
+                redis::from_redis_value(entry).map_err(|e| malformed(&e.to_string()))?;
+            let seq = id
+                .split('-')
+                .next()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| malformed(&id))?;
+            let field = |name: &str| {
+                fields
+                    .chunks(2)
+                    .find(|pair| pair[0] == name)
+                    .and_then(|pair| pair.get(1))
+                    .ok_or_else(|| malformed(name))
+            };
+            let kind = EventKind::parse(field("k")?).ok_or_else(|| malformed("event name"))?;
+            let json = RawValue::from_string(field("d")?.clone())?;
+            Ok(Arc::new(LoggedEvent { seq, kind, json }))
+        })
+        .collect()
+}
