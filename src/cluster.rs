@@ -1,57 +1,323 @@
-//! Cluster glue: with Redis configured, every node hears which sessions other nodes logged
-//! events for, and brings its own sockets up to date from the shared log.
+//! Cluster glue, with Redis configured.
 //!
-//! The announcement channel only says "session S has events up to N"; the events
-//! themselves are read from the log, in order, by the hub. So a lost or late announcement
-//! costs latency, never an event: after every (re)subscription the node catches up every
-//! session it follows. The subscriber reconnects by itself when Redis restarts or its
-//! connection is killed.
+//! - **Delivery.** Every node hears which sessions other nodes logged events for (`"<seq>
+//!   <session id>"` on `{prefix}:events`) and brings its own sockets up to date from the
+//!   shared log. The announcement only says where the log ends; the events are read from the
+//!   log, in order, by the hub, so a lost or late announcement costs latency, never an
+//!   event: after every (re)subscription the node catches up every session it follows.
+//! - **Commands.** A cancel or clarification answer posted to a node that does not run the
+//!   session is forwarded to the node that does (`{prefix}:node:{id}`, reply on
+//!   `{prefix}:reply:{id}`), found in the `{prefix}:owners` hash.
+//! - **Liveness.** Each node refreshes `{prefix}:alive:{id}` (a key with a TTL). Sessions
+//!   whose owner stopped refreshing are ended `FAILED` with `code: NODE_LOST` by whichever
+//!   node notices first (see `docs/deployment.md` for why they are not taken over).
+//!
+//! The subscriber reconnects by itself when Redis restarts or its connection is killed.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use futures_util::StreamExt;
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::hub::Hub;
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const LAST_RETRY: Duration = Duration::from_secs(5);
+/// How long a forwarded command may take before the caller gives up.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// A node that has not refreshed its liveness key for this long is lost.
+pub const NODE_LEASE: Duration = Duration::from_secs(10);
 
-/// Listens for announcements on `channel` until the task is aborted.
-pub fn spawn_listener(client: redis::Client, channel: String, hub: Hub) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut retry = FIRST_RETRY;
-        loop {
-            match listen(&client, &channel, &hub).await {
-                Ok(()) => tracing::warn!(channel, "announcement channel closed; resubscribing"),
-                Err(error) => {
-                    tracing::warn!(channel, %error, "announcement channel failed; resubscribing")
-                }
-            }
-            tokio::time::sleep(retry).await;
-            retry = (retry * 2).min(LAST_RETRY);
-        }
-    })
+/// A command for the node that runs a session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "camelCase")]
+pub enum RemoteCommand {
+    Cancel {
+        session_id: String,
+    },
+    Respond {
+        session_id: String,
+        clarification_id: String,
+        answer: String,
+    },
 }
 
-async fn listen(client: &redis::Client, channel: &str, hub: &Hub) -> redis::RedisResult<()> {
-    let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(channel).await?;
-    tracing::info!(channel, "listening for events logged by other nodes");
-    // Whatever was announced while nobody listened is in the log.
-    if let Err(error) = hub.catch_up_all().await {
-        tracing::warn!(%error, "catching up after (re)subscribing failed");
+/// Its outcome.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "camelCase")]
+pub enum RemoteReply {
+    Done,
+    Refused {
+        code: String,
+        message: String,
+    },
+    /// The session is not running there (any more).
+    NotRunning,
+}
+
+/// Executes commands forwarded from other nodes (the orchestrator).
+#[async_trait]
+pub trait CommandHandler: Send + Sync + 'static {
+    async fn handle(&self, command: RemoteCommand) -> RemoteReply;
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    request_id: String,
+    reply_to: String,
+    command: RemoteCommand,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ReplyEnvelope {
+    request_id: String,
+    reply: RemoteReply,
+}
+
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: redis::Client,
+    redis: ConnectionManager,
+    prefix: String,
+    node_id: String,
+    /// Forwarded commands awaiting their reply. A std mutex: inserts and removals only.
+    pending: Mutex<HashMap<String, oneshot::Sender<RemoteReply>>>,
+    handler: OnceLock<Arc<dyn CommandHandler>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("the node running the session did not answer in time")]
+    Timeout,
+}
+
+impl Cluster {
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, ClusterError> {
+        let client = redis::Client::open(url)?;
+        let redis = ConnectionManager::new(client.clone()).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                client,
+                redis,
+                prefix: prefix.to_owned(),
+                node_id: uuid::Uuid::new_v4().simple().to_string(),
+                pending: Mutex::default(),
+                handler: OnceLock::new(),
+            }),
+        })
     }
-    let mut messages = pubsub.on_message();
-    while let Some(message) = messages.next().await {
-        let payload: String = message.get_payload()?;
+
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    pub fn set_handler(&self, handler: Arc<dyn CommandHandler>) {
+        let _ = self.inner.handler.set(handler);
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}:{name}", self.inner.prefix)
+    }
+
+    /// Records that this node runs `session_id`.
+    pub async fn claim(&self, session_id: &str) -> Result<(), ClusterError> {
+        let _: () = self
+            .inner
+            .redis
+            .clone()
+            .hset(self.key("owners"), session_id, &self.inner.node_id)
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets that this node runs `session_id` (its run ended).
+    pub async fn release(&self, session_id: &str) -> Result<(), ClusterError> {
+        let _: () = self
+            .inner
+            .redis
+            .clone()
+            .hdel(self.key("owners"), session_id)
+            .await?;
+        Ok(())
+    }
+
+    /// Sends `command` to the node running its session and waits for the reply; `None`
+    /// when no other live node runs it.
+    pub async fn forward(
+        &self,
+        session_id: &str,
+        command: RemoteCommand,
+    ) -> Result<Option<RemoteReply>, ClusterError> {
+        let mut redis = self.inner.redis.clone();
+        let owner: Option<String> = redis.hget(self.key("owners"), session_id).await?;
+        let Some(owner) = owner.filter(|o| *o != self.inner.node_id) else {
+            return Ok(None);
+        };
+        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .pending
+            .lock()
+            .unwrap()
+            .insert(request_id.clone(), tx);
+        let envelope = Envelope {
+            request_id: request_id.clone(),
+            reply_to: self.key(&format!("reply:{}", self.inner.node_id)),
+            command,
+        };
+        let payload = serde_json::to_string(&envelope).expect("commands serialize");
+        let receivers: i64 = redis
+            .publish(self.key(&format!("node:{owner}")), payload)
+            .await?;
+        let outcome = if receivers == 0 {
+            Ok(None) // the owner is gone; the liveness sweep will end its sessions
+        } else {
+            match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
+                Ok(Ok(reply)) => Ok(Some(reply)),
+                Ok(Err(_)) | Err(_) => Err(ClusterError::Timeout),
+            }
+        };
+        self.inner.pending.lock().unwrap().remove(&request_id);
+        outcome
+    }
+
+    /// Refreshes this node's liveness and returns the sessions whose owner is lost, each
+    /// claimed by this node alone (so that exactly one node ends each).
+    pub async fn heartbeat(&self) -> Result<Vec<String>, ClusterError> {
+        let mut redis = self.inner.redis.clone();
+        let alive = self.key(&format!("alive:{}", self.inner.node_id));
+        let _: () = redis.set_ex(&alive, "1", NODE_LEASE.as_secs()).await?;
+        let owners: HashMap<String, String> = redis.hgetall(self.key("owners")).await?;
+        let mut lost = Vec::new();
+        let mut checked: HashMap<String, bool> = HashMap::new();
+        for (session_id, node) in owners {
+            let is_alive = match checked.get(&node) {
+                Some(&known) => known,
+                None => {
+                    let known: bool = redis.exists(self.key(&format!("alive:{node}"))).await?;
+                    checked.insert(node.clone(), known);
+                    known
+                }
+            };
+            if is_alive {
+                continue;
+            }
+            let taken: i64 = redis.hdel(self.key("owners"), &session_id).await?;
+            if taken == 1 {
+                lost.push(session_id);
+            }
+        }
+        Ok(lost)
+    }
+
+    /// Listens for announcements and commands until the task is aborted.
+    pub fn spawn_listener(&self, hub: Hub) -> JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut retry = FIRST_RETRY;
+            loop {
+                match this.listen(&hub, &mut retry).await {
+                    Ok(()) => tracing::warn!("cluster channels closed; resubscribing"),
+                    Err(error) => tracing::warn!(%error, "cluster channels failed; resubscribing"),
+                }
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(LAST_RETRY);
+            }
+        })
+    }
+
+    async fn listen(&self, hub: &Hub, retry: &mut Duration) -> redis::RedisResult<()> {
+        let events = self.key("events");
+        let commands = self.key(&format!("node:{}", self.inner.node_id));
+        let replies = self.key(&format!("reply:{}", self.inner.node_id));
+        let mut pubsub = self.inner.client.get_async_pubsub().await?;
+        pubsub.subscribe(&[&events, &commands, &replies]).await?;
+        *retry = FIRST_RETRY;
+        tracing::info!(
+            node = self.inner.node_id,
+            "listening for other nodes' events and commands"
+        );
+        // Whatever was announced while nobody listened is in the log.
+        if let Err(error) = hub.catch_up_all().await {
+            tracing::warn!(%error, "catching up after (re)subscribing failed");
+        }
+        let mut messages = pubsub.on_message();
+        while let Some(message) = messages.next().await {
+            let channel = message.get_channel_name().to_owned();
+            let payload: String = message.get_payload()?;
+            if channel == events {
+                self.on_announcement(hub, &payload).await;
+            } else if channel == commands {
+                self.on_command(payload);
+            } else if channel == replies {
+                self.on_reply(&payload);
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_announcement(&self, hub: &Hub, payload: &str) {
         let Some((_, session_id)) = payload.split_once(' ') else {
             tracing::warn!(payload, "malformed announcement");
-            continue;
+            return;
         };
         if let Err(error) = hub.catch_up_if_followed(session_id).await {
             tracing::warn!(session_id, %error, "could not deliver events logged by another node");
         }
     }
-    Ok(())
+
+    /// Runs a forwarded command in its own task, so a slow one never holds up delivery.
+    fn on_command(&self, payload: String) {
+        let Ok(envelope) = serde_json::from_str::<Envelope>(&payload) else {
+            tracing::warn!(payload, "malformed forwarded command");
+            return;
+        };
+        let Some(handler) = self.inner.handler.get().cloned() else {
+            return;
+        };
+        let mut redis = self.inner.redis.clone();
+        tokio::spawn(async move {
+            let reply = handler.handle(envelope.command).await;
+            let answer = ReplyEnvelope {
+                request_id: envelope.request_id,
+                reply,
+            };
+            let payload = serde_json::to_string(&answer).expect("replies serialize");
+            if let Err(error) = redis
+                .publish::<_, _, i64>(&envelope.reply_to, payload)
+                .await
+            {
+                tracing::warn!(%error, "could not reply to a forwarded command");
+            }
+        });
+    }
+
+    fn on_reply(&self, payload: &str) {
+        let Ok(answer) = serde_json::from_str::<ReplyEnvelope>(payload) else {
+            tracing::warn!(payload, "malformed reply");
+            return;
+        };
+        if let Some(tx) = self
+            .inner
+            .pending
+            .lock()
+            .unwrap()
+            .remove(&answer.request_id)
+        {
+            let _ = tx.send(answer.reply);
+        }
+    }
 }

@@ -3,6 +3,7 @@
 //! Handlers are thin: extract, validate, call the hub, map the error. Every error is
 //! `{ "error": { "code", "message" } }` with a fitting status.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use axum::body::Bytes;
@@ -34,15 +35,19 @@ pub struct ApiState {
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: Cow<'static, str>,
     message: String,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        code: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             status,
-            code,
+            code: code.into(),
             message: message.into(),
         }
     }
@@ -63,7 +68,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
-            tracing::error!(code = self.code, message = %self.message, "request failed");
+            tracing::error!(code = %self.code, message = %self.message, "request failed");
         }
         let body = json!({ "error": { "code": self.code, "message": self.message } });
         (self.status, Json(body)).into_response()
@@ -72,21 +77,17 @@ impl IntoResponse for ApiError {
 
 impl From<OrchestratorError> for ApiError {
     fn from(error: OrchestratorError) -> Self {
-        let message = error.to_string();
-        let (status, code) = match error {
-            OrchestratorError::Invalid(_) => (StatusCode::BAD_REQUEST, "INVALID_REQUEST"),
-            OrchestratorError::UnknownModel(_) => (StatusCode::BAD_REQUEST, "UNKNOWN_MODEL"),
-            OrchestratorError::SessionNotFound(_) => (StatusCode::NOT_FOUND, "SESSION_NOT_FOUND"),
-            OrchestratorError::ClarificationNotFound(_) => {
-                (StatusCode::NOT_FOUND, "CLARIFICATION_NOT_FOUND")
-            }
-            OrchestratorError::ClarificationClosed(..) => {
-                (StatusCode::CONFLICT, "CLARIFICATION_CLOSED")
-            }
-            OrchestratorError::SessionEnded(_) => (StatusCode::CONFLICT, "SESSION_ENDED"),
-            OrchestratorError::Hub(error) => return error.into(),
+        if let OrchestratorError::Hub(error) = error {
+            return error.into();
+        }
+        let status = match error.code() {
+            "INVALID_REQUEST" | "UNKNOWN_MODEL" => StatusCode::BAD_REQUEST,
+            "SESSION_NOT_FOUND" | "CLARIFICATION_NOT_FOUND" => StatusCode::NOT_FOUND,
+            "CLARIFICATION_CLOSED" | "SESSION_ENDED" => StatusCode::CONFLICT,
+            "NODE_UNAVAILABLE" => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        Self::new(status, code, message)
+        Self::new(status, error.code().to_owned(), error.to_string())
     }
 }
 

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::cluster::{Cluster, NODE_LEASE};
 use crate::config::Config;
 use crate::http::{ApiState, router};
 use crate::hub::Hub;
@@ -52,8 +53,8 @@ pub struct Server {
     app: axum::Router,
     hub: Hub,
     config: Config,
-    /// The Redis client and announcement channel, in cluster mode.
-    redis: Option<(redis::Client, String)>,
+    /// The other nodes, in cluster mode.
+    cluster: Option<(Cluster, Orchestrator)>,
 }
 
 impl Server {
@@ -73,7 +74,7 @@ impl Server {
             // The same inbound limit on both transports (engineioxide's websocket default is 64 MiB).
             .ws_max_message_size(usize::try_from(config.max_payload).unwrap_or(usize::MAX))
             .build_layer();
-        let (log, store, redis) = backends(&config).await?;
+        let (log, store, cluster) = backends(&config).await?;
         let hub = Hub::new(log, store, io.clone(), metrics);
         socket::register(
             &io,
@@ -84,9 +85,13 @@ impl Server {
             },
         );
         let models = ModelsFile::load(config.config_file.as_deref())?;
+        let orchestrator = Orchestrator::new(hub.clone(), models, cluster.clone());
+        if let Some(cluster) = &cluster {
+            cluster.set_handler(Arc::new(orchestrator.clone()));
+        }
         let api = ApiState {
             hub: hub.clone(),
-            orchestrator: Orchestrator::new(hub.clone(), models),
+            orchestrator: orchestrator.clone(),
             max_batch: config.max_batch.max(1),
         };
         let app = router(api, config.max_body)
@@ -99,7 +104,7 @@ impl Server {
             app,
             hub,
             config,
-            redis,
+            cluster: cluster.map(|c| (c, orchestrator)),
         })
     }
 
@@ -120,10 +125,14 @@ impl Server {
             app,
             hub,
             config,
-            redis,
+            cluster,
         } = self;
-        let listener_task = redis
-            .map(|(client, channel)| crate::cluster::spawn_listener(client, channel, hub.clone()));
+        let cluster_tasks = cluster.map(|(cluster, orchestrator)| {
+            [
+                cluster.spawn_listener(hub.clone()),
+                tokio::spawn(watch_nodes(cluster, orchestrator)),
+            ]
+        });
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let sweeper = tokio::spawn(sweep_forever(hub.clone(), config.session_ttl()));
         let grace = Duration::from_secs(config.shutdown_timeout_secs);
@@ -148,10 +157,29 @@ impl Server {
             }
         };
         sweeper.abort();
-        if let Some(task) = listener_task {
+        for task in cluster_tasks.into_iter().flatten() {
             task.abort();
         }
         result
+    }
+}
+
+/// Keeps this node's liveness fresh and ends the sessions of nodes that were lost.
+async fn watch_nodes(cluster: Cluster, orchestrator: Orchestrator) {
+    let mut tick = tokio::time::interval(NODE_LEASE / 3);
+    loop {
+        tick.tick().await;
+        match cluster.heartbeat().await {
+            Ok(lost) => {
+                for session_id in lost {
+                    tracing::warn!(session_id, "the node running this session was lost");
+                    if let Err(error) = orchestrator.fail_lost(&session_id).await {
+                        tracing::warn!(session_id, %error, "could not end a lost session");
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cluster heartbeat failed"),
+        }
     }
 }
 
@@ -196,11 +224,7 @@ async fn detach_handshake_head(mut request: Request) -> Request {
     request
 }
 
-type Backends = (
-    Arc<dyn EventLog>,
-    Arc<dyn SessionStore>,
-    Option<(redis::Client, String)>,
-);
+type Backends = (Arc<dyn EventLog>, Arc<dyn SessionStore>, Option<Cluster>);
 
 /// In-memory log and store, or (with `--redis-url`) Redis ones shared by every node.
 async fn backends(config: &Config) -> Result<Backends, ServerError> {
@@ -216,17 +240,19 @@ async fn backends(config: &Config) -> Result<Backends, ServerError> {
     let log = RedisLog::connect(url, prefix, config.max_events_per_session)
         .await
         .map_err(|e| failed(e.to_string()))?;
-    let channel = log.channel();
     let log: Arc<dyn EventLog> = Arc::new(log);
     let store = RedisStore::connect(url, prefix, log.clone())
         .await
         .map_err(|e| failed(e.to_string()))?;
-    let client = redis::Client::open(url.as_str()).map_err(|e| failed(e.to_string()))?;
+    let cluster = Cluster::connect(url, prefix)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
     tracing::info!(
         prefix,
+        node = cluster.node_id(),
         "cluster mode: sessions, logs and snapshots live in Redis"
     );
-    Ok((log, Arc::new(store), Some((client, channel))))
+    Ok((log, Arc::new(store), Some(cluster)))
 }
 
 fn cors(config: &Config) -> Result<CorsLayer, ServerError> {

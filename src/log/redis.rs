@@ -23,8 +23,9 @@ const MAX_KEYS_PER_SESSION: usize = 10_000;
 
 /// KEYS: head, log, idempotency keys. ARGV: max events, max keys, a fresh epoch, the
 /// notification channel, the session id, then per event: name, idempotency key ("" for
-/// none), payload before `seq`, payload after `seq`. Returns `{ epoch, last_seq, seqs }`
-/// where a duplicate's seq is negated, and publishes `"<last_seq> <session id>"` on the
+/// none), payload before `seq`, payload after `seq`. Returns `{ epoch, last_seq, seqs,
+/// retained }` (numbers as decimal strings, so that Lua's float formatting never shows; a
+/// duplicate's seq negated), and publishes `"<last_seq> <session id>"` on the
 /// channel when anything was logged, so every node can deliver the new events.
 const APPEND: &str = r#"
 local head, log, keys = KEYS[1], KEYS[2], KEYS[3]
@@ -44,23 +45,25 @@ for i = 6, #ARGV, 4 do
     seen = redis.call('ZSCORE', keys, key)
   end
   if seen then
-    table.insert(seqs, -tonumber(seen))
+    table.insert(seqs, '-' .. seen)
   else
     seq = seq + 1
-    redis.call('XADD', log, 'MAXLEN', max_events, seq .. '-1', 'k', name, 'd', before .. seq .. after)
+    local n = string.format('%d', seq)
+    redis.call('XADD', log, 'MAXLEN', max_events, n .. '-1', 'k', name, 'd', before .. n .. after)
     if key ~= '' then
-      redis.call('ZADD', keys, seq, key)
+      redis.call('ZADD', keys, n, key)
       local excess = redis.call('ZCARD', keys) - max_keys
       if excess > 0 then redis.call('ZREMRANGEBYRANK', keys, 0, excess - 1) end
     end
-    table.insert(seqs, seq)
+    table.insert(seqs, n)
   end
 end
 redis.call('HSET', head, 'seq', seq)
+local last = string.format('%d', seq)
 if seq > first then
-  redis.call('PUBLISH', ARGV[4], seq .. ' ' .. ARGV[5])
+  redis.call('PUBLISH', ARGV[4], last .. ' ' .. ARGV[5])
 end
-return { epoch, seq, seqs }
+return { epoch, last, seqs, redis.call('XLEN', log) }
 "#;
 
 pub struct RedisLog {
@@ -157,7 +160,7 @@ impl EventLog for RedisLog {
                 .arg(after.clone());
             bodies.push((draft.kind, body, before, after));
         }
-        let (epoch, last_seq, raw_seqs): (String, u64, Vec<i64>) = invocation
+        let (epoch, last_seq, raw_seqs, retained): (String, u64, Vec<i64>, u64) = invocation
             .invoke_async(&mut self.redis.clone())
             .await
             .map_err(backend)?;
@@ -176,9 +179,11 @@ impl EventLog for RedisLog {
             });
         }
         let duplicates = seqs.len() - appended.len();
-        let head = self.head(session_id).await?;
-        debug_assert!(head.last_seq >= last_seq);
-        let head = LogHead { epoch, ..head };
+        let head = LogHead {
+            last_seq,
+            first_seq: first_retained(last_seq, retained),
+            epoch,
+        };
         Ok(AppendOutcome {
             appended,
             seqs,
@@ -202,8 +207,7 @@ impl EventLog for RedisLog {
         let last_seq = seq.unwrap_or(0);
         Ok(LogHead {
             last_seq,
-            // Entries are contiguous, so the oldest retained one follows from the count.
-            first_seq: last_seq + 1 - retained.min(last_seq),
+            first_seq: first_retained(last_seq, retained),
             epoch: epoch.unwrap_or_default(),
         })
     }
@@ -243,6 +247,11 @@ impl EventLog for RedisLog {
             .map_err(backend)?;
         Ok(())
     }
+}
+
+/// Entries are contiguous, so the oldest retained one follows from their count.
+fn first_retained(last_seq: u64, retained: u64) -> u64 {
+    last_seq + 1 - retained.min(last_seq)
 }
 
 /// `XRANGE` entries: `[[id, [field, value, …]], …]`.

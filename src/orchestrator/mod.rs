@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use crate::cluster::{Cluster, CommandHandler, RemoteCommand, RemoteReply};
 use crate::event::{EventDraft, EventKind, validate_session_id};
 use crate::hub::{Hub, HubError};
 use crate::providers::{self, Provider};
@@ -44,6 +45,28 @@ pub enum OrchestratorError {
     SessionEnded(String),
     #[error(transparent)]
     Hub(#[from] HubError),
+    /// Refused by the node that runs the session.
+    #[error("{message}")]
+    Remote { code: String, message: String },
+    #[error("the node running the session is unreachable: {0}")]
+    NodeUnavailable(String),
+}
+
+impl OrchestratorError {
+    /// The machine-readable code clients match on.
+    pub fn code(&self) -> &str {
+        match self {
+            OrchestratorError::Invalid(_) => "INVALID_REQUEST",
+            OrchestratorError::UnknownModel(_) => "UNKNOWN_MODEL",
+            OrchestratorError::SessionNotFound(_) => "SESSION_NOT_FOUND",
+            OrchestratorError::ClarificationNotFound(_) => "CLARIFICATION_NOT_FOUND",
+            OrchestratorError::ClarificationClosed(..) => "CLARIFICATION_CLOSED",
+            OrchestratorError::SessionEnded(_) => "SESSION_ENDED",
+            OrchestratorError::Hub(_) => "INTERNAL",
+            OrchestratorError::Remote { code, .. } => code,
+            OrchestratorError::NodeUnavailable(_) => "NODE_UNAVAILABLE",
+        }
+    }
 }
 
 /// A configured model, ready to call.
@@ -106,6 +129,8 @@ pub struct Orchestrator {
 
 struct Inner {
     hub: Hub,
+    /// The other nodes, in cluster mode.
+    cluster: Option<Cluster>,
     models: Vec<Arc<Model>>,
     settings: OrchestratorSettings,
     global: Arc<Semaphore>,
@@ -114,7 +139,7 @@ struct Inner {
 }
 
 impl Orchestrator {
-    pub fn new(hub: Hub, file: ModelsFile) -> Self {
+    pub fn new(hub: Hub, file: ModelsFile, cluster: Option<Cluster>) -> Self {
         let http = reqwest::Client::builder()
             .build()
             .expect("an HTTP client with default settings builds");
@@ -132,6 +157,7 @@ impl Orchestrator {
         Self {
             inner: Arc::new(Inner {
                 hub,
+                cluster,
                 models,
                 global: Arc::new(Semaphore::new(file.orchestrator.max_concurrency)),
                 settings: file.orchestrator,
@@ -188,11 +214,21 @@ impl Orchestrator {
             .lock()
             .unwrap()
             .insert(session_id.clone(), tx.clone());
+        if let Some(cluster) = &self.inner.cluster
+            && let Err(error) = cluster.claim(&session_id).await
+        {
+            tracing::warn!(session_id, %error, "could not record this node as the session's runner");
+        }
         let this = self.clone();
         let id = session_id.clone();
         tokio::spawn(async move {
             run.run(tx, rx).await;
             this.inner.running.lock().unwrap().remove(&id);
+            if let Some(cluster) = &this.inner.cluster
+                && let Err(error) = cluster.release(&id).await
+            {
+                tracing::warn!(session_id = id, %error, "could not release the session");
+            }
         });
         Ok(session_id)
     }
@@ -244,12 +280,54 @@ impl Orchestrator {
         answer.await.ok()
     }
 
+    /// Hands a command to the node that runs the session (cluster mode); `None` when no
+    /// other live node runs it.
+    async fn forward(
+        &self,
+        session_id: &str,
+        command: RemoteCommand,
+    ) -> Option<Result<(), OrchestratorError>> {
+        let cluster = self.inner.cluster.as_ref()?;
+        match cluster.forward(session_id, command).await {
+            Ok(None) | Ok(Some(RemoteReply::NotRunning)) => None,
+            Ok(Some(RemoteReply::Done)) => Some(Ok(())),
+            Ok(Some(RemoteReply::Refused { code, message })) => {
+                Some(Err(OrchestratorError::Remote { code, message }))
+            }
+            Err(error) => Some(Err(OrchestratorError::NodeUnavailable(error.to_string()))),
+        }
+    }
+
+    /// Ends a session whose node was lost: `error { code: "NODE_LOST" }`, unless it
+    /// already ended.
+    pub async fn fail_lost(&self, session_id: &str) -> Result<(), OrchestratorError> {
+        let snapshot = self.snapshot(session_id).await?;
+        if snapshot.summary.status.is_terminal() {
+            return Ok(());
+        }
+        let error = json!({
+            "error": "the node running this session stopped; start the session again",
+            "code": "NODE_LOST",
+        });
+        self.inner
+            .hub
+            .publish(session_id, vec![draft(EventKind::Error, error)])
+            .await?;
+        Ok(())
+    }
+
     /// Stops a session: `FAILED` with an `error` event `{ code: "CANCELLED" }`.
     pub async fn cancel(&self, session_id: &str) -> Result<(), OrchestratorError> {
         if let Some(outcome) = self
             .ask_run(session_id, |reply| Command::Cancel { reply })
             .await
         {
+            return outcome;
+        }
+        let forwarded = RemoteCommand::Cancel {
+            session_id: session_id.to_owned(),
+        };
+        if let Some(outcome) = self.forward(session_id, forwarded).await {
             return outcome;
         }
         // Not running here: a producer-fed session can still be cancelled in its log.
@@ -278,6 +356,14 @@ impl Orchestrator {
             reply,
         };
         if let Some(outcome) = self.ask_run(session_id, command).await {
+            return outcome;
+        }
+        let forwarded = RemoteCommand::Respond {
+            session_id: session_id.to_owned(),
+            clarification_id: clarification_id.to_owned(),
+            answer: answer.clone(),
+        };
+        if let Some(outcome) = self.forward(session_id, forwarded).await {
             return outcome;
         }
         // Not running here: answer in the log, where the session's producer can see it.
@@ -325,6 +411,39 @@ impl Orchestrator {
             .await
             .map_err(HubError::from)?
             .ok_or_else(|| OrchestratorError::SessionNotFound(session_id.to_owned()))
+    }
+}
+
+/// Commands other nodes forward here run only against sessions running on this node.
+#[async_trait::async_trait]
+impl CommandHandler for Orchestrator {
+    async fn handle(&self, command: RemoteCommand) -> RemoteReply {
+        let outcome = match command {
+            RemoteCommand::Cancel { session_id } => {
+                self.ask_run(&session_id, |reply| Command::Cancel { reply })
+                    .await
+            }
+            RemoteCommand::Respond {
+                session_id,
+                clarification_id,
+                answer,
+            } => {
+                let command = |reply| Command::Respond {
+                    clarification_id,
+                    answer,
+                    reply,
+                };
+                self.ask_run(&session_id, command).await
+            }
+        };
+        match outcome {
+            None => RemoteReply::NotRunning,
+            Some(Ok(())) => RemoteReply::Done,
+            Some(Err(error)) => RemoteReply::Refused {
+                code: error.code().to_owned(),
+                message: error.to_string(),
+            },
+        }
     }
 }
 

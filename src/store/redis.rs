@@ -130,6 +130,10 @@ impl SessionStore for RedisStore {
                 None => Snapshot::new(session_id, epoch, now_timestamp()),
             };
             let same_log = snapshot.summary.epoch == epoch;
+            if !same_log {
+                // The log was recreated: start the fold over (metadata is kept).
+                snapshot.apply(&[], epoch);
+            }
             if same_log && snapshot.summary.last_seq >= last {
                 return Ok(()); // another node folded these already
             }

@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod fake_llm;
+pub mod node;
+pub mod redis;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
