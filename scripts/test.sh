@@ -21,6 +21,8 @@ need_cmd cargo cargo
 need_cmd node nodejs
 need_cmd npm npm
 need_cmd python3 python3
+# Tests that involve Redis start their own redis-server processes on free ports.
+need_cmd redis-server redis-server
 
 step "format and lints"
 cargo fmt --all -- --check
