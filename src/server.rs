@@ -130,6 +130,7 @@ impl Server {
         let cluster_tasks = cluster.map(|(cluster, orchestrator)| {
             [
                 cluster.spawn_listener(hub.clone()),
+                cluster.spawn_ingest(hub.clone()),
                 tokio::spawn(watch_nodes(cluster, orchestrator)),
             ]
         });

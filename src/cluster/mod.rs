@@ -12,7 +12,11 @@
 //!   whose owner stopped refreshing are ended `FAILED` with `code: NODE_LOST` by whichever
 //!   node notices first (see `docs/deployment.md` for why they are not taken over).
 //!
+//! - **Worker ingest** through the `{prefix}:ingest` stream ([`ingest`]).
+//!
 //! The subscriber reconnects by itself when Redis restarts or its connection is killed.
+
+pub mod ingest;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -221,6 +225,16 @@ impl Cluster {
             }
         }
         Ok(lost)
+    }
+
+    /// Consumes the worker ingest stream until the task is aborted.
+    pub fn spawn_ingest(&self, hub: Hub) -> JoinHandle<()> {
+        let (client, prefix, consumer) = (
+            self.inner.client.clone(),
+            self.inner.prefix.clone(),
+            self.inner.node_id.clone(),
+        );
+        tokio::spawn(ingest::consume(client, prefix, consumer, hub))
     }
 
     /// Listens for announcements and commands until the task is aborted.
