@@ -3,10 +3,12 @@
 //! A worker `XADD`s an entry with one field, `payload`, holding
 //! `{ "sessionId", "event", "data", "idempotencyKey"? }` or
 //! `{ "sessionId", "events": [{ "event", "data", "idempotencyKey"? }, …] }` (a batch,
-//! all-or-nothing, like the HTTP route). Every node reads the stream in the consumer group
-//! `herald`, so each entry goes to one node; entries a node took but never acknowledged
-//! (it died) are claimed by another after [`CLAIM_IDLE`]. An item without an idempotency
-//! key gets `redis:<entry id>[:<index>]`, so an entry handled twice is still logged once.
+//! all-or-nothing, like the HTTP route). Entries are handled in stream order by one node at
+//! a time, the holder of the `{prefix}:ingest:lease` key (so a worker's events keep their
+//! order); when the holder stops renewing it, another node takes the lease and first
+//! claims the entries the old holder took but never acknowledged. An item without an
+//! idempotency key gets `redis:<entry id>[:<index>]`, so an entry handled twice is still
+//! logged once.
 //! Refused entries are acknowledged and described in `{prefix}:ingest:errors`. Handled
 //! entries are deleted from the stream.
 
@@ -20,8 +22,17 @@ use crate::event::{IngestItem, validate_item, validate_session_id};
 use crate::hub::Hub;
 
 pub const GROUP: &str = "herald";
-/// Entries another consumer took this long ago without acknowledging them are taken over.
-pub const CLAIM_IDLE: Duration = Duration::from_secs(30);
+/// How long the ingest lease lasts without renewal.
+pub const LEASE: Duration = Duration::from_secs(10);
+/// Renews the lease if `ARGV[1]` holds it or nobody does; 1 when it is ours.
+const TAKE_LEASE: &str = r#"
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"#;
 const BATCH: usize = 100;
 const BLOCK: Duration = Duration::from_secs(2);
 /// Refusals kept for inspection.
@@ -46,8 +57,11 @@ enum Body {
 pub async fn consume(client: redis::Client, prefix: String, consumer: String, hub: Hub) {
     let stream = format!("{prefix}:ingest");
     let errors = format!("{prefix}:ingest:errors");
+    let lease = format!("{prefix}:ingest:lease");
     loop {
-        if let Err(error) = consume_until_error(&client, &stream, &errors, &consumer, &hub).await {
+        if let Err(error) =
+            consume_until_error(&client, &stream, &errors, &lease, &consumer, &hub).await
+        {
             tracing::warn!(stream, %error, "ingest stream failed; retrying");
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -58,9 +72,11 @@ async fn consume_until_error(
     client: &redis::Client,
     stream: &str,
     errors: &str,
+    lease: &str,
     consumer: &str,
     hub: &Hub,
 ) -> redis::RedisResult<()> {
+    let take_lease = redis::Script::new(TAKE_LEASE);
     let mut redis = client.get_multiplexed_async_connection().await?;
     let created: redis::RedisResult<()> = redis::cmd("XGROUP")
         .arg(&["CREATE", stream, GROUP, "0", "MKSTREAM"])
@@ -72,12 +88,23 @@ async fn consume_until_error(
         return Err(error);
     }
     loop {
-        // Entries a lost consumer left unacknowledged first, then new ones.
+        let ours: i64 = take_lease
+            .key(lease)
+            .arg(consumer)
+            .arg(LEASE.as_millis() as u64)
+            .invoke_async(&mut redis)
+            .await?;
+        if ours == 0 {
+            tokio::time::sleep(BLOCK).await;
+            continue;
+        }
+        // Entries taken but never acknowledged (by a holder that was lost) come first:
+        // they are older than anything not yet read.
         let claimed: RedisValue = redis::cmd("XAUTOCLAIM")
             .arg(stream)
             .arg(GROUP)
             .arg(consumer)
-            .arg(CLAIM_IDLE.as_millis() as u64)
+            .arg(0)
             .arg("0-0")
             .arg("COUNT")
             .arg(BATCH)
