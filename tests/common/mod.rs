@@ -285,6 +285,25 @@ impl Client {
     }
 
     /// Skips events until one named `name` arrives.
+    /// Skips events until one named `name` arrives, waiting up to `limit` in all (for
+    /// waits longer than [`WAIT`], e.g. a lease running out).
+    pub async fn wait_for_within(&mut self, name: &str, limit: Duration) -> Value {
+        let found = tokio::time::timeout(limit, async {
+            while let Some((got, data)) = self.events.recv().await {
+                if got == name {
+                    return Some(data);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(data)) => data,
+            Ok(None) => panic!("the socket closed before `{name}` arrived"),
+            Err(_) => panic!("no `{name}` within {limit:?}"),
+        }
+    }
+
     pub async fn wait_for(&mut self, name: &str) -> Value {
         loop {
             let (got, data) = self.next().await;
