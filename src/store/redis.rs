@@ -86,6 +86,35 @@ impl RedisStore {
             .map_err(backend)
     }
 
+    /// Stores `snapshot` if the stored one is still `read` (`None`: there was none), keeping
+    /// the indexes in step; false when another node wrote in between.
+    async fn write(
+        &self,
+        session_id: &str,
+        read: Option<&str>,
+        snapshot: &Snapshot,
+    ) -> Result<bool, StoreError> {
+        let ended = if snapshot.summary.status.is_terminal() {
+            now_ms().to_string()
+        } else {
+            String::new()
+        };
+        let written: i64 = self
+            .compare_and_set
+            .key(self.snap_key(session_id))
+            .key(self.index_key("sessions"))
+            .key(self.index_key("ended"))
+            .arg(read.unwrap_or(""))
+            .arg(serde_json::to_string(snapshot).map_err(backend)?)
+            .arg(session_id)
+            .arg(now_ms())
+            .arg(ended)
+            .invoke_async(&mut self.redis.clone())
+            .await
+            .map_err(backend)?;
+        Ok(written == 1)
+    }
+
     /// The logged events between the snapshot and `first` that this node did not append.
     async fn missing(
         &self,
@@ -153,26 +182,7 @@ impl SessionStore for RedisStore {
             for appended in fresh {
                 snapshot.apply(std::slice::from_ref(appended), epoch);
             }
-            let ended = if snapshot.summary.status.is_terminal() {
-                now_ms().to_string()
-            } else {
-                String::new()
-            };
-            let json = serde_json::to_string(&snapshot).map_err(backend)?;
-            let written: i64 = self
-                .compare_and_set
-                .key(self.snap_key(session_id))
-                .key(self.index_key("sessions"))
-                .key(self.index_key("ended"))
-                .arg(raw.as_deref().unwrap_or(""))
-                .arg(json)
-                .arg(session_id)
-                .arg(now_ms())
-                .arg(ended)
-                .invoke_async(&mut self.redis.clone())
-                .await
-                .map_err(backend)?;
-            if written == 1 {
+            if self.write(session_id, raw.as_deref(), &snapshot).await? {
                 return Ok(());
             }
         }
@@ -195,25 +205,7 @@ impl SessionStore for RedisStore {
             };
             let mut snapshot: Snapshot = serde_json::from_str(&raw).map_err(backend)?;
             snapshot.metadata = metadata.clone();
-            let ended = if snapshot.summary.status.is_terminal() {
-                now_ms().to_string()
-            } else {
-                String::new()
-            };
-            let written: i64 = self
-                .compare_and_set
-                .key(self.snap_key(session_id))
-                .key(self.index_key("sessions"))
-                .key(self.index_key("ended"))
-                .arg(&raw)
-                .arg(serde_json::to_string(&snapshot).map_err(backend)?)
-                .arg(session_id)
-                .arg(now_ms())
-                .arg(ended)
-                .invoke_async(&mut self.redis.clone())
-                .await
-                .map_err(backend)?;
-            if written == 1 {
+            if self.write(session_id, Some(&raw), &snapshot).await? {
                 return Ok(());
             }
         }
