@@ -293,11 +293,17 @@ impl Hub {
             .map(|r| head.can_resume(r.last_seq, r.epoch.as_deref()));
         let replay = match (&resume, recovered) {
             (Some(r), Some(true)) if r.last_seq < head.last_seq => {
-                self.inner
+                // Up to the head read above, no further: the room gets what comes after it
+                // (other nodes may log more while this runs).
+                let count = usize::try_from(head.last_seq - r.last_seq).unwrap_or(usize::MAX);
+                let mut events = self
+                    .inner
                     .log
-                    .read(session_id, r.last_seq, usize::MAX)
+                    .read(session_id, r.last_seq, count)
                     .await?
-                    .events
+                    .events;
+                events.retain(|e| e.seq <= head.last_seq);
+                events
             }
             _ => Vec::new(),
         };

@@ -110,8 +110,7 @@ pub enum ClusterError {
 
 impl Cluster {
     pub async fn connect(url: &str, prefix: &str) -> Result<Self, ClusterError> {
-        let client = redis::Client::open(url)?;
-        let redis = ConnectionManager::new(client.clone()).await?;
+        let (client, redis) = crate::log::connect_redis(url).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 client,

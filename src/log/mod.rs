@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 pub use memory::MemoryLog;
-pub use redis::RedisLog;
+pub use redis::{RedisLog, connect as connect_redis, once_more};
 
 use crate::event::{EventDraft, EventKind};
 

@@ -76,8 +76,7 @@ pub struct RedisLog {
 impl RedisLog {
     /// Connects (the connection manager reconnects by itself after Redis restarts).
     pub async fn connect(url: &str, prefix: &str, max_events: u64) -> Result<Self, LogError> {
-        let client = redis::Client::open(url).map_err(backend)?;
-        let redis = ConnectionManager::new(client).await.map_err(backend)?;
+        let (_, redis) = connect(url).await.map_err(backend)?;
         Ok(Self {
             redis,
             prefix: prefix.into(),
@@ -102,6 +101,37 @@ impl RedisLog {
             self.key("log", session_id),
             self.key("keys", session_id),
         ]
+    }
+}
+
+/// A client and a self-reconnecting connection to `url`, with timeouts short enough that
+/// an unreachable Redis is reported in about a second instead of hanging requests.
+pub async fn connect(url: &str) -> redis::RedisResult<(redis::Client, ConnectionManager)> {
+    let client = redis::Client::open(url)?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(std::time::Duration::from_secs(1)))
+        .set_response_timeout(Some(std::time::Duration::from_secs(3)))
+        .set_number_of_retries(2)
+        .set_min_delay(std::time::Duration::from_millis(50))
+        .set_max_delay(std::time::Duration::from_secs(1));
+    let manager = ConnectionManager::new_with_config(client.clone(), config).await?;
+    Ok((client, manager))
+}
+
+/// Runs `request` once more when the connection it went out on was found dead (Redis
+/// restarted, or the connection was killed): by then the manager has reconnected. Only for
+/// requests that are safe to repeat (reads, compare-and-sets).
+pub async fn once_more<T, F, Fut>(mut request: F) -> redis::RedisResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = redis::RedisResult<T>>,
+{
+    match request().await {
+        Err(error) if error.is_connection_dropped() || error.is_io_error() => {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            request().await
+        }
+        other => other,
     }
 }
 
@@ -193,17 +223,20 @@ impl EventLog for RedisLog {
     }
 
     async fn head(&self, session_id: &str) -> Result<LogHead, LogError> {
-        let mut redis = self.redis.clone();
         let [head_key, log_key, _] = self.session_keys(session_id);
-        let ((seq, epoch), retained): ((Option<u64>, Option<String>), u64) = redis::pipe()
-            .cmd("HMGET")
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
             .arg(&head_key)
             .arg("seq")
             .arg("epoch")
-            .xlen(&log_key)
-            .query_async(&mut redis)
-            .await
-            .map_err(backend)?;
+            .xlen(&log_key);
+        let ((seq, epoch), retained): ((Option<u64>, Option<String>), u64) = once_more(|| {
+            let mut redis = self.redis.clone();
+            let pipe = &pipe;
+            async move { pipe.query_async(&mut redis).await }
+        })
+        .await
+        .map_err(backend)?;
         let last_seq = seq.unwrap_or(0);
         Ok(LogHead {
             last_seq,
@@ -220,22 +253,27 @@ impl EventLog for RedisLog {
                 events: Vec::new(),
             });
         }
-        let mut redis = self.redis.clone();
         let start = format!("{}-1", after + 1);
         let count = limit.min(usize::try_from(head.last_seq - after).unwrap_or(usize::MAX));
-        let entries: RedisValue = redis
-            .xrange_count(self.key("log", session_id), start, "+", count)
-            .await
-            .map_err(backend)?;
+        let key = self.key("log", session_id);
+        let entries: RedisValue = once_more(|| {
+            let mut redis = self.redis.clone();
+            let (key, start) = (&key, &start);
+            async move { redis.xrange_count(key, start, "+", count).await }
+        })
+        .await
+        .map_err(backend)?;
         let events = parse_entries(entries)?;
         Ok(LogSlice { head, events })
     }
 
     async fn ready(&self) -> Result<(), LogError> {
-        let _: String = redis::cmd("PING")
-            .query_async(&mut self.redis.clone())
-            .await
-            .map_err(backend)?;
+        let _: String = once_more(|| {
+            let mut redis = self.redis.clone();
+            async move { redis::cmd("PING").query_async(&mut redis).await }
+        })
+        .await
+        .map_err(backend)?;
         Ok(())
     }
 

@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 
 use super::{SessionStore, SessionSummary, Snapshot, StoreError};
 use crate::event::{SessionStatus, now_timestamp};
-use crate::log::{Appended, EventLog};
+use crate::log::{Appended, EventLog, once_more};
 
 /// KEYS: snapshot, sessions index, ended index. ARGV: the JSON read (`""` if none), the
 /// JSON to write, session id, created (ms), ended (ms, or `""` while running).
@@ -60,8 +60,7 @@ impl RedisStore {
         prefix: &str,
         log: Arc<dyn EventLog>,
     ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(backend)?;
-        let redis = ConnectionManager::new(client).await.map_err(backend)?;
+        let (_, redis) = crate::log::connect_redis(url).await.map_err(backend)?;
         Ok(Self {
             redis,
             prefix: prefix.into(),
@@ -79,11 +78,14 @@ impl RedisStore {
     }
 
     async fn read_raw(&self, session_id: &str) -> Result<Option<String>, StoreError> {
-        self.redis
-            .clone()
-            .get(self.snap_key(session_id))
-            .await
-            .map_err(backend)
+        let key = self.snap_key(session_id);
+        once_more(|| {
+            let mut redis = self.redis.clone();
+            let key = &key;
+            async move { redis.get(key).await }
+        })
+        .await
+        .map_err(backend)
     }
 
     /// Stores `snapshot` if the stored one is still `read` (`None`: there was none), keeping
@@ -99,8 +101,8 @@ impl RedisStore {
         } else {
             String::new()
         };
-        let written: i64 = self
-            .compare_and_set
+        let mut invocation = self.compare_and_set.prepare_invoke();
+        invocation
             .key(self.snap_key(session_id))
             .key(self.index_key("sessions"))
             .key(self.index_key("ended"))
@@ -108,10 +110,16 @@ impl RedisStore {
             .arg(serde_json::to_string(snapshot).map_err(backend)?)
             .arg(session_id)
             .arg(now_ms())
-            .arg(ended)
-            .invoke_async(&mut self.redis.clone())
-            .await
-            .map_err(backend)?;
+            .arg(ended);
+        // A compare-and-set is safe to repeat: if the first went through, the second
+        // finds the snapshot changed and the fold starts over.
+        let written: i64 = once_more(|| {
+            let mut redis = self.redis.clone();
+            let invocation = &invocation;
+            async move { invocation.invoke_async(&mut redis).await }
+        })
+        .await
+        .map_err(backend)?;
         Ok(written == 1)
     }
 
