@@ -27,6 +27,8 @@ const DEFAULT_HISTORY_PAGE: usize = 100;
 #[derive(Clone)]
 pub struct ApiState {
     pub hub: Hub,
+    /// Development mode: the `/api/dev` routes exist.
+    pub dev: bool,
     pub orchestrator: Orchestrator,
     pub max_batch: usize,
 }
@@ -127,6 +129,10 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
         )
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route(
+            "/api/dev/session/{session_id}/drop-sockets",
+            post(drop_sockets),
+        )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -455,6 +461,24 @@ async fn readyz(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         )
     })?;
     Ok(Json(json!({ "status": "ready" })))
+}
+
+/// Development mode only: disconnects this node's sockets following a session, server
+/// side, so client libraries can test their recovery.
+async fn drop_sockets(
+    State(state): State<ApiState>,
+    Path(session_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if !state.dev {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "no such route",
+        ));
+    }
+    session_id_from_path(&session_id)?;
+    let dropped = state.hub.drop_followers(&session_id).await;
+    Ok(Json(json!({ "dropped": dropped })))
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {

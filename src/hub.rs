@@ -379,6 +379,17 @@ impl Hub {
         Ok(expired.len())
     }
 
+    /// Drops this node's sockets that follow `session_id`, as a network failure would
+    /// (development mode only: clients' reconnection is tested with it). Returns how many.
+    pub async fn drop_followers(&self, session_id: &str) -> usize {
+        let sockets = self.inner.io.to(session_id.to_owned()).sockets();
+        let count = sockets.len();
+        for socket in sockets {
+            socket.disconnect().ok();
+        }
+        count
+    }
+
     /// Disconnects every socket (server shutdown).
     pub async fn close(&self) {
         self.inner.io.close().await;

@@ -91,6 +91,7 @@ impl Server {
         }
         let api = ApiState {
             hub: hub.clone(),
+            dev: config.dev,
             orchestrator: orchestrator.clone(),
             max_batch: config.max_batch.max(1),
         };

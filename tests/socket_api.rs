@@ -321,3 +321,43 @@ async fn shutdown_disconnects_sockets_and_finishes() {
         .await
         .expect("socket closed by shutdown");
 }
+
+#[tokio::test]
+async fn development_mode_can_drop_a_sessions_sockets_server_side() {
+    let app = spawn_app().await;
+    let mut follower = app.connect().await;
+    follower.expect("connected").await;
+    follower.subscribe("drop-me").await;
+    let mut bystander = app.connect().await;
+    bystander.expect("connected").await;
+    bystander.subscribe("keep-me").await;
+    let closed = follower.disconnected.clone();
+    let notified = closed.notified();
+    let (status, reply) = app
+        .post_raw(
+            "/api/dev/session/drop-me/drop-sockets",
+            "application/json",
+            "{}".into(),
+        )
+        .await;
+    assert_eq!(
+        (status, reply["dropped"].as_u64()),
+        (200, Some(1)),
+        "{reply}"
+    );
+    tokio::time::timeout(common::WAIT, notified)
+        .await
+        .expect("the follower was dropped");
+    app.post_events("keep-me", &progress(1)).await;
+    assert_eq!(bystander.expect("progress").await["seq"], 1);
+
+    let production = spawn_app_with(|c| c.dev = false).await;
+    let (status, _) = production
+        .post_raw(
+            "/api/dev/session/drop-me/drop-sockets",
+            "application/json",
+            "{}".into(),
+        )
+        .await;
+    assert_eq!(status, 404, "the route exists only in development mode");
+}
