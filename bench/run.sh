@@ -5,6 +5,7 @@
 #   bash bench/run.sh            # full run (~3–5 min on 2 cores)
 #   QUICK=1 bash bench/run.sh    # smaller numbers, for a smoke test
 #   SERVERS=herald SCENARIOS=idle bash bench/run.sh   # one server, one scenario
+#   SCENARIOS=cluster bash bench/run.sh               # two nodes through Redis (~4 min)
 #
 # Each server runs pinned to one core (SERVER_CPU, default 1); the load generator runs on
 # another (LOADGEN_CPU, default 0). Scenarios, each against a freshly started server:
@@ -14,6 +15,13 @@
 #   fanout – FANOUT_CLIENTS clients over FANOUT_SESSIONS sessions; producers POST
 #            FANOUT_EVENTS progress events per session in batches of FANOUT_BATCH;
 #            one warm-up run, then FANOUT_RUNS measured runs (median reported).
+#   cluster – a fresh redis-server (own free port, no persistence) and two nodes of the
+#            server sharing it (herald: --redis-url/--redis-prefix; node: REDIS_URL, the
+#            official @socket.io/redis-adapter). Both nodes AND redis-server share SERVER_CPU
+#            (REDIS_CPU, default SERVER_CPU; REDIS_CPU=none leaves it unpinned), so the
+#            whole cluster gets one core like the single server does. The FANOUT_CLIENTS
+#            clients connect to node A, the producers POST to node B; same events, batches,
+#            producers and window as fanout; one warm-up, then CLUSTER_RUNS measured runs.
 # Output: a table on stdout and in bench/results/latest.md; raw RESULT lines and server
 # logs in bench/results/<timestamp>/.
 set -euo pipefail
@@ -41,6 +49,8 @@ RUN_TIMEOUT="${RUN_TIMEOUT:-120}"
 if [ "$QUICK" = 1 ]; then
   FANOUT_EVENTS=300 FANOUT_RUNS=1 WARMUP_EVENTS=50 IDLE_CLIENTS=2000
 fi
+CLUSTER_RUNS="${CLUSTER_RUNS:-$FANOUT_RUNS}"
+REDIS_CPU="${REDIS_CPU:-}" # set below, once SERVER_CPU is final
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -56,8 +66,20 @@ if [ "$NCPU" -lt 2 ]; then
   log "only $NCPU CPU: server and load generator share it"
   SERVER_CPU=0 LOADGEN_CPU=0
 fi
+REDIS_CPU="${REDIS_CPU:-$SERVER_CPU}"
 command -v node >/dev/null || die "node is required"
 command -v taskset >/dev/null || die "taskset (util-linux) is required"
+for sc in $SCENARIOS; do
+  case "$sc" in idle | fanout | cluster) ;; *) die "unknown scenario $sc (idle, fanout, cluster)" ;; esac
+done
+REDIS_VERSION=""
+case " $SCENARIOS " in
+  *" cluster "*)
+    command -v redis-server >/dev/null || die "redis-server is required for the cluster scenario"
+    command -v redis-cli >/dev/null || die "redis-cli is required for the cluster scenario"
+    REDIS_VERSION="$(redis-server --version | grep -oE 'v=[0-9.]+' | cut -c3-)"
+    ;;
+esac
 
 STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
 LOADAVG_START="$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -77,7 +99,11 @@ HERALD_BIN="${HERALD_BIN:-$ROOT/target/release/herald}"
 read -r -a HERALD_EXTRA <<<"${HERALD_ARGS:-}"
 LOADGEN="$ROOT/target/release/examples/loadgen"
 [ -x "$LOADGEN" ] || die "missing $LOADGEN"
-if [ ! -d bench/node-reference/node_modules ]; then
+NEED_NPM=0
+for m in socket.io bufferutil @socket.io/redis-adapter redis; do
+  [ -d "bench/node-reference/node_modules/$m" ] || NEED_NPM=1
+done
+if [ "$NEED_NPM" = 1 ]; then
   log "npm ci (bench/node-reference)"
   (cd bench/node-reference && npm ci --no-audit --no-fund >&2)
 fi
@@ -85,13 +111,20 @@ fi
 # ---- server control ---------------------------------------------------------------------
 SERVER_PID=""
 SERVER_PORT=""
+# cluster scenario: Redis URL/prefix handed to the next start_server, and every process of
+# the cluster (both nodes, redis-server) for cleanup
+CLUSTER_REDIS_URL=""
+CLUSTER_PREFIX=""
+CLUSTER_PIDS=()
+REDIS_PID=""
+REDIS_PORT=""
 cleanup() {
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill -TERM "$SERVER_PID" 2>/dev/null || true
-  fi
-  if [ -n "${LG_PID:-}" ] && kill -0 "$LG_PID" 2>/dev/null; then
-    kill -TERM "$LG_PID" 2>/dev/null || true
-  fi
+  local p
+  for p in "$SERVER_PID" "${LG_PID:-}" "${CLUSTER_PIDS[@]}" "$REDIS_PID"; do
+    if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then
+      kill -TERM "$p" 2>/dev/null || true
+    fi
+  done
 }
 trap cleanup EXIT
 
@@ -100,10 +133,17 @@ start_server() { # $1 = herald|node, $2 = tag for log files
   case "$name" in
     herald)
       [ -x "$HERALD_BIN" ] || die "missing $HERALD_BIN"
-      taskset -c "$SERVER_CPU" "$HERALD_BIN" serve --port 0 --dev "${HERALD_EXTRA[@]}" >"$outf" 2>"$errf" &
+      local cluster_args=()
+      if [ -n "$CLUSTER_REDIS_URL" ]; then
+        cluster_args=(--redis-url "$CLUSTER_REDIS_URL" --redis-prefix "$CLUSTER_PREFIX")
+      fi
+      taskset -c "$SERVER_CPU" "$HERALD_BIN" serve --port 0 --dev "${cluster_args[@]}" "${HERALD_EXTRA[@]}" \
+        >"$outf" 2>"$errf" &
       ;;
     node)
-      PORT=0 taskset -c "$SERVER_CPU" node bench/node-reference/server.js >"$outf" 2>"$errf" &
+      # REDIS_URL set (cluster scenario) = @socket.io/redis-adapter; empty = one process
+      REDIS_URL="$CLUSTER_REDIS_URL" REDIS_PREFIX="$CLUSTER_PREFIX" PORT=0 \
+        taskset -c "$SERVER_CPU" node bench/node-reference/server.js >"$outf" 2>"$errf" &
       ;;
     *) die "unknown server $name" ;;
   esac
@@ -120,20 +160,57 @@ start_server() { # $1 = herald|node, $2 = tag for log files
   log "$name ($tag) pid $SERVER_PID port $SERVER_PORT on CPU $SERVER_CPU"
 }
 
-stop_server() {
-  [ -n "$SERVER_PID" ] || return 0
-  kill -TERM "$SERVER_PID" 2>/dev/null || true
-  local i
+stop_pid() { # SIGTERM, up to 5 s, then SIGKILL
+  local pid="$1" i
+  [ -n "$pid" ] || return 0
+  kill -TERM "$pid" 2>/dev/null || true
   for i in $(seq 1 50); do
-    kill -0 "$SERVER_PID" 2>/dev/null || break
+    kill -0 "$pid" 2>/dev/null || break
     sleep 0.1
   done
-  if kill -0 "$SERVER_PID" 2>/dev/null; then
-    log "server $SERVER_PID did not stop on SIGTERM within 5 s; SIGKILL"
-    kill -KILL "$SERVER_PID" 2>/dev/null || true
+  if kill -0 "$pid" 2>/dev/null; then
+    log "process $pid did not stop on SIGTERM within 5 s; SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
   fi
-  wait "$SERVER_PID" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+stop_server() {
+  [ -n "$SERVER_PID" ] || return 0
+  stop_pid "$SERVER_PID"
   SERVER_PID=""
+}
+
+# A private redis-server for the cluster scenario: a free loopback port, no persistence,
+# pinned to REDIS_CPU (unless REDIS_CPU=none). Never the machine's own Redis.
+start_redis() { # $1 = tag for the log file
+  local logf="$OUT/redis-$1.log" try port i pin=()
+  [ "$REDIS_CPU" = none ] || pin=(taskset -c "$REDIS_CPU")
+  REDIS_PORT=""
+  for try in 1 2 3 4 5; do
+    port=$((20000 + RANDOM % 40000))
+    if [ -n "$(ss -Hltn "sport = :$port" 2>/dev/null)" ]; then continue; fi
+    "${pin[@]}" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no >"$logf" 2>&1 &
+    REDIS_PID=$!
+    for i in $(seq 1 50); do
+      if ! kill -0 "$REDIS_PID" 2>/dev/null; then break; fi
+      if [ "$(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" = PONG ]; then
+        REDIS_PORT="$port"
+        break 2
+      fi
+      sleep 0.1
+    done
+    stop_pid "$REDIS_PID"
+    REDIS_PID=""
+  done
+  [ -n "$REDIS_PORT" ] || { cat "$logf" >&2; die "could not start redis-server (5 ports tried)"; }
+  log "redis-server ($1) pid $REDIS_PID port $REDIS_PORT on CPU $REDIS_CPU"
+}
+
+stop_redis() {
+  [ -n "$REDIS_PID" ] || return 0
+  stop_pid "$REDIS_PID"
+  REDIS_PID=""
 }
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
@@ -216,6 +293,72 @@ run_fanout() { # $1 = server name
     >"$OUT/$name-fanout.warnings" || true
 }
 
+# warning/error lines of a server log after line $2 ($1 = log file): herald's tracing
+# WARN/ERROR, Node's errors (the reference prints `... error: ...` for Redis client errors)
+log_warnings() { tail -n +"$(($2 + 1))" "$1" | grep -E ' (WARN|ERROR) |Error|error:' || true; }
+
+run_cluster() { # $1 = server name
+  local name="$1"
+  start_redis "$name"
+  CLUSTER_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+  CLUSTER_PREFIX="bench-$STAMP"
+  local a_pid a_port b_pid b_port
+  start_server "$name" cluster-a
+  a_pid="$SERVER_PID" a_port="$SERVER_PORT"
+  CLUSTER_PIDS+=("$a_pid")
+  start_server "$name" cluster-b
+  b_pid="$SERVER_PID" b_port="$SERVER_PORT"
+  CLUSTER_PIDS+=("$b_pid")
+  SERVER_PID="" CLUSTER_REDIS_URL="" CLUSTER_PREFIX=""
+  sleep 0.5
+  local a_log="$OUT/$name-cluster-a.stderr" b_log="$OUT/$name-cluster-b.stderr" a_start b_start
+  a_start="$(wc -l <"$a_log")"
+  b_start="$(wc -l <"$b_log")"
+  local args=(--url "http://127.0.0.1:$a_port" --post-url "http://127.0.0.1:$b_port"
+    --clients "$FANOUT_CLIENTS" --sessions "$FANOUT_SESSIONS" --batch "$FANOUT_BATCH"
+    --producers "$FANOUT_PRODUCERS" --window "$FANOUT_WINDOW" --timeout "$RUN_TIMEOUT"
+    --label "$name-cluster")
+  log "$name cluster warm-up ($WARMUP_EVENTS events/session; clients on node A :$a_port, POSTs to node B :$b_port)"
+  timeout $((RUN_TIMEOUT + 30)) taskset -c "$LOADGEN_CPU" "$LOADGEN" fanout "${args[@]}" \
+    --events-per-session "$WARMUP_EVENTS" >"$OUT/$name-cluster-warmup.out" 2>"$OUT/$name-cluster-warmup.err" ||
+    log "$name cluster warm-up reported problems (see $OUT/$name-cluster-warmup.err)"
+  : >"$OUT/$name-cluster.jsonl"
+  local r rc a0 a1 b0 b1 r0 r1 res
+  for r in $(seq 1 "$CLUSTER_RUNS"); do
+    log "$name cluster run $r/$CLUSTER_RUNS ($FANOUT_EVENTS events/session)"
+    a0="$(cpu_ticks "$a_pid")" b0="$(cpu_ticks "$b_pid")" r0="$(cpu_ticks "$REDIS_PID")"
+    rc=0
+    timeout $((RUN_TIMEOUT + 30)) taskset -c "$LOADGEN_CPU" "$LOADGEN" fanout "${args[@]}" \
+      --events-per-session "$FANOUT_EVENTS" >"$OUT/$name-cluster-$r.out" 2>"$OUT/$name-cluster-$r.err" || rc=$?
+    a1="$(cpu_ticks "$a_pid" 2>/dev/null || echo "$a0")"
+    b1="$(cpu_ticks "$b_pid" 2>/dev/null || echo "$b0")"
+    r1="$(cpu_ticks "$REDIS_PID" 2>/dev/null || echo "$r0")"
+    cat "$OUT/$name-cluster-$r.err" >&2
+    [ "$rc" = 0 ] || log "$name cluster run $r: loadgen exit $rc (loss, errors or timeout)"
+    res="$(sed -n 's/^RESULT //p' "$OUT/$name-cluster-$r.out" | tail -1)"
+    [ -n "$res" ] || res=null
+    printf '{"server":"%s","run":%s,"exit":%s,"nodeACpuSecs":%s,"nodeBCpuSecs":%s,"redisCpuSecs":%s,"result":%s}\n' \
+      "$name" "$r" "$rc" \
+      "$(awk -v a="$a0" -v b="$a1" -v h="$CLK_TCK" 'BEGIN{printf "%.3f", (b-a)/h}')" \
+      "$(awk -v a="$b0" -v b="$b1" -v h="$CLK_TCK" 'BEGIN{printf "%.3f", (b-a)/h}')" \
+      "$(awk -v a="$r0" -v b="$r1" -v h="$CLK_TCK" 'BEGIN{printf "%.3f", (b-a)/h}')" \
+      "$res" >>"$OUT/$name-cluster.jsonl"
+  done
+  redis-cli -h 127.0.0.1 -p "$REDIS_PORT" info memory 2>/dev/null | grep -E '^used_memory(_peak)?:' \
+    >"$OUT/redis-$name-memory.txt" || true
+  stop_pid "$a_pid"
+  stop_pid "$b_pid"
+  CLUSTER_PIDS=()
+  stop_redis
+  # what the nodes logged at WARN/ERROR during warm-up and runs: a count and the distinct
+  # messages (timestamps and key=value fields stripped) with their counts
+  { log_warnings "$a_log" "$a_start" | sed 's/^/A /'; log_warnings "$b_log" "$b_start" | sed 's/^/B /'; } \
+    >"$OUT/$name-cluster.warnlines"
+  wc -l <"$OUT/$name-cluster.warnlines" | tr -d ' ' >"$OUT/$name-cluster.warnings"
+  sed -E 's/^([AB]) [0-9T:.Z-]+ +/\1 /; s/ [a-z_.]+=.*$//' "$OUT/$name-cluster.warnlines" | sort | uniq -c |
+    sort -rn | head -5 >"$OUT/$name-cluster.warnsummary" || true
+}
+
 for s in $SERVERS; do
   for scenario in $SCENARIOS; do
     "run_$scenario" "$s"
@@ -224,7 +367,7 @@ done
 
 # ---- report -----------------------------------------------------------------------------
 MACHINE="$(nproc) CPUs ($(lscpu 2>/dev/null | sed -n 's/^Model name:[[:space:]]*//p' | head -1)), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM, $(uname -sr)"
-export HERALD_ARGS="${HERALD_ARGS:-}"
+export HERALD_ARGS="${HERALD_ARGS:-}" SCENARIOS CLUSTER_RUNS REDIS_CPU REDIS_VERSION WARMUP_EVENTS
 export LOADAVG_START LOADAVG_END="$(cut -d' ' -f1-3 /proc/loadavg)"
 export GIT_REV OUT SERVERS MACHINE STAMP FANOUT_CLIENTS FANOUT_SESSIONS FANOUT_EVENTS FANOUT_BATCH \
   FANOUT_PRODUCERS FANOUT_WINDOW FANOUT_RUNS IDLE_CLIENTS IDLE_SESSIONS SETTLE_SECS SERVER_CPU LOADGEN_CPU

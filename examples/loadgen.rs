@@ -9,7 +9,8 @@
 //! Scenarios:
 //! - `fanout`: clients spread over sessions subscribe; producers POST batches of `progress`
 //!   events to `/api/sessions/{id}/events`; every client checks seq contiguity and measures
-//!   POST→receipt latency from `sentAtNs` in the event data.
+//!   POST→receipt latency from `sentAtNs` in the event data. `--post-url` sends the POSTs
+//!   to another node than the one the clients are connected to (cluster mode).
 //! - `idle`: connect and subscribe N clients, print `READY <n>`, hold them (answering pings)
 //!   until stdin closes or `--hold-secs` passes.
 //!
@@ -20,6 +21,8 @@
 //! ```text
 //! cargo run --release --example loadgen -- fanout --url http://127.0.0.1:3000 \
 //!     --clients 1000 --sessions 100 --events-per-session 2000 --batch 50 --producers 8
+//! cargo run --release --example loadgen -- fanout --url http://127.0.0.1:3000 \
+//!     --post-url http://127.0.0.1:3001      # clients on node A, events posted to node B
 //! cargo run --release --example loadgen -- idle --url http://127.0.0.1:3000 --clients 10000
 //! ```
 
@@ -92,6 +95,10 @@ struct CommonArgs {
 struct FanoutArgs {
     #[command(flatten)]
     common: CommonArgs,
+    /// Base URL the producers POST events to (default: --url). Clients still connect to
+    /// --url, so with two nodes of a cluster this measures cross-node delivery.
+    #[arg(long)]
+    post_url: Option<String>,
     /// Events posted to each session.
     #[arg(long, default_value_t = 1000)]
     events_per_session: u64,
@@ -1070,7 +1077,14 @@ async fn fanout(a: FanoutArgs) -> i32 {
             return 2;
         }
     };
-    let (_, _, base) = endpoints(&c.url).expect("checked");
+    let post_url = a.post_url.as_deref().unwrap_or(&c.url);
+    let base = match endpoints(post_url) {
+        Ok((_, _, base)) => base,
+        Err(e) => {
+            eprintln!("loadgen: --post-url: {e}");
+            return 2;
+        }
+    };
     let t_connect = Instant::now();
     let (ok, failed) = wait_ready(&mut fleet, c.clients, deadline).await;
     let connect_secs = t_connect.elapsed().as_secs_f64();
@@ -1223,6 +1237,9 @@ async fn fanout(a: FanoutArgs) -> i32 {
         a.producers,
         a.window
     );
+    if post_url != c.url {
+        eprintln!("  clients on {}, events posted to {post_url}", c.url);
+    }
     eprintln!(
         "  posted {posted} events in {requests} requests; delivered {received} msgs ({distinct} distinct of {expected} expected) in {duration:.3} s → {msgs_per_sec:.0} msgs/s"
     );
@@ -1249,6 +1266,8 @@ async fn fanout(a: FanoutArgs) -> i32 {
     let result = json!({
         "scenario": "fanout",
         "label": c.label,
+        "url": c.url,
+        "postUrl": post_url,
         "clients": c.clients,
         "sessions": c.sessions,
         "eventsPerSession": a.events_per_session,

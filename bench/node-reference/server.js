@@ -10,11 +10,20 @@
 //
 // Env: PORT (default 3000, 0 = any free port), HOST (default 127.0.0.1),
 //      RETAIN (events kept per session, default 1000),
-//      NODE_REF_KEEP_REQUEST=1 keeps the handshake request on each socket (Socket.IO default).
+//      NODE_REF_KEEP_REQUEST=1 keeps the handshake request on each socket (Socket.IO default),
+//      REDIS_URL (e.g. redis://127.0.0.1:6379): run as one node of a cluster with the
+//      official @socket.io/redis-adapter (`redis` client, one pub + one sub connection), so
+//      `io.to(room).emit` reaches the room's sockets on every node; REDIS_PREFIX is the
+//      adapter's channel prefix (default `socket.io`). Session state (seq, retained log)
+//      stays per node, as in a bare adapter deployment: the benchmark posts all events of
+//      a session to one node.
 
 const http = require('node:http');
 const crypto = require('node:crypto');
 const { Server } = require('socket.io');
+
+const REDIS_URL = process.env.REDIS_URL || '';
+const REDIS_PREFIX = process.env.REDIS_PREFIX || 'socket.io';
 
 const HOST = process.env.HOST || '127.0.0.1';
 const PORT = process.env.PORT === undefined ? 3000 : Number(process.env.PORT);
@@ -183,13 +192,41 @@ io.on('connection', (socket) => {
   socket.emit('connected', { socketId: socket.id, timestamp: now() });
 });
 
-server.listen(PORT, HOST, () => {
-  const { port } = server.address();
-  process.stdout.write(`herald-node-reference listening on http://${HOST}:${port}\n`);
+/** Redis clients of the adapter (cluster mode only). */
+let redisClients = [];
+
+async function useRedisAdapter() {
+  // As in the @socket.io/redis-adapter README: a `redis` client and its duplicate for
+  // subscriptions, both connected before the adapter is installed.
+  const { createClient } = require('redis');
+  const { createAdapter } = require('@socket.io/redis-adapter');
+  const pubClient = createClient({ url: REDIS_URL });
+  const subClient = pubClient.duplicate();
+  for (const [name, c] of [['pub', pubClient], ['sub', subClient]]) {
+    c.on('error', (err) => process.stderr.write(`redis ${name} client error: ${err && err.message}\n`));
+  }
+  await Promise.all([pubClient.connect(), subClient.connect()]);
+  redisClients = [pubClient, subClient];
+  io.adapter(createAdapter(pubClient, subClient, { key: REDIS_PREFIX }));
+  process.stderr.write(`redis adapter on ${REDIS_URL} (key ${REDIS_PREFIX})\n`);
+}
+
+async function start() {
+  if (REDIS_URL) await useRedisAdapter();
+  server.listen(PORT, HOST, () => {
+    const { port } = server.address();
+    process.stdout.write(`herald-node-reference listening on http://${HOST}:${port}\n`);
+  });
+}
+
+start().catch((err) => {
+  process.stderr.write(`start failed: ${(err && err.stack) || err}\n`);
+  process.exit(1);
 });
 
 function shutdown() {
   io.close();
+  for (const c of redisClients) c.disconnect().catch(() => {});
   server.close(() => process.exit(0));
   setTimeout(() => process.exit(0), 2000).unref();
 }
