@@ -39,6 +39,11 @@ if [ "${SKIP_JS:-0}" != 1 ]; then
   (cd tests/js && npm ci --no-audit --no-fund --loglevel=error && npm test)
 fi
 
+if [ "${SKIP_JS:-0}" != 1 ]; then
+  step "herald-client (TypeScript) build and tests, seed client example"
+  (cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm run build && npm test)
+fi
+
 if [ "${SKIP_PY:-0}" != 1 ]; then
   step "python-socketio compatibility tests"
   venv="tests/python/.venv"

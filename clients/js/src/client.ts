@@ -1,0 +1,386 @@
+import { io, type ManagerOptions, type Socket, type SocketOptions } from 'socket.io-client';
+import {
+  SESSION_EVENTS,
+  type AnySessionEvent,
+  type ClarificationEvent,
+  type CompletedEvent,
+  type CreateSessionBody,
+  type ErrorEvent,
+  type ModelResultEvent,
+  type ProgressEvent,
+  type RespondResult,
+  type SessionEventBase,
+  type SessionEventName,
+  type SessionSnapshot,
+  type SubscribeAck,
+} from './types.js';
+
+/** An HTTP call to herald that failed: `status` (0 on a network failure), herald's `code`. */
+export class HeraldError extends Error {
+  readonly status: number;
+  readonly code: string;
+  constructor(status: number, code: string, message: string) {
+    super(message);
+    this.name = 'HeraldError';
+    this.status = status;
+    this.code = code;
+  }
+}
+
+export interface HeraldClientOptions extends Partial<ManagerOptions & SocketOptions> {
+  /** Base URL of herald's HTTP API; defaults to the origin of the socket URL. */
+  httpUrl?: string;
+  /** Extra headers sent with every HTTP request. */
+  headers?: Record<string, string>;
+  /**
+   * socket.io-client does not reconnect after the server disconnects a socket
+   * (`io server disconnect`). herald does that to slow consumers and on shutdown, so by
+   * default the client reconnects then too (unless `reconnection: false`).
+   */
+  reconnectOnServerDisconnect?: boolean;
+  /** Ack timeout of `subscribe` before it is re-sent, ms (default 10000). */
+  subscribeTimeoutMs?: number;
+  /** How long an out-of-order gap may persist before re-subscribing, ms (default 2000). */
+  gapTimeoutMs?: number;
+}
+
+export interface SubscribeError {
+  code: string;
+  message: string;
+}
+
+export interface SessionHandlers {
+  progress?: (event: ProgressEvent) => void;
+  modelResult?: (event: ModelResultEvent) => void;
+  clarification?: (event: ClarificationEvent) => void;
+  completed?: (event: CompletedEvent) => void;
+  error?: (event: ErrorEvent) => void;
+  /** Every delivered session event, in order, after its typed handler. */
+  onEvent?: (event: AnySessionEvent) => void;
+  /**
+   * The events missed are no longer retained (or the session's log was recreated): this
+   * is the fresh snapshot; delivery continues after `snapshot.lastSeq`.
+   */
+  onResync?: (snapshot: SessionSnapshot) => void;
+  /** Every successful (re)subscribe. */
+  onSubscribed?: (ack: { sessionId: string; lastSeq: number; epoch: string; recovered?: boolean }) => void;
+  /** A refused subscribe, or a failed snapshot fetch during a resync. */
+  onSubscribeError?: (error: SubscribeError) => void;
+}
+
+export interface SubscribeOptions {
+  /** Pretend the events up to this seq were already seen (default 0: the whole retained run). */
+  lastSeq?: number;
+  /** The epoch `lastSeq` belongs to. */
+  epoch?: string;
+}
+
+const HANDLER_OF: Record<SessionEventName, keyof SessionHandlers> = {
+  progress: 'progress',
+  model_result: 'modelResult',
+  clarification: 'clarification',
+  completed: 'completed',
+  error: 'error',
+};
+
+/** One application-level subscription to a session. */
+export class Subscription {
+  readonly sessionId: string;
+  private _lastSeq: number;
+  private _epoch: string;
+  private _active = true;
+  private pending = new Map<number, AnySessionEvent>();
+  private resyncing = false;
+  private inFlight = 0;
+  private gapTimer: ReturnType<typeof setTimeout> | null = null;
+
+  /** @internal */
+  constructor(
+    private readonly client: HeraldClient,
+    sessionId: string,
+    private readonly handlers: SessionHandlers,
+    options: SubscribeOptions,
+  ) {
+    this.sessionId = sessionId;
+    this._lastSeq = options.lastSeq ?? 0;
+    this._epoch = options.epoch ?? '';
+  }
+
+  /** The seq of the last event delivered (or of the snapshot after a resync). */
+  get lastSeq(): number {
+    return this._lastSeq;
+  }
+  get epoch(): string {
+    return this._epoch;
+  }
+  get active(): boolean {
+    return this._active;
+  }
+
+  /** Stop delivering; unsubscribes on the server when no other subscription follows the session. */
+  unsubscribe(): void {
+    if (!this._active) return;
+    this._active = false;
+    this.clearGapTimer();
+    this.pending.clear();
+    this.client._remove(this);
+  }
+
+  /** @internal (re)send `subscribe { sessionId, lastSeq, epoch }`. */
+  _sendSubscribe(): void {
+    const socket = this.client.socket;
+    if (!this._active || !socket.connected) return;
+    const payload: { sessionId: string; lastSeq: number; epoch?: string } = {
+      sessionId: this.sessionId,
+      lastSeq: this._lastSeq,
+    };
+    if (this._epoch) payload.epoch = this._epoch;
+    this.inFlight += 1;
+    socket
+      .timeout(this.client._subscribeTimeoutMs)
+      .emit('subscribe', payload, (err: Error | null, ack: SubscribeAck) => {
+        this.inFlight -= 1;
+        if (!this._active) return;
+        if (err) {
+          // No ack in time: try again if still connected (a reconnect re-sends anyway).
+          if (socket.connected) this._sendSubscribe();
+          return;
+        }
+        if (!ack || ack.ok !== true) {
+          const e = ack && ack.ok === false ? ack.error : { code: 'INTERNAL', message: 'bad subscribe ack' };
+          this.handlers.onSubscribeError?.(e);
+          return;
+        }
+        if (ack.epoch) this._epoch = ack.epoch;
+        this.handlers.onSubscribed?.({
+          sessionId: ack.sessionId,
+          lastSeq: ack.lastSeq,
+          epoch: ack.epoch,
+          recovered: ack.recovered,
+        });
+        if (ack.recovered === false) void this.resync();
+        else this.flush();
+      });
+  }
+
+  private async resync(): Promise<void> {
+    if (this.resyncing) return;
+    this.resyncing = true;
+    try {
+      const snapshot = await this.client.getSession(this.sessionId);
+      if (!this._active) return;
+      this._lastSeq = snapshot.lastSeq;
+      this._epoch = snapshot.epoch || this._epoch;
+      for (const seq of [...this.pending.keys()]) if (seq <= this._lastSeq) this.pending.delete(seq);
+      this.handlers.onResync?.(snapshot);
+    } catch (err) {
+      const e = err as Partial<HeraldError>;
+      this.handlers.onSubscribeError?.({ code: e.code ?? 'INTERNAL', message: e.message ?? String(err) });
+    } finally {
+      this.resyncing = false;
+    }
+    this.flush();
+  }
+
+  /** @internal one session event from the socket. */
+  _receive(event: AnySessionEvent): void {
+    if (!this._active) return;
+    const seq = event.data.seq;
+    if (seq <= this._lastSeq) return; // already delivered (replay overlap, duplicate)
+    if (!this.pending.has(seq)) this.pending.set(seq, event);
+    this.flush();
+  }
+
+  private flush(): void {
+    if (this.resyncing) return;
+    for (;;) {
+      if (!this._active) return;
+      const next = this.pending.get(this._lastSeq + 1);
+      if (!next) break;
+      this.pending.delete(this._lastSeq + 1);
+      this._lastSeq += 1;
+      this.deliver(next);
+    }
+    if (this.pending.size > 0) this.armGapTimer();
+    else this.clearGapTimer();
+  }
+
+  private deliver(event: AnySessionEvent): void {
+    const handler = this.handlers[HANDLER_OF[event.event]] as ((data: SessionEventBase) => void) | undefined;
+    try {
+      handler?.(event.data);
+      this.handlers.onEvent?.(event);
+    } catch (err) {
+      // An application handler threw: do not break the delivery loop.
+      queueMicrotask(() => {
+        throw err;
+      });
+    }
+  }
+
+  private armGapTimer(): void {
+    if (this.gapTimer) return;
+    this.gapTimer = setTimeout(() => {
+      this.gapTimer = null;
+      if (!this._active || this.pending.size === 0) return;
+      // Still a hole after the timeout: ask herald to replay it.
+      if (this.inFlight === 0 && !this.resyncing) this._sendSubscribe();
+      this.armGapTimer();
+    }, this.client._gapTimeoutMs);
+  }
+
+  private clearGapTimer(): void {
+    if (this.gapTimer) clearTimeout(this.gapTimer);
+    this.gapTimer = null;
+  }
+}
+
+/**
+ * A herald client: one Socket.IO connection plus the HTTP API. Subscriptions survive
+ * reconnects: each remembers its last `seq` and `epoch` and re-subscribes with them, so
+ * the handlers see every event exactly once, in order.
+ */
+export class HeraldClient {
+  /** The underlying socket.io-client Socket. */
+  readonly socket: Socket;
+  readonly httpUrl: string;
+  /** @internal */ readonly _subscribeTimeoutMs: number;
+  /** @internal */ readonly _gapTimeoutMs: number;
+  private readonly headers: Record<string, string>;
+  private readonly subs = new Map<string, Set<Subscription>>();
+  private closed = false;
+  private readonly detach: Array<() => void> = [];
+  private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
+
+  constructor(url: string, options: HeraldClientOptions = {}) {
+    const { httpUrl, headers, reconnectOnServerDisconnect, subscribeTimeoutMs, gapTimeoutMs, ...ioOptions } = options;
+    this.httpUrl = (httpUrl ?? new URL(url).origin).replace(/\/+$/, '');
+    this.headers = headers ?? {};
+    this._subscribeTimeoutMs = subscribeTimeoutMs ?? 10000;
+    this._gapTimeoutMs = gapTimeoutMs ?? 2000;
+    this.socket = io(url, ioOptions);
+
+    const on = (name: string, fn: (...args: any[]) => void) => {
+      this.socket.on(name, fn);
+      this.detach.push(() => this.socket.off(name, fn));
+    };
+    on('connect', () => {
+      for (const set of this.subs.values()) for (const sub of set) sub._sendSubscribe();
+    });
+    on('disconnect', (reason: string) => {
+      if (
+        reason === 'io server disconnect' &&
+        !this.closed &&
+        reconnectOnServerDisconnect !== false &&
+        ioOptions.reconnection !== false
+      ) {
+        const delay = Math.min(ioOptions.reconnectionDelay ?? 1000, 1000);
+        if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+        this.reconnectTimer = setTimeout(() => {
+          this.reconnectTimer = null;
+          if (!this.closed && !this.socket.connected) this.socket.connect();
+        }, delay);
+      }
+    });
+    for (const name of SESSION_EVENTS) {
+      on(name, (data: SessionEventBase) => {
+        if (!data || typeof data !== 'object' || typeof data.seq !== 'number') return; // protocol error
+        const set = this.subs.get(data.sessionId);
+        if (!set) return;
+        const event = { event: name, data } as AnySessionEvent;
+        for (const sub of [...set]) sub._receive(event);
+      });
+    }
+  }
+
+  /** Follow a session. Delivery starts from `options.lastSeq` (default 0: the whole retained run). */
+  subscribe(sessionId: string, handlers: SessionHandlers, options: SubscribeOptions = {}): Subscription {
+    if (this.closed) throw new Error('HeraldClient is closed');
+    const sub = new Subscription(this, sessionId, handlers, options);
+    let set = this.subs.get(sessionId);
+    if (!set) this.subs.set(sessionId, (set = new Set()));
+    set.add(sub);
+    sub._sendSubscribe(); // no-op until connected; the connect handler sends it then
+    return sub;
+  }
+
+  /** Number of active subscriptions (all sessions). */
+  get subscriptionCount(): number {
+    let n = 0;
+    for (const set of this.subs.values()) n += set.size;
+    return n;
+  }
+
+  /** @internal */
+  _remove(sub: Subscription): void {
+    const set = this.subs.get(sub.sessionId);
+    if (!set) return;
+    set.delete(sub);
+    if (set.size === 0) {
+      this.subs.delete(sub.sessionId);
+      if (this.socket.connected) this.socket.emit('unsubscribe', sub.sessionId);
+    }
+  }
+
+  /** `POST /api/wizard/sessions`: create and start an orchestrated session (the snapshot). */
+  createSession(body: CreateSessionBody): Promise<SessionSnapshot> {
+    return this.request('POST', '/api/wizard/sessions', body);
+  }
+
+  /** `GET /api/wizard/session/{id}`: the snapshot. */
+  getSession(sessionId: string): Promise<SessionSnapshot> {
+    return this.request('GET', `/api/wizard/session/${encodeURIComponent(sessionId)}`);
+  }
+
+  /** `POST /api/wizard/clarifications/respond`. */
+  respond(sessionId: string, clarificationId: string, answer: string): Promise<RespondResult> {
+    return this.request('POST', '/api/wizard/clarifications/respond', { sessionId, clarificationId, answer });
+  }
+
+  /** `POST /api/wizard/session/{id}/cancel`: the snapshot once the session is FAILED. */
+  cancel(sessionId: string): Promise<SessionSnapshot> {
+    return this.request('POST', `/api/wizard/session/${encodeURIComponent(sessionId)}/cancel`, {});
+  }
+
+  /** Unsubscribe everything and disconnect. */
+  close(): void {
+    if (this.closed) return;
+    for (const set of [...this.subs.values()]) for (const sub of [...set]) sub.unsubscribe();
+    this.closed = true;
+    for (const fn of this.detach.splice(0)) fn();
+    if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = null;
+    this.socket.disconnect();
+  }
+
+  private async request<T>(method: string, path: string, body?: unknown): Promise<T> {
+    const headers: Record<string, string> = { accept: 'application/json', ...this.headers };
+    if (body !== undefined) headers['content-type'] = 'application/json';
+    let res: Response;
+    try {
+      res = await fetch(this.httpUrl + path, {
+        method,
+        headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+    } catch (err) {
+      throw new HeraldError(0, 'NETWORK_ERROR', (err as Error).message);
+    }
+    const text = await res.text();
+    let parsed: any;
+    try {
+      parsed = text ? JSON.parse(text) : undefined;
+    } catch {
+      parsed = undefined;
+    }
+    if (!res.ok) {
+      const e = parsed && parsed.error;
+      throw new HeraldError(
+        res.status,
+        (e && typeof e.code === 'string' && e.code) || `HTTP_${res.status}`,
+        (e && typeof e.message === 'string' && e.message) || text || res.statusText,
+      );
+    }
+    return parsed as T;
+  }
+}
