@@ -1,0 +1,1 @@
+../clients/js/examples/seed-client.ts
