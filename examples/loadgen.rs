@@ -1164,10 +1164,27 @@ async fn fanout(a: FanoutArgs) -> i32 {
                 break;
             }
         }
-        for h in pending.into_iter().flatten() {
-            h.abort();
-            if let Ok(Ok(st)) = h.await {
-                prod_stats.push(st);
+        // A producer whose last reply is still on its way when every event has arrived
+        // finishes within moments: let it (its stats count), abort only the rest.
+        let grace = tokio::time::Instant::now()
+            + if timed_out || producer_error.is_some() {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(2)
+            };
+        for mut h in pending.into_iter().flatten() {
+            match tokio::time::timeout_at(grace, &mut h).await {
+                Ok(Ok(Ok(st))) => prod_stats.push(st),
+                Ok(Ok(Err(e))) => {
+                    producer_error.get_or_insert(e);
+                }
+                Ok(Err(_)) => {}
+                Err(_) => {
+                    h.abort();
+                    if let Ok(Ok(st)) = h.await {
+                        prod_stats.push(st);
+                    }
+                }
             }
         }
     } else {

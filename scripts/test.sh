@@ -52,6 +52,9 @@ if [ "${SKIP_PY:-0}" != 1 ]; then
   fi
   "$venv/bin/pip" install -q --disable-pip-version-check -r tests/python/requirements.txt
   "$venv/bin/python" -m pytest -q tests/python
+  step "herald-client (Python) tests, seed client and OCR worker examples"
+  "$venv/bin/pip" install -q --disable-pip-version-check ./clients/python
+  "$venv/bin/python" -m pytest -q clients/python/tests
 fi
 
 if [ "${SKIP_BENCH_SMOKE:-0}" != 1 ]; then

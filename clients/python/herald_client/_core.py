@@ -1,0 +1,191 @@
+"""Transport-agnostic subscription bookkeeping shared by the sync and asyncio clients.
+
+Per session it remembers the last delivered ``seq`` and the log's ``epoch``, stashes
+events that arrive while a (re)subscribe is unanswered or out of order (python-socketio
+runs each incoming message in its own thread/task), drops ``seq <= last`` and delivers the
+rest strictly in ``seq`` order through a queue drained by one dispatcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from .errors import HeraldError
+from .events import EVENT_NAMES, Event, parse_event
+
+log = logging.getLogger("herald_client")
+
+EventCallback = Callable[[Event], Any]
+ResyncCallback = Callable[[Dict[str, Any]], Any]
+
+
+class Subscription:
+    """One followed session. ``last_seq``/``epoch`` are what the client resumes from."""
+
+    def __init__(self, client: Any, session_id: str, on_event: Optional[EventCallback],
+                 on_resync: Optional[ResyncCallback], handlers: Dict[str, EventCallback],
+                 last_seq: Optional[int], epoch: Optional[str]) -> None:
+        self._client = client
+        self.session_id = session_id
+        self.on_event = on_event
+        self.on_resync = on_resync
+        self.handlers = handlers
+        self.last_seq = last_seq
+        self.epoch = epoch
+        self.awaiting = True
+        self.pending: Dict[int, Event] = {}
+        self.generation = 0
+        self.active = True
+        self.error: Optional[HeraldError] = None
+        self.acked = threading.Event()
+        self.resyncs = 0
+
+    def unsubscribe(self) -> Any:
+        return self._client.unsubscribe(self.session_id)
+
+    def __repr__(self) -> str:
+        return f"Subscription({self.session_id!r}, last_seq={self.last_seq}, epoch={self.epoch!r})"
+
+
+Action = Tuple[str, Subscription, Any]  # ("event", sub, Event) | ("resync", sub, head)
+
+
+class _Core:
+    def __init__(self, enqueue: Callable[[Action], None],
+                 on_protocol_error: Optional[Callable[[Dict[str, Any]], Any]]) -> None:
+        self._lock = threading.RLock()
+        self._subs: Dict[str, Subscription] = {}
+        self._connected = False
+        self._enqueue = enqueue
+        self._on_protocol_error = on_protocol_error
+
+    # -- outgoing -------------------------------------------------------------------
+    def _payload(self, sub: Subscription) -> Tuple[Dict[str, Any], int]:
+        """Marks ``sub`` awaiting an ack; returns the subscribe payload and its generation."""
+        sub.generation += 1
+        sub.awaiting = True
+        sub.pending.clear()
+        payload: Dict[str, Any] = {"sessionId": sub.session_id}
+        if sub.last_seq is not None:
+            payload["lastSeq"] = sub.last_seq
+            if sub.epoch:
+                payload["epoch"] = sub.epoch
+        return payload, sub.generation
+
+    def _on_connected(self) -> List[Tuple[Subscription, Dict[str, Any], int]]:
+        with self._lock:
+            self._connected = True
+            return [(s, *self._payload(s)) for s in self._subs.values() if s.active]
+
+    def _on_disconnected(self) -> None:
+        with self._lock:
+            self._connected = False
+            for sub in self._subs.values():
+                sub.awaiting = True
+                sub.pending.clear()
+
+    # -- incoming -------------------------------------------------------------------
+    def _ack_callback(self, sub: Subscription, generation: int) -> Callable[..., None]:
+        def callback(*args: Any) -> None:
+            self._handle_ack(sub, generation, args[0] if args else None)
+        return callback
+
+    def _handle_ack(self, sub: Subscription, generation: int, ack: Any) -> None:
+        with self._lock:
+            if generation != sub.generation or not sub.active:
+                return
+            if not isinstance(ack, dict) or not ack.get("ok"):
+                err = ack.get("error", {}) if isinstance(ack, dict) else {}
+                sub.error = HeraldError(None, str(err.get("code", "SUBSCRIBE_FAILED")), str(err.get("message", ack)))
+                sub.active = False
+                self._subs.pop(sub.session_id, None)
+                sub.acked.set()
+                return
+            head = int(ack.get("lastSeq") or 0)
+            if ack.get("epoch"):
+                sub.epoch = ack["epoch"]
+            if sub.last_seq is None:
+                sub.last_seq = head
+            elif ack.get("recovered") is False:
+                sub.last_seq = head
+                sub.resyncs += 1
+                self._enqueue(("resync", sub, head))
+            sub.awaiting = False
+            self._drain(sub)
+            sub.acked.set()
+
+    def _handle_event(self, name: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            return
+        if data.get("seq") is None:
+            if name == "error" and self._on_protocol_error is not None:
+                self._enqueue(("protocol_error", None, data))  # type: ignore[arg-type]
+            elif name == "error":
+                log.warning("herald refused a request: %s", data)
+            return
+        try:
+            event = parse_event(name, data)
+            seq = int(data["seq"])
+        except Exception:  # a malformed event must not kill the client
+            log.exception("cannot parse %s event %r", name, data)
+            return
+        with self._lock:
+            sub = self._subs.get(event.session_id)
+            if sub is None or not sub.active:
+                return
+            if sub.awaiting:
+                sub.pending[seq] = event
+                return
+            if seq <= (sub.last_seq or 0):
+                return
+            sub.pending[seq] = event
+            self._drain(sub)
+
+    def _drain(self, sub: Subscription) -> None:
+        last = sub.last_seq or 0
+        for seq in [s for s in sub.pending if s <= last]:
+            del sub.pending[seq]
+        while last + 1 in sub.pending:
+            last += 1
+            self._enqueue(("event", sub, sub.pending.pop(last)))
+        sub.last_seq = last
+
+    # -- registration -----------------------------------------------------------------
+    def _register(self, session_id: str, on_event: Optional[EventCallback], on_resync: Optional[ResyncCallback],
+                  handlers: Dict[str, Optional[EventCallback]], last_seq: Optional[int], epoch: Optional[str]
+                  ) -> Tuple[Subscription, Optional[Tuple[Dict[str, Any], int]]]:
+        for name in handlers:
+            if name not in EVENT_NAMES:
+                raise ValueError(f"unknown event {name!r}")
+        sub = Subscription(self, session_id, on_event, on_resync,
+                           {k: v for k, v in handlers.items() if v is not None}, last_seq, epoch)
+        with self._lock:
+            old = self._subs.get(session_id)
+            if old is not None:
+                old.active = False
+            self._subs[session_id] = sub
+            return sub, (self._payload(sub) if self._connected else None)
+
+    def _unregister(self, session_id: str) -> bool:
+        with self._lock:
+            sub = self._subs.pop(session_id, None)
+            if sub is not None:
+                sub.active = False
+            return sub is not None and self._connected
+
+    @property
+    def subscriptions(self) -> Dict[str, Subscription]:
+        with self._lock:
+            return dict(self._subs)
+
+
+def targets(sub: Subscription, event: Event) -> List[EventCallback]:
+    out = []
+    if sub.on_event is not None:
+        out.append(sub.on_event)
+    handler = sub.handlers.get(event.event)
+    if handler is not None:
+        out.append(handler)
+    return out

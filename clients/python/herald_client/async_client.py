@@ -1,0 +1,226 @@
+"""asyncio herald client, on ``socketio.AsyncClient`` and ``aiohttp``."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from typing import Any, Dict, Iterable, List, Mapping, Optional
+
+import aiohttp
+import socketio
+
+from . import _http
+from ._core import Action, EventCallback, ResyncCallback, Subscription, _Core, targets
+from .errors import HeraldError
+from .events import EVENT_NAMES
+
+log = logging.getLogger("herald_client")
+
+
+async def _call(cb: Any, arg: Any) -> None:
+    result = cb(arg)
+    if inspect.isawaitable(result):
+        await result
+
+
+class AsyncHeraldClient(_Core):
+    """The asyncio twin of :class:`HeraldClient` (same options and methods, awaited).
+
+    Callbacks may be plain functions or coroutine functions; they run one at a time, in
+    ``seq`` order, on the client's dispatcher task. Create it inside a running loop.
+    """
+
+    def __init__(self, url: str, *, transports: Optional[List[str]] = None, request_timeout: float = 10.0,
+                 connect_timeout: float = 10.0, reconnection_delay: float = 0.2, reconnection_delay_max: float = 5.0,
+                 headers: Optional[Mapping[str, str]] = None, api_key: Optional[str] = None,
+                 on_protocol_error: Optional[Any] = None) -> None:
+        self._queue: "asyncio.Queue[Optional[Action]]" = asyncio.Queue()
+        super().__init__(self._queue.put_nowait, on_protocol_error)
+        self.url = url.rstrip("/")
+        self._transports = transports
+        self._timeout = request_timeout
+        self._connect_timeout = connect_timeout
+        self._delay = reconnection_delay
+        self._delay_max = reconnection_delay_max
+        self._headers = dict(headers or {})
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._http: Optional[aiohttp.ClientSession] = None
+        self._closed = False
+        self._connect_lock = asyncio.Lock()
+        self._reconnect_task: Optional[asyncio.Task] = None
+        self._sio = socketio.AsyncClient(reconnection=True, reconnection_delay=reconnection_delay,
+                                         reconnection_delay_max=reconnection_delay_max, logger=False,
+                                         engineio_logger=False)
+        self._sio.on("connect", self._on_connect)
+        self._sio.on("disconnect", self._on_disconnect)
+        for name in EVENT_NAMES:
+            self._sio.on(name, self._make_handler(name))
+        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
+
+    @property
+    def connected(self) -> bool:
+        return self._sio.connected
+
+    async def connect(self) -> None:
+        async with self._connect_lock:
+            if self._sio.connected:
+                return
+            kwargs: Dict[str, Any] = {"wait_timeout": self._connect_timeout, "headers": self._headers}
+            if self._transports:
+                kwargs["transports"] = self._transports
+            try:
+                await self._sio.connect(self.url, **kwargs)
+            except socketio.exceptions.ConnectionError as e:
+                raise HeraldError(None, "CONNECTION_FAILED", str(e)) from e
+
+    async def _on_connect(self) -> None:
+        for sub, payload, gen in self._on_connected():
+            await self._sio.emit("subscribe", payload, callback=self._ack_callback(sub, gen))
+
+    async def _on_disconnect(self, reason: Any = None) -> None:
+        self._on_disconnected()
+        if reason == socketio.AsyncClient.reason.SERVER_DISCONNECT and not self._closed and (
+                self._reconnect_task is None or self._reconnect_task.done()):
+            self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect_loop())
+
+    async def _reconnect_loop(self) -> None:
+        delay = self._delay
+        while not self._closed:
+            await asyncio.sleep(delay)
+            if self._closed or self._sio.connected:
+                return
+            try:
+                await self.connect()
+                return
+            except Exception as e:
+                log.debug("reconnect failed: %s", e)
+                delay = min(delay * 2, self._delay_max)
+
+    def _make_handler(self, name: str):
+        async def handler(data: Any = None, *_: Any) -> None:
+            self._handle_event(name, data)
+        return handler
+
+    async def subscribe(self, session_id: str, on_event: Optional[EventCallback] = None,
+                        on_resync: Optional[ResyncCallback] = None, *, last_seq: Optional[int] = 0,
+                        epoch: Optional[str] = None, on_progress: Optional[EventCallback] = None,
+                        on_model_result: Optional[EventCallback] = None,
+                        on_clarification: Optional[EventCallback] = None,
+                        on_completed: Optional[EventCallback] = None, on_error: Optional[EventCallback] = None,
+                        timeout: Optional[float] = None) -> Subscription:
+        """See :meth:`HeraldClient.subscribe`."""
+        handlers = {"progress": on_progress, "model_result": on_model_result, "clarification": on_clarification,
+                    "completed": on_completed, "error": on_error}
+        sub, send = self._register(session_id, on_event, on_resync, handlers, last_seq, epoch)
+        if send is not None:
+            await self._sio.emit("subscribe", send[0], callback=self._ack_callback(sub, send[1]))
+        else:
+            await self.connect()
+        deadline = asyncio.get_running_loop().time() + (timeout or self._timeout)
+        while not sub.acked.is_set():
+            if asyncio.get_running_loop().time() > deadline:
+                raise HeraldError(None, "TIMEOUT", f"no answer to subscribe {session_id!r}")
+            await asyncio.sleep(0.01)
+        if sub.error is not None:
+            raise sub.error
+        return sub
+
+    async def unsubscribe(self, session_id: str) -> None:
+        if self._unregister(session_id):
+            await self._sio.emit("unsubscribe", {"sessionId": session_id})
+
+    async def _dispatch(self) -> None:
+        while True:
+            action = await self._queue.get()
+            if action is None:
+                return
+            kind, sub, arg = action
+            try:
+                if kind == "event":
+                    for cb in targets(sub, arg):
+                        await _call(cb, arg)
+                elif kind == "resync":
+                    if sub.on_resync is not None:
+                        await _call(sub.on_resync, await self.get_session(sub.session_id))
+                elif kind == "protocol_error" and self._on_protocol_error is not None:
+                    await _call(self._on_protocol_error, arg)
+            except Exception:
+                log.exception("herald callback failed")
+
+    # -- HTTP API --------------------------------------------------------------------
+    async def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(headers=self._headers,
+                                               timeout=aiohttp.ClientTimeout(total=self._timeout))
+        try:
+            async with self._http.request(method, self.url + path, **kwargs) as r:
+                text = await r.text()
+                status = r.status
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            raise HeraldError(None, "CONNECTION_FAILED", str(e) or type(e).__name__) from e
+        try:
+            import json
+            body = json.loads(text) if text else None
+        except ValueError:
+            body = text
+        if status >= 400:
+            raise HeraldError.from_body(status, body)
+        return body
+
+    async def create_session(self, prompts: Iterable[_http.PromptSpec], models: Optional[Iterable[str]] = None,
+                             strategy: Optional[str] = None,
+                             metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+        return await self._request("POST", "/api/wizard/sessions",
+                                   json=_http.create_body(prompts, models, strategy, metadata))
+
+    async def get_session(self, session_id: str) -> Dict[str, Any]:
+        return await self._request("GET", f"/api/wizard/session/{_http.session_path(session_id)}")
+
+    async def get_events(self, session_id: str, after: int = 0, limit: int = 100) -> Dict[str, Any]:
+        return await self._request("GET", f"/api/wizard/session/{_http.session_path(session_id)}/events",
+                                   params={"after": after, "limit": limit})
+
+    async def list_sessions(self, status: Optional[str] = None) -> List[Dict[str, Any]]:
+        body = await self._request("GET", "/api/wizard/sessions", params={"status": status} if status else None)
+        return body["sessions"]
+
+    async def models(self) -> List[Dict[str, Any]]:
+        return (await self._request("GET", "/api/models"))["models"]
+
+    async def respond(self, session_id: str, clarification_id: str, answer: str) -> Any:
+        return await self._request("POST", "/api/wizard/clarifications/respond",
+                                   json={"sessionId": session_id, "clarificationId": clarification_id,
+                                         "answer": answer})
+
+    async def cancel(self, session_id: str) -> Dict[str, Any]:
+        return await self._request("POST", f"/api/wizard/session/{_http.session_path(session_id)}/cancel")
+
+    async def wait(self) -> None:
+        await self._sio.wait()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+        try:
+            await self._sio.disconnect()
+        except Exception:
+            pass
+        self._queue.put_nowait(None)
+        if asyncio.current_task() is not self._dispatcher:
+            try:
+                await asyncio.wait_for(self._dispatcher, 5)
+            except Exception:
+                pass
+        if self._http is not None:
+            await self._http.close()
+
+    async def __aenter__(self) -> "AsyncHeraldClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,223 @@
+"""Synchronous herald client, on ``socketio.Client`` and ``requests``."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any, Dict, Iterable, List, Mapping, Optional
+
+import requests
+import socketio
+
+from . import _http
+from ._core import Action, EventCallback, ResyncCallback, Subscription, _Core, targets
+from .errors import HeraldError
+from .events import EVENT_NAMES
+
+log = logging.getLogger("herald_client")
+
+
+class HeraldClient(_Core):
+    """Follows herald sessions over Socket.IO and calls its HTTP API.
+
+    Options: ``transports`` (e.g. ``["websocket"]``), ``request_timeout`` (s, HTTP),
+    ``connect_timeout`` (s), ``reconnection_delay`` / ``reconnection_delay_max`` (s),
+    ``headers`` (extra HTTP/handshake headers), ``api_key`` (sent as a Bearer token),
+    ``on_protocol_error`` (called with refused-request ``error`` payloads, which have no seq).
+
+    Callbacks run one at a time, in ``seq`` order, on the client's dispatcher thread.
+    """
+
+    def __init__(self, url: str, *, transports: Optional[List[str]] = None, request_timeout: float = 10.0,
+                 connect_timeout: float = 10.0, reconnection_delay: float = 0.2, reconnection_delay_max: float = 5.0,
+                 headers: Optional[Mapping[str, str]] = None, api_key: Optional[str] = None,
+                 on_protocol_error: Optional[Any] = None) -> None:
+        self._queue: "queue.Queue[Optional[Action]]" = queue.Queue()
+        super().__init__(self._queue.put, on_protocol_error)
+        self.url = url.rstrip("/")
+        self._transports = transports
+        self._timeout = request_timeout
+        self._connect_timeout = connect_timeout
+        self._delay = reconnection_delay
+        self._delay_max = reconnection_delay_max
+        self._headers = dict(headers or {})
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._http = requests.Session()
+        self._http.headers.update(self._headers)
+        self._closed = False
+        self._connect_lock = threading.Lock()
+        self._reconnecting = False
+        self._sio = socketio.Client(reconnection=True, reconnection_delay=reconnection_delay,
+                                    reconnection_delay_max=reconnection_delay_max, logger=False, engineio_logger=False)
+        self._sio.on("connect", self._on_connect)
+        self._sio.on("disconnect", self._on_disconnect)
+        for name in EVENT_NAMES:
+            self._sio.on(name, self._make_handler(name))
+        self._dispatcher = threading.Thread(target=self._dispatch, name="herald-dispatch", daemon=True)
+        self._dispatcher.start()
+
+    # -- connection ------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._sio.connected
+
+    def connect(self) -> None:
+        """Connects (subscribe() does this by itself). Reconnects happen automatically."""
+        with self._connect_lock:
+            if self._sio.connected:
+                return
+            kwargs: Dict[str, Any] = {"wait_timeout": self._connect_timeout, "headers": self._headers}
+            if self._transports:
+                kwargs["transports"] = self._transports
+            try:
+                self._sio.connect(self.url, **kwargs)
+            except socketio.exceptions.ConnectionError as e:
+                raise HeraldError(None, "CONNECTION_FAILED", str(e)) from e
+
+    def _on_connect(self) -> None:
+        for sub, payload, gen in self._on_connected():
+            self._sio.emit("subscribe", payload, callback=self._ack_callback(sub, gen))
+
+    def _on_disconnect(self, reason: Any = None) -> None:
+        self._on_disconnected()
+        # A server-side disconnect (e.g. a node draining) is not retried by python-socketio.
+        if reason == socketio.Client.reason.SERVER_DISCONNECT and not self._closed and not self._reconnecting:
+            self._reconnecting = True
+            threading.Thread(target=self._reconnect_loop, name="herald-reconnect", daemon=True).start()
+
+    def _reconnect_loop(self) -> None:
+        delay = self._delay
+        try:
+            while not self._closed:
+                time.sleep(delay)
+                if self._closed or self._sio.connected:
+                    return
+                try:
+                    self.connect()
+                    return
+                except Exception as e:  # keep trying until closed
+                    log.debug("reconnect failed: %s", e)
+                    delay = min(delay * 2, self._delay_max)
+        finally:
+            self._reconnecting = False
+
+    def _make_handler(self, name: str):
+        def handler(data: Any = None, *_: Any) -> None:
+            self._handle_event(name, data)
+        return handler
+
+    # -- subscriptions ---------------------------------------------------------------
+    def subscribe(self, session_id: str, on_event: Optional[EventCallback] = None,
+                  on_resync: Optional[ResyncCallback] = None, *, last_seq: Optional[int] = 0,
+                  epoch: Optional[str] = None, on_progress: Optional[EventCallback] = None,
+                  on_model_result: Optional[EventCallback] = None, on_clarification: Optional[EventCallback] = None,
+                  on_completed: Optional[EventCallback] = None, on_error: Optional[EventCallback] = None,
+                  timeout: Optional[float] = None) -> Subscription:
+        """Follows ``session_id``: every event after ``last_seq`` (0: the whole retained log;
+        ``None``: only new events), exactly once and in order, across reconnects.
+
+        ``on_resync(snapshot)`` is called when the missed events are no longer retained
+        (or the log was recreated); delivery then continues from the snapshot's head.
+        Waits for herald's answer and raises :class:`HeraldError` if it refuses.
+        """
+        handlers = {"progress": on_progress, "model_result": on_model_result, "clarification": on_clarification,
+                    "completed": on_completed, "error": on_error}
+        sub, send = self._register(session_id, on_event, on_resync, handlers, last_seq, epoch)
+        if send is not None:
+            self._sio.emit("subscribe", send[0], callback=self._ack_callback(sub, send[1]))
+        else:
+            self.connect()
+        if not sub.acked.wait(timeout or self._timeout):
+            raise HeraldError(None, "TIMEOUT", f"no answer to subscribe {session_id!r}")
+        if sub.error is not None:
+            raise sub.error
+        return sub
+
+    def unsubscribe(self, session_id: str) -> None:
+        if self._unregister(session_id):
+            self._sio.emit("unsubscribe", {"sessionId": session_id})
+
+    def _dispatch(self) -> None:
+        while True:
+            action = self._queue.get()
+            if action is None:
+                return
+            kind, sub, arg = action
+            try:
+                if kind == "event":
+                    for cb in targets(sub, arg):
+                        cb(arg)
+                elif kind == "resync":
+                    if sub.on_resync is not None:
+                        sub.on_resync(self.get_session(sub.session_id))
+                elif kind == "protocol_error" and self._on_protocol_error is not None:
+                    self._on_protocol_error(arg)
+            except Exception:
+                log.exception("herald callback failed")
+
+    # -- HTTP API --------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            r = self._http.request(method, self.url + path, timeout=self._timeout, **kwargs)
+        except requests.RequestException as e:
+            raise HeraldError(None, "CONNECTION_FAILED", str(e)) from e
+        try:
+            body = r.json()
+        except ValueError:
+            body = r.text
+        if r.status_code >= 400:
+            raise HeraldError.from_body(r.status_code, body)
+        return body
+
+    def create_session(self, prompts: Iterable[_http.PromptSpec], models: Optional[Iterable[str]] = None,
+                       strategy: Optional[str] = None, metadata: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+        """Creates and starts an orchestrated session; returns its snapshot (``sessionId`` …)."""
+        return self._request("POST", "/api/wizard/sessions",
+                             json=_http.create_body(prompts, models, strategy, metadata))
+
+    def get_session(self, session_id: str) -> Dict[str, Any]:
+        return self._request("GET", f"/api/wizard/session/{_http.session_path(session_id)}")
+
+    def get_events(self, session_id: str, after: int = 0, limit: int = 100) -> Dict[str, Any]:
+        return self._request("GET", f"/api/wizard/session/{_http.session_path(session_id)}/events",
+                             params={"after": after, "limit": limit})
+
+    def list_sessions(self, status: Optional[str] = None) -> List[Dict[str, Any]]:
+        return self._request("GET", "/api/wizard/sessions", params={"status": status} if status else None)["sessions"]
+
+    def models(self) -> List[Dict[str, Any]]:
+        return self._request("GET", "/api/models")["models"]
+
+    def respond(self, session_id: str, clarification_id: str, answer: str) -> Any:
+        return self._request("POST", "/api/wizard/clarifications/respond",
+                             json={"sessionId": session_id, "clarificationId": clarification_id, "answer": answer})
+
+    def cancel(self, session_id: str) -> Dict[str, Any]:
+        return self._request("POST", f"/api/wizard/session/{_http.session_path(session_id)}/cancel")
+
+    # -- lifecycle -------------------------------------------------------------------
+    def wait(self) -> None:
+        """Blocks while connected (like ``socketio.Client.wait``)."""
+        self._sio.wait()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sio.disconnect()
+        except Exception:
+            pass
+        self._queue.put(None)
+        if threading.current_thread() is not self._dispatcher:
+            self._dispatcher.join(timeout=5)
+        self._http.close()
+
+    def __enter__(self) -> "HeraldClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+../clients/python/examples/ocr_worker.py

@@ -1,0 +1,1 @@
+../clients/python/examples/seed_client.py
