@@ -6,6 +6,8 @@ const path = require('node:path');
 const env = process.env;
 const OUT = env.OUT;
 const servers = (env.SERVERS || 'herald node').split(/\s+/).filter(Boolean);
+const scenarios = (env.SCENARIOS || 'idle fanout').split(/\s+/).filter(Boolean);
+const has = (sc) => scenarios.includes(sc);
 
 function readJson(file) {
   try {
@@ -57,7 +59,39 @@ for (const s of servers) {
   }
   const perConn =
     idle && idle.ready > 0 ? (idle.rssAfterKiB - idle.rssBeforeKiB) / idle.ready : undefined;
+  // cluster: two nodes + redis-server; the same median-run logic as fan-out
+  const cRuns = readJsonl(`${s}-cluster.jsonl`).filter((r) => r.result);
+  const cSorted = [...cRuns].sort((a, b) => a.result.msgsPerSec - b.result.msgsPerSec);
+  const cMed = cSorted.length ? cSorted[Math.floor((cSorted.length - 1) / 2)] : null;
+  const cLoss = cRuns.reduce(
+    (acc, r) => {
+      acc.missing += r.result.missing;
+      acc.duplicates += r.result.duplicates;
+      acc.outOfOrder += r.result.outOfOrder;
+      acc.problems += r.result.problems.count + r.result.serverErrors;
+      acc.failedRuns += r.exit === 0 ? 0 : 1;
+      return acc;
+    },
+    { missing: 0, duplicates: 0, outOfOrder: 0, problems: 0, failedRuns: 0 },
+  );
+  cLoss.failedRuns += readJsonl(`${s}-cluster.jsonl`).length - cRuns.length;
+  let cWarnings;
+  let cWarnSummary = '';
+  try {
+    cWarnings = Number(fs.readFileSync(path.join(OUT, `${s}-cluster.warnings`), 'utf8').trim() || 0);
+    cWarnSummary = fs.readFileSync(path.join(OUT, `${s}-cluster.warnsummary`), 'utf8').trim();
+  } catch {
+    /* not run */
+  }
   data[s] = {
+    cluster: {
+      runs: cRuns,
+      med: cMed,
+      loss: cLoss,
+      warnings: cWarnings,
+      warnSummary: cWarnSummary,
+      throughputs: cRuns.map((r) => r.result.msgsPerSec),
+    },
     idle,
     perConn,
     warnings,
@@ -89,48 +123,80 @@ function row(label, get, d = 0) {
 const lines = [];
 lines.push(`# herald benchmark — ${env.STAMP}`);
 lines.push('');
-lines.push(`herald commit ${env.GIT_REV}; Node ${process.version}, socket.io ${require(path.join(__dirname, 'node-reference/node_modules/socket.io/package.json')).version}.`);
+const nodeVersion = (pkg) => {
+  try {
+    return require(path.join(__dirname, 'node-reference/node_modules', pkg, 'package.json')).version;
+  } catch {
+    return 'n/a';
+  }
+};
+lines.push(
+  `herald commit ${env.GIT_REV}; Node ${process.version}, socket.io ${nodeVersion('socket.io')}` +
+    (has('cluster')
+      ? `, @socket.io/redis-adapter ${nodeVersion('@socket.io/redis-adapter')} (redis ${nodeVersion('redis')}); redis-server ${env.REDIS_VERSION || 'n/a'}.`
+      : '.'),
+);
 lines.push(`Machine: ${env.MACHINE}. Server pinned to CPU ${env.SERVER_CPU}, load generator to CPU ${env.LOADGEN_CPU}.`);
 lines.push(`Load average (1/5/15 min) before the build: ${env.LOADAVG_START}; at the end: ${env.LOADAVG_END} (the bench itself keeps ~2 busy).`);
 if (env.HERALD_ARGS) lines.push(`herald extra flags: \`${env.HERALD_ARGS}\`.`);
-lines.push(
-  `Fan-out: ${env.FANOUT_CLIENTS} clients / ${env.FANOUT_SESSIONS} sessions, ${env.FANOUT_EVENTS} progress events per session ` +
-    `(batch ${env.FANOUT_BATCH}, ${env.FANOUT_PRODUCERS} producers, window ${env.FANOUT_WINDOW}), ` +
-    `median of ${env.FANOUT_RUNS} runs after a warm-up. Idle: ${env.IDLE_CLIENTS} subscribed websocket clients ` +
-    `over ${env.IDLE_SESSIONS} sessions, RSS ${env.SETTLE_SECS} s after all are subscribed.`,
-);
+const load =
+  `${env.FANOUT_CLIENTS} clients / ${env.FANOUT_SESSIONS} sessions, ${env.FANOUT_EVENTS} progress events per session ` +
+  `(batch ${env.FANOUT_BATCH}, ${env.FANOUT_PRODUCERS} producers, window ${env.FANOUT_WINDOW})`;
+const desc = [];
+if (has('fanout')) desc.push(`Fan-out: ${load}, median of ${env.FANOUT_RUNS} runs after a warm-up.`);
+if (has('idle')) {
+  desc.push(
+    `Idle: ${env.IDLE_CLIENTS} subscribed websocket clients over ${env.IDLE_SESSIONS} sessions, ` +
+      `RSS ${env.SETTLE_SECS} s after all are subscribed.`,
+  );
+}
+if (has('cluster')) {
+  const cload =
+    `${env.FANOUT_CLIENTS} clients / ${env.FANOUT_SESSIONS} sessions, ${env.FANOUT_EVENTS} progress events per session ` +
+    `(batch ${env.FANOUT_BATCH}, ${env.CLUSTER_PRODUCERS} producers, window ${env.CLUSTER_WINDOW})`;
+  desc.push(
+    `Cluster: two nodes of each server and one redis-server, all on CPU ${env.SERVER_CPU}` +
+      `${env.REDIS_CPU === env.SERVER_CPU ? '' : ` (redis-server on ${env.REDIS_CPU === 'none' ? 'any CPU' : `CPU ${env.REDIS_CPU}`})`}; ` +
+      `${cload}, clients on node A, events POSTed to node B; median of ${env.CLUSTER_RUNS} runs after a warm-up ` +
+      `(${env.WARMUP_EVENTS} events/session).`,
+  );
+}
+lines.push(desc.join(' '));
 lines.push('');
 const header = B ? `| metric | ${A} | ${B} | ${A}/${B} |` : `| metric | ${A} |`;
-rows.push(header, B ? '|---|---:|---:|---:|' : '|---|---:|');
-row('fan-out throughput, msgs/s (median run)', (x) => x.med && x.med.result.msgsPerSec);
-{
-  const cells = ['fan-out throughput, msgs/s (all runs)', data[A] ? data[A].throughputs.map((v) => fmt(v)).join(' / ') : 'n/a'];
-  if (B) cells.push(data[B] ? data[B].throughputs.map((v) => fmt(v)).join(' / ') : 'n/a', '');
-  rows.push(`| ${cells.join(' | ')} |`);
+const single = has('fanout') || has('idle');
+if (single) {
+  rows.push(header, B ? '|---|---:|---:|---:|' : '|---|---:|');
+  row('fan-out throughput, msgs/s (median run)', (x) => x.med && x.med.result.msgsPerSec);
+  {
+    const cells = ['fan-out throughput, msgs/s (all runs)', data[A] ? data[A].throughputs.map((v) => fmt(v)).join(' / ') : 'n/a'];
+    if (B) cells.push(data[B] ? data[B].throughputs.map((v) => fmt(v)).join(' / ') : 'n/a', '');
+    rows.push(`| ${cells.join(' | ')} |`);
+  }
+  row('latency POST→receipt p50, ms', (x) => x.med && x.med.result.latencyMs.p50, 2);
+  row('latency POST→receipt p99, ms', (x) => x.med && x.med.result.latencyMs.p99, 2);
+  row('latency POST→receipt max, ms', (x) => x.med && x.med.result.latencyMs.max, 2);
+  row('POST round trip p50, ms', (x) => x.med && x.med.result.postMs.p50, 2);
+  row('server CPU during the median run (incl. connecting), s', (x) => x.med && x.med.serverCpuSecs, 2);
+  row('server CPU per 1,000 delivered msgs, ms', (x) => x.med && (1e6 * x.med.serverCpuSecs) / x.med.result.delivered, 2);
+  row('load generator CPU, % of its core', (x) => x.med && x.med.result.loadgenCpuPct, 0);
+  {
+    const l = (s) => (data[s] ? `${data[s].loss.missing} / ${data[s].loss.duplicates} / ${data[s].loss.outOfOrder}` : 'n/a');
+    rows.push(B ? `| missing / duplicate / out-of-order (all runs) | ${l(A)} | ${l(B)} | |` : `| missing / duplicate / out-of-order (all runs) | ${l(A)} |`);
+    const p = (s) => (data[s] ? `${data[s].loss.problems} / ${data[s].loss.failedRuns}` : 'n/a');
+    rows.push(B ? `| protocol problems / failed runs | ${p(A)} | ${p(B)} | |` : `| protocol problems / failed runs | ${p(A)} |`);
+    const w = (s) => (data[s] && data[s].warnings !== undefined ? String(data[s].warnings) : 'n/a');
+    rows.push(B ? `| server log warnings/errors during fan-out | ${w(A)} | ${w(B)} | |` : `| server log warnings/errors during fan-out | ${w(A)} |`);
+  }
+  row('idle: RSS before connecting, KiB', (x) => x.idle && x.idle.rssBeforeKiB);
+  row('idle: RSS with all clients subscribed, KiB', (x) => x.idle && x.idle.rssAfterKiB);
+  row('idle: memory per subscribed connection, KiB', (x) => x.perConn, 1);
+  row('idle: connect+subscribe rate, /s', (x) => x.idle && x.idle.result && x.idle.result.connectsPerSec);
+  lines.push(...rows);
+  lines.push('');
 }
-row('latency POST→receipt p50, ms', (x) => x.med && x.med.result.latencyMs.p50, 2);
-row('latency POST→receipt p99, ms', (x) => x.med && x.med.result.latencyMs.p99, 2);
-row('latency POST→receipt max, ms', (x) => x.med && x.med.result.latencyMs.max, 2);
-row('POST round trip p50, ms', (x) => x.med && x.med.result.postMs.p50, 2);
-row('server CPU during the median run (incl. connecting), s', (x) => x.med && x.med.serverCpuSecs, 2);
-row('server CPU per 1,000 delivered msgs, ms', (x) => x.med && (1e6 * x.med.serverCpuSecs) / x.med.result.delivered, 2);
-row('load generator CPU, % of its core', (x) => x.med && x.med.result.loadgenCpuPct, 0);
-{
-  const l = (s) => (data[s] ? `${data[s].loss.missing} / ${data[s].loss.duplicates} / ${data[s].loss.outOfOrder}` : 'n/a');
-  rows.push(B ? `| missing / duplicate / out-of-order (all runs) | ${l(A)} | ${l(B)} | |` : `| missing / duplicate / out-of-order (all runs) | ${l(A)} |`);
-  const p = (s) => (data[s] ? `${data[s].loss.problems} / ${data[s].loss.failedRuns}` : 'n/a');
-  rows.push(B ? `| protocol problems / failed runs | ${p(A)} | ${p(B)} | |` : `| protocol problems / failed runs | ${p(A)} |`);
-  const w = (s) => (data[s] && data[s].warnings !== undefined ? String(data[s].warnings) : 'n/a');
-  rows.push(B ? `| server log warnings/errors during fan-out | ${w(A)} | ${w(B)} | |` : `| server log warnings/errors during fan-out | ${w(A)} |`);
-}
-row('idle: RSS before connecting, KiB', (x) => x.idle && x.idle.rssBeforeKiB);
-row('idle: RSS with all clients subscribed, KiB', (x) => x.idle && x.idle.rssAfterKiB);
-row('idle: memory per subscribed connection, KiB', (x) => x.perConn, 1);
-row('idle: connect+subscribe rate, /s', (x) => x.idle && x.idle.result && x.idle.result.connectsPerSec);
-lines.push(...rows);
-lines.push('');
 
-if (B && data[A] && data[B]) {
+if (single && B && data[A] && data[B]) {
   const tA = data[A].med && data[A].med.result.msgsPerSec;
   const tB = data[B].med && data[B].med.result.msgsPerSec;
   const mA = data[A].perConn;
@@ -151,6 +217,102 @@ if (B && data[A] && data[B]) {
   }
   lines.push(`- memory per idle subscribed connection ≤ ${B}'s: ${fmt(mA, 1)} vs ${fmt(mB, 1)} KiB — ${mA !== undefined && mB !== undefined ? ok(mA <= mB) : 'n/a'}`);
   lines.push('');
+}
+if (has('cluster')) {
+  rows.length = 0;
+  const crow = (label, get, d = 0) => row(label, (x) => (x.cluster.med ? get(x.cluster.med, x.cluster) : undefined), d);
+  lines.push('## Cluster (two nodes through Redis)');
+  lines.push('');
+  rows.push(header, B ? '|---|---:|---:|---:|' : '|---|---:|');
+  crow('throughput, msgs/s (median run)', (m) => m.result.msgsPerSec);
+  {
+    const t = (s) => (data[s] ? data[s].cluster.throughputs.map((v) => fmt(v)).join(' / ') || 'n/a' : 'n/a');
+    rows.push(B ? `| throughput, msgs/s (all runs) | ${t(A)} | ${t(B)} | |` : `| throughput, msgs/s (all runs) | ${t(A)} |`);
+  }
+  crow('latency POST (node B)→receipt (node A) p50, ms', (m) => m.result.latencyMs.p50, 2);
+  crow('latency p99, ms', (m) => m.result.latencyMs.p99, 2);
+  crow('latency max, ms', (m) => m.result.latencyMs.max, 2);
+  crow('POST round trip p50, ms', (m) => m.result.postMs.p50, 2);
+  crow('POST round trip p99, ms', (m) => m.result.postMs.p99, 2);
+  crow('CPU node A (the clients) during the median run, s', (m) => m.nodeACpuSecs, 2);
+  crow('CPU node B (the POSTs) during the median run, s', (m) => m.nodeBCpuSecs, 2);
+  crow('CPU redis-server during the median run, s', (m) => m.redisCpuSecs, 2);
+  crow('CPU of the cluster (A+B+redis) per 1,000 delivered msgs, ms', (m) =>
+    m.result.delivered ? (1e6 * (m.nodeACpuSecs + m.nodeBCpuSecs + m.redisCpuSecs)) / m.result.delivered : undefined, 2);
+  crow('median run wall time (first POST → last receipt), s', (m) => m.result.durationSecs, 2);
+  crow('load generator CPU, % of its core', (m) => m.result.loadgenCpuPct, 0);
+  {
+    const l = (s) => {
+      const c = data[s] && data[s].cluster;
+      return c && c.runs.length ? `${c.loss.missing} / ${c.loss.duplicates} / ${c.loss.outOfOrder}` : 'n/a';
+    };
+    rows.push(B ? `| missing / duplicate / out-of-order (all runs) | ${l(A)} | ${l(B)} | |` : `| missing / duplicate / out-of-order (all runs) | ${l(A)} |`);
+    const p = (s) => {
+      const c = data[s] && data[s].cluster;
+      return c && (c.runs.length || c.loss.failedRuns) ? `${c.loss.problems} / ${c.loss.failedRuns}` : 'n/a';
+    };
+    rows.push(B ? `| protocol problems / failed runs | ${p(A)} | ${p(B)} | |` : `| protocol problems / failed runs | ${p(A)} |`);
+    const w = (s) => (data[s] && data[s].cluster.warnings !== undefined ? String(data[s].cluster.warnings) : 'n/a');
+    rows.push(B ? `| node log warnings/errors (warm-up + runs, both nodes) | ${w(A)} | ${w(B)} | |` : `| node log warnings/errors (warm-up + runs, both nodes) | ${w(A)} |`);
+  }
+  lines.push(...rows);
+  lines.push('');
+  for (const s of [A, B].filter(Boolean)) {
+    const c = data[s] && data[s].cluster;
+    if (c && c.warnSummary) {
+      lines.push(`${s} node log, most frequent warnings (count, node, message):`);
+      lines.push('');
+      lines.push('```');
+      lines.push(c.warnSummary);
+      lines.push('```');
+      lines.push('');
+    }
+  }
+  const target = env.CLUSTER_TARGET_SERVER || 'herald';
+  const other = [A, B].find((s) => s && s !== target);
+  const t = data[target] && data[target].cluster;
+  if (t && t.runs.length) {
+    const ok = (c) => (c ? 'met' : 'NOT met');
+    const lost = t.loss.missing + t.loss.duplicates + t.loss.outOfOrder;
+    const all = t.runs.length + (t.loss.failedRuns || 0);
+    lines.push(`Cluster targets (${target}):`);
+    lines.push(
+      `- no loss: ${t.loss.missing} missing / ${t.loss.duplicates} duplicate / ${t.loss.outOfOrder} out-of-order over ${all} runs ` +
+        `(${t.loss.failedRuns} failed) — ${ok(lost === 0 && t.loss.failedRuns === 0)}`,
+    );
+    const o = other && data[other] && data[other].cluster;
+    const tT = t.med && t.med.result.msgsPerSec;
+    const tO = o && o.med && o.med.result.msgsPerSec;
+    lines.push(`- throughput ≥ 2x ${other || 'node'} pair: ${tT && tO ? `${ratio(tT, tO)} — ${ok(tT >= 2 * tO)}` : 'n/a'}`);
+    const p99s = t.runs.map((r) => r.result.latencyMs.p99);
+    const worst = Math.max(...p99s);
+    lines.push(
+      `- p99 latency < 100 ms: ${fmt(t.med && t.med.result.latencyMs.p99, 2)} ms in the median run, worst run ${fmt(worst, 2)} ms — ` +
+        ok(worst < 100),
+    );
+    const win = Number(env.CLUSTER_WINDOW);
+    if (win > 0) {
+      // Little's law: a saturated server fills the window, and the window drains at its rate
+      const inFlight = win * Number(env.FANOUT_CLIENTS);
+      const drain = [target, other]
+        .filter((s) => s && data[s] && data[s].cluster.med)
+        .map((s) => `${s} ${fmt((1000 * inFlight) / data[s].cluster.med.result.msgsPerSec)} ms`)
+        .join(', ');
+      lines.push(
+        `- note: the window lets ${fmt(inFlight)} messages (window × clients) be posted but not yet received; ` +
+          `a server that accepts POSTs faster than it delivers fills it, and a full window takes ${drain} ` +
+          'to drain at the median rates: a saturated run\'s mean queueing delay approaches that (Little\'s law); ' +
+          'a p99 well above it means some sessions wait longer than others.',
+      );
+    }
+    const cpu = t.med && t.med.result.loadgenCpuPct;
+    if (cpu > 80) {
+      lines.push(
+        `- note: the load generator used ${cpu.toFixed(0)}% of its core during ${target}'s median run: read the throughput as a lower bound.`,
+      );
+    }
+    lines.push('');
+  }
 }
 lines.push(`Raw results: bench/results/${env.STAMP}/`);
 console.log(lines.join('\n'));

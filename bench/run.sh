@@ -2,10 +2,10 @@
 # herald benchmark: herald vs the Node.js socket.io reference (bench/node-reference/),
 # same load generator (examples/loadgen.rs), same run, same machine.
 #
-#   bash bench/run.sh            # full run (~3–5 min on 2 cores)
+#   bash bench/run.sh            # full run (~7–8 min on 2 cores; ~5 without redis-server)
 #   QUICK=1 bash bench/run.sh    # smaller numbers, for a smoke test
 #   SERVERS=herald SCENARIOS=idle bash bench/run.sh   # one server, one scenario
-#   SCENARIOS=cluster bash bench/run.sh               # two nodes through Redis (~4 min)
+#   SCENARIOS=cluster bash bench/run.sh               # two nodes through Redis (~2 min)
 #
 # Each server runs pinned to one core (SERVER_CPU, default 1); the load generator runs on
 # another (LOADGEN_CPU, default 0). Scenarios, each against a freshly started server:
@@ -21,7 +21,8 @@
 #            (REDIS_CPU, default SERVER_CPU; REDIS_CPU=none leaves it unpinned), so the
 #            whole cluster gets one core like the single server does. The FANOUT_CLIENTS
 #            clients connect to node A, the producers POST to node B; same events, batches,
-#            producers and window as fanout; one warm-up, then CLUSTER_RUNS measured runs.
+#            producers and window as fanout (CLUSTER_PRODUCERS/CLUSTER_WINDOW override);
+#            one warm-up, then CLUSTER_RUNS measured runs.
 # Output: a table on stdout and in bench/results/latest.md; raw RESULT lines and server
 # logs in bench/results/<timestamp>/.
 set -euo pipefail
@@ -31,7 +32,15 @@ cd "$ROOT"
 
 QUICK="${QUICK:-0}"
 SERVERS="${SERVERS:-herald node}"
-SCENARIOS="${SCENARIOS:-idle fanout}"
+# default: all three when redis-server is installed (cluster adds ~2.5 min), else idle fanout
+if [ -z "${SCENARIOS:-}" ]; then
+  if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
+    SCENARIOS="idle fanout cluster"
+  else
+    SCENARIOS="idle fanout"
+    printf '[bench] redis-server/redis-cli not found: skipping the cluster scenario\n' >&2
+  fi
+fi
 SERVER_CPU="${SERVER_CPU:-1}"
 LOADGEN_CPU="${LOADGEN_CPU:-0}"
 FANOUT_CLIENTS="${FANOUT_CLIENTS:-1000}"
@@ -50,6 +59,8 @@ if [ "$QUICK" = 1 ]; then
   FANOUT_EVENTS=300 FANOUT_RUNS=1 WARMUP_EVENTS=50 IDLE_CLIENTS=2000
 fi
 CLUSTER_RUNS="${CLUSTER_RUNS:-$FANOUT_RUNS}"
+CLUSTER_PRODUCERS="${CLUSTER_PRODUCERS:-$FANOUT_PRODUCERS}"
+CLUSTER_WINDOW="${CLUSTER_WINDOW:-$FANOUT_WINDOW}"
 REDIS_CPU="${REDIS_CPU:-}" # set below, once SERVER_CPU is final
 
 log() { printf '[bench] %s\n' "$*" >&2; }
@@ -316,7 +327,7 @@ run_cluster() { # $1 = server name
   b_start="$(wc -l <"$b_log")"
   local args=(--url "http://127.0.0.1:$a_port" --post-url "http://127.0.0.1:$b_port"
     --clients "$FANOUT_CLIENTS" --sessions "$FANOUT_SESSIONS" --batch "$FANOUT_BATCH"
-    --producers "$FANOUT_PRODUCERS" --window "$FANOUT_WINDOW" --timeout "$RUN_TIMEOUT"
+    --producers "$CLUSTER_PRODUCERS" --window "$CLUSTER_WINDOW" --timeout "$RUN_TIMEOUT"
     --label "$name-cluster")
   log "$name cluster warm-up ($WARMUP_EVENTS events/session; clients on node A :$a_port, POSTs to node B :$b_port)"
   timeout $((RUN_TIMEOUT + 30)) taskset -c "$LOADGEN_CPU" "$LOADGEN" fanout "${args[@]}" \
@@ -344,6 +355,8 @@ run_cluster() { # $1 = server name
       "$(awk -v a="$r0" -v b="$r1" -v h="$CLK_TCK" 'BEGIN{printf "%.3f", (b-a)/h}')" \
       "$res" >>"$OUT/$name-cluster.jsonl"
   done
+  # what the cluster asked of Redis (calls and CPU per command) and the memory it holds
+  redis-cli -h 127.0.0.1 -p "$REDIS_PORT" info commandstats >"$OUT/redis-$name-commandstats.txt" 2>&1 || true
   redis-cli -h 127.0.0.1 -p "$REDIS_PORT" info memory 2>/dev/null | grep -E '^used_memory(_peak)?:' \
     >"$OUT/redis-$name-memory.txt" || true
   stop_pid "$a_pid"
@@ -367,7 +380,8 @@ done
 
 # ---- report -----------------------------------------------------------------------------
 MACHINE="$(nproc) CPUs ($(lscpu 2>/dev/null | sed -n 's/^Model name:[[:space:]]*//p' | head -1)), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM, $(uname -sr)"
-export HERALD_ARGS="${HERALD_ARGS:-}" SCENARIOS CLUSTER_RUNS REDIS_CPU REDIS_VERSION WARMUP_EVENTS
+export HERALD_ARGS="${HERALD_ARGS:-}" SCENARIOS CLUSTER_RUNS CLUSTER_PRODUCERS CLUSTER_WINDOW REDIS_CPU \
+  REDIS_VERSION WARMUP_EVENTS
 export LOADAVG_START LOADAVG_END="$(cut -d' ' -f1-3 /proc/loadavg)"
 export GIT_REV OUT SERVERS MACHINE STAMP FANOUT_CLIENTS FANOUT_SESSIONS FANOUT_EVENTS FANOUT_BATCH \
   FANOUT_PRODUCERS FANOUT_WINDOW FANOUT_RUNS IDLE_CLIENTS IDLE_SESSIONS SETTLE_SECS SERVER_CPU LOADGEN_CPU

@@ -171,14 +171,28 @@ impl Hub {
             .await
     }
 
-    /// [`Hub::catch_up`] for a session some local socket follows; nothing otherwise.
-    pub async fn catch_up_if_followed(&self, session_id: &str) -> Result<(), HubError> {
+    /// [`Hub::catch_up`] for a session some local socket follows, when its log (incarnation
+    /// `epoch`) reached `announced` and this node has not delivered that far; nothing
+    /// otherwise. One catch-up reads everything logged so far, so a burst of announcements
+    /// costs one read.
+    pub async fn catch_up_if_followed(
+        &self,
+        session_id: &str,
+        epoch: &str,
+        announced: u64,
+    ) -> Result<(), HubError> {
         // Every followed session has a gate: `subscribe` makes one and `sweep` keeps it
         // while the room has members.
-        if !self.inner.gates.lock().unwrap().contains_key(session_id) {
+        let Some(gate) = self.inner.gates.lock().unwrap().get(session_id).cloned() else {
+            return Ok(());
+        };
+        let mut cursor = gate.lock().await;
+        if cursor.epoch.as_deref() == Some(epoch) && announced <= cursor.delivered {
             return Ok(());
         }
-        self.catch_up(session_id).await
+        let head = self.inner.log.head(session_id).await?;
+        self.deliver(session_id, &mut cursor, &head.epoch, head.last_seq, &[])
+            .await
     }
 
     /// Catches up every session this node follows (after a lost announcement channel).

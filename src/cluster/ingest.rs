@@ -77,7 +77,11 @@ async fn consume_until_error(
     hub: &Hub,
 ) -> redis::RedisResult<()> {
     let take_lease = redis::Script::new(TAKE_LEASE);
-    let mut redis = client.get_multiplexed_async_connection().await?;
+    // The blocking read waits up to BLOCK for entries: the reply timeout must be longer.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(BLOCK * 3));
+    let mut redis = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
     let created: redis::RedisResult<()> = redis::cmd("XGROUP")
         .arg(&["CREATE", stream, GROUP, "0", "MKSTREAM"])
         .query_async(&mut redis)

@@ -1,7 +1,7 @@
 //! Cluster glue, with Redis configured.
 //!
 //! - **Delivery.** Every node hears which sessions other nodes logged events for (`"<seq>
-//!   <session id>"` on `{prefix}:events`) and brings its own sockets up to date from the
+//!   <epoch> <session id>"` on `{prefix}:events`) and brings its own sockets up to date from the
 //!   shared log. The announcement only says where the log ends; the events are read from the
 //!   log, in order, by the hub, so a lost or late announcement costs latency, never an
 //!   event: after every (re)subscription the node catches up every session it follows.
@@ -283,11 +283,14 @@ impl Cluster {
     }
 
     async fn on_announcement(&self, hub: &Hub, payload: &str) {
-        let Some((_, session_id)) = payload.split_once(' ') else {
+        let mut parts = payload.splitn(3, ' ');
+        let (Some(seq), Some(epoch), Some(session_id)) = (parts.next(), parts.next(), parts.next())
+        else {
             tracing::warn!(payload, "malformed announcement");
             return;
         };
-        if let Err(error) = hub.catch_up_if_followed(session_id).await {
+        let seq = seq.parse().unwrap_or(u64::MAX);
+        if let Err(error) = hub.catch_up_if_followed(session_id, epoch, seq).await {
             tracing::warn!(session_id, %error, "could not deliver events logged by another node");
         }
     }

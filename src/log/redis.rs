@@ -25,7 +25,7 @@ const MAX_KEYS_PER_SESSION: usize = 10_000;
 /// notification channel, the session id, then per event: name, idempotency key ("" for
 /// none), payload before `seq`, payload after `seq`. Returns `{ epoch, last_seq, seqs,
 /// retained }` (numbers as decimal strings, so that Lua's float formatting never shows; a
-/// duplicate's seq negated), and publishes `"<last_seq> <session id>"` on the
+/// duplicate's seq negated), and publishes `"<last_seq> <epoch> <session id>"` on the
 /// channel when anything was logged, so every node can deliver the new events.
 const APPEND: &str = r#"
 local head, log, keys = KEYS[1], KEYS[2], KEYS[3]
@@ -61,7 +61,7 @@ end
 redis.call('HSET', head, 'seq', seq)
 local last = string.format('%d', seq)
 if seq > first then
-  redis.call('PUBLISH', ARGV[4], last .. ' ' .. ARGV[5])
+  redis.call('PUBLISH', ARGV[4], last .. ' ' .. epoch .. ' ' .. ARGV[5])
 end
 return { epoch, last, seqs, redis.call('XLEN', log) }
 "#;
@@ -89,7 +89,7 @@ impl RedisLog {
         format!("{}:{kind}:{session_id}", self.prefix)
     }
 
-    /// Where appends are announced: `"<last_seq> <session id>"`.
+    /// Where appends are announced: `"<last_seq> <epoch> <session id>"`.
     pub fn channel(&self) -> String {
         format!("{}:events", self.prefix)
     }
