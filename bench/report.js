@@ -33,6 +33,43 @@ function median(xs) {
 }
 
 const data = {};
+
+// cluster and paced: two nodes + redis-server; the same median-run logic as fan-out
+function clusterData(s, tag) {
+  const all = readJsonl(`${s}-${tag}.jsonl`);
+  const cRuns = all.filter((r) => r.result);
+  const cSorted = [...cRuns].sort((a, b) => a.result.msgsPerSec - b.result.msgsPerSec);
+  const cMed = cSorted.length ? cSorted[Math.floor((cSorted.length - 1) / 2)] : null;
+  const cLoss = cRuns.reduce(
+    (acc, r) => {
+      acc.missing += r.result.missing;
+      acc.duplicates += r.result.duplicates;
+      acc.outOfOrder += r.result.outOfOrder;
+      acc.problems += r.result.problems.count + r.result.serverErrors;
+      acc.failedRuns += r.exit === 0 ? 0 : 1;
+      return acc;
+    },
+    { missing: 0, duplicates: 0, outOfOrder: 0, problems: 0, failedRuns: 0 },
+  );
+  cLoss.failedRuns += all.length - cRuns.length;
+  let cWarnings;
+  let cWarnSummary = '';
+  try {
+    cWarnings = Number(fs.readFileSync(path.join(OUT, `${s}-${tag}.warnings`), 'utf8').trim() || 0);
+    cWarnSummary = fs.readFileSync(path.join(OUT, `${s}-${tag}.warnsummary`), 'utf8').trim();
+  } catch {
+    /* not run */
+  }
+  return {
+    runs: cRuns,
+    med: cMed,
+    loss: cLoss,
+    warnings: cWarnings,
+    warnSummary: cWarnSummary,
+    throughputs: cRuns.map((r) => r.result.msgsPerSec),
+  };
+}
+
 for (const s of servers) {
   const idle = readJson(`${s}-idle.json`);
   const runs = readJsonl(`${s}-fanout.jsonl`).filter((r) => r.result);
@@ -59,39 +96,9 @@ for (const s of servers) {
   }
   const perConn =
     idle && idle.ready > 0 ? (idle.rssAfterKiB - idle.rssBeforeKiB) / idle.ready : undefined;
-  // cluster: two nodes + redis-server; the same median-run logic as fan-out
-  const cRuns = readJsonl(`${s}-cluster.jsonl`).filter((r) => r.result);
-  const cSorted = [...cRuns].sort((a, b) => a.result.msgsPerSec - b.result.msgsPerSec);
-  const cMed = cSorted.length ? cSorted[Math.floor((cSorted.length - 1) / 2)] : null;
-  const cLoss = cRuns.reduce(
-    (acc, r) => {
-      acc.missing += r.result.missing;
-      acc.duplicates += r.result.duplicates;
-      acc.outOfOrder += r.result.outOfOrder;
-      acc.problems += r.result.problems.count + r.result.serverErrors;
-      acc.failedRuns += r.exit === 0 ? 0 : 1;
-      return acc;
-    },
-    { missing: 0, duplicates: 0, outOfOrder: 0, problems: 0, failedRuns: 0 },
-  );
-  cLoss.failedRuns += readJsonl(`${s}-cluster.jsonl`).length - cRuns.length;
-  let cWarnings;
-  let cWarnSummary = '';
-  try {
-    cWarnings = Number(fs.readFileSync(path.join(OUT, `${s}-cluster.warnings`), 'utf8').trim() || 0);
-    cWarnSummary = fs.readFileSync(path.join(OUT, `${s}-cluster.warnsummary`), 'utf8').trim();
-  } catch {
-    /* not run */
-  }
   data[s] = {
-    cluster: {
-      runs: cRuns,
-      med: cMed,
-      loss: cLoss,
-      warnings: cWarnings,
-      warnSummary: cWarnSummary,
-      throughputs: cRuns.map((r) => r.result.msgsPerSec),
-    },
+    cluster: clusterData(s, 'cluster'),
+    paced: clusterData(s, 'paced'),
     idle,
     perConn,
     warnings,
@@ -311,6 +318,48 @@ if (has('cluster')) {
         `- note: the load generator used ${cpu.toFixed(0)}% of its core during ${target}'s median run: read the throughput as a lower bound.`,
       );
     }
+    lines.push('');
+  }
+}
+if (has('paced')) {
+  const target = env.CLUSTER_TARGET_SERVER || 'herald';
+  const t = data[target] && data[target].paced;
+  const rate = Number(env.PACED_RATE);
+  lines.push('## Cluster at a fixed offered load');
+  lines.push('');
+  lines.push(
+    `${target}'s cluster (same layout and load as above) with the POSTs paced so that subscribers should receive ` +
+      `${fmt(rate)} msgs/s${env.PACED_RATE_FROM ? ` (${env.PACED_RATE_FROM})` : ''}; window ${env.CLUSTER_WINDOW} as a safety net. ` +
+      `Median of ${t ? t.runs.length : 0} runs.`,
+  );
+  lines.push('');
+  if (t && t.runs.length) {
+    rows.length = 0;
+    rows.push(`| metric | ${target} |`, '|---|---:|');
+    const m = t.med;
+    const r1 = (label, v, d = 0) => rows.push(`| ${label} | ${fmt(v, d)} |`);
+    r1('offered load, msgs/s', rate);
+    r1('delivered, msgs/s (median run)', m.result.msgsPerSec);
+    rows.push(`| delivered, msgs/s (all runs) | ${t.throughputs.map((v) => fmt(v)).join(' / ')} |`);
+    r1('latency p50, ms', m.result.latencyMs.p50, 2);
+    r1('latency p99, ms', m.result.latencyMs.p99, 2);
+    rows.push(`| latency p99, ms (all runs) | ${t.runs.map((r) => fmt(r.result.latencyMs.p99, 2)).join(' / ')} |`);
+    r1('latency max, ms', m.result.latencyMs.max, 2);
+    r1('CPU of the cluster (A+B+redis) per 1,000 delivered msgs, ms',
+      m.result.delivered ? (1e6 * (m.nodeACpuSecs + m.nodeBCpuSecs + m.redisCpuSecs)) / m.result.delivered : undefined, 2);
+    rows.push(`| missing / duplicate / out-of-order (all runs) | ${t.loss.missing} / ${t.loss.duplicates} / ${t.loss.outOfOrder} |`);
+    rows.push(`| protocol problems / failed runs | ${t.loss.problems} / ${t.loss.failedRuns} |`);
+    rows.push(`| node log warnings/errors | ${t.warnings === undefined ? 'n/a' : t.warnings} |`);
+    lines.push(...rows);
+    lines.push('');
+    const worst = Math.max(...t.runs.map((r) => r.result.latencyMs.p99));
+    const sustained = m.result.msgsPerSec >= 0.95 * rate;
+    const lost = t.loss.missing + t.loss.duplicates + t.loss.outOfOrder + t.loss.failedRuns;
+    lines.push(
+      `Target (${target}): at ${fmt(rate)} msgs/s, no loss and p99 < 100 ms in every run: ` +
+        `delivered ${fmt(m.result.msgsPerSec)} msgs/s (${sustained ? 'sustained' : 'NOT sustained'}), ` +
+        `worst p99 ${fmt(worst, 2)} ms, ${lost} lost/failed — ${sustained && worst < 100 && lost === 0 ? 'met' : 'NOT met'}`,
+    );
     lines.push('');
   }
 }

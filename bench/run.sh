@@ -35,7 +35,7 @@ SERVERS="${SERVERS:-herald node}"
 # default: all three when redis-server is installed (cluster adds ~2.5 min), else idle fanout
 if [ -z "${SCENARIOS:-}" ]; then
   if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
-    SCENARIOS="idle fanout cluster"
+    SCENARIOS="idle fanout cluster paced"
   else
     SCENARIOS="idle fanout"
     printf '[bench] redis-server/redis-cli not found: skipping the cluster scenario\n' >&2
@@ -81,11 +81,11 @@ REDIS_CPU="${REDIS_CPU:-$SERVER_CPU}"
 command -v node >/dev/null || die "node is required"
 command -v taskset >/dev/null || die "taskset (util-linux) is required"
 for sc in $SCENARIOS; do
-  case "$sc" in idle | fanout | cluster) ;; *) die "unknown scenario $sc (idle, fanout, cluster)" ;; esac
+  case "$sc" in idle | fanout | cluster | paced) ;; *) die "unknown scenario $sc (idle, fanout, cluster, paced)" ;; esac
 done
 REDIS_VERSION=""
 case " $SCENARIOS " in
-  *" cluster "*)
+  *" cluster "* | *" paced "*)
     command -v redis-server >/dev/null || die "redis-server is required for the cluster scenario"
     command -v redis-cli >/dev/null || die "redis-cli is required for the cluster scenario"
     REDIS_VERSION="$(redis-server --version | grep -oE 'v=[0-9.]+' | cut -c3-)"
@@ -308,57 +308,57 @@ run_fanout() { # $1 = server name
 # WARN/ERROR, Node's errors (the reference prints `... error: ...` for Redis client errors)
 log_warnings() { tail -n +"$(($2 + 1))" "$1" | grep -E ' (WARN|ERROR) |Error|error:' || true; }
 
-run_cluster() { # $1 = server name
-  local name="$1"
-  start_redis "$name"
+run_cluster() { # $1 = server name, $2 = tag (cluster | paced), $3 = offered load for --rate
+  local name="$1" tag="${2:-cluster}" rate="${3:-0}"
+  start_redis "$name-$tag"
   CLUSTER_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
   CLUSTER_PREFIX="bench-$STAMP"
   local a_pid a_port b_pid b_port
-  start_server "$name" cluster-a
+  start_server "$name" "$tag-a"
   a_pid="$SERVER_PID" a_port="$SERVER_PORT"
   CLUSTER_PIDS+=("$a_pid")
-  start_server "$name" cluster-b
+  start_server "$name" "$tag-b"
   b_pid="$SERVER_PID" b_port="$SERVER_PORT"
   CLUSTER_PIDS+=("$b_pid")
   SERVER_PID="" CLUSTER_REDIS_URL="" CLUSTER_PREFIX=""
   sleep 0.5
-  local a_log="$OUT/$name-cluster-a.stderr" b_log="$OUT/$name-cluster-b.stderr" a_start b_start
+  local a_log="$OUT/$name-$tag-a.stderr" b_log="$OUT/$name-$tag-b.stderr" a_start b_start
   a_start="$(wc -l <"$a_log")"
   b_start="$(wc -l <"$b_log")"
   local args=(--url "http://127.0.0.1:$a_port" --post-url "http://127.0.0.1:$b_port"
     --clients "$FANOUT_CLIENTS" --sessions "$FANOUT_SESSIONS" --batch "$FANOUT_BATCH"
     --producers "$CLUSTER_PRODUCERS" --window "$CLUSTER_WINDOW" --timeout "$RUN_TIMEOUT"
-    --label "$name-cluster")
-  log "$name cluster warm-up ($WARMUP_EVENTS events/session; clients on node A :$a_port, POSTs to node B :$b_port)"
+    --label "$name-$tag" --rate "$rate")
+  log "$name $tag warm-up ($WARMUP_EVENTS events/session; clients on node A :$a_port, POSTs to node B :$b_port)"
   timeout $((RUN_TIMEOUT + 30)) taskset -c "$LOADGEN_CPU" "$LOADGEN" fanout "${args[@]}" \
-    --events-per-session "$WARMUP_EVENTS" >"$OUT/$name-cluster-warmup.out" 2>"$OUT/$name-cluster-warmup.err" ||
-    log "$name cluster warm-up reported problems (see $OUT/$name-cluster-warmup.err)"
-  : >"$OUT/$name-cluster.jsonl"
+    --events-per-session "$WARMUP_EVENTS" >"$OUT/$name-$tag-warmup.out" 2>"$OUT/$name-$tag-warmup.err" ||
+    log "$name $tag warm-up reported problems (see $OUT/$name-$tag-warmup.err)"
+  : >"$OUT/$name-$tag.jsonl"
   local r rc a0 a1 b0 b1 r0 r1 res
   for r in $(seq 1 "$CLUSTER_RUNS"); do
-    log "$name cluster run $r/$CLUSTER_RUNS ($FANOUT_EVENTS events/session)"
+    log "$name $tag run $r/$CLUSTER_RUNS ($FANOUT_EVENTS events/session)"
     a0="$(cpu_ticks "$a_pid")" b0="$(cpu_ticks "$b_pid")" r0="$(cpu_ticks "$REDIS_PID")"
     rc=0
     timeout $((RUN_TIMEOUT + 30)) taskset -c "$LOADGEN_CPU" "$LOADGEN" fanout "${args[@]}" \
-      --events-per-session "$FANOUT_EVENTS" >"$OUT/$name-cluster-$r.out" 2>"$OUT/$name-cluster-$r.err" || rc=$?
+      --events-per-session "$FANOUT_EVENTS" >"$OUT/$name-$tag-$r.out" 2>"$OUT/$name-$tag-$r.err" || rc=$?
     a1="$(cpu_ticks "$a_pid" 2>/dev/null || echo "$a0")"
     b1="$(cpu_ticks "$b_pid" 2>/dev/null || echo "$b0")"
     r1="$(cpu_ticks "$REDIS_PID" 2>/dev/null || echo "$r0")"
-    cat "$OUT/$name-cluster-$r.err" >&2
-    [ "$rc" = 0 ] || log "$name cluster run $r: loadgen exit $rc (loss, errors or timeout)"
-    res="$(sed -n 's/^RESULT //p' "$OUT/$name-cluster-$r.out" | tail -1)"
+    cat "$OUT/$name-$tag-$r.err" >&2
+    [ "$rc" = 0 ] || log "$name $tag run $r: loadgen exit $rc (loss, errors or timeout)"
+    res="$(sed -n 's/^RESULT //p' "$OUT/$name-$tag-$r.out" | tail -1)"
     [ -n "$res" ] || res=null
     printf '{"server":"%s","run":%s,"exit":%s,"nodeACpuSecs":%s,"nodeBCpuSecs":%s,"redisCpuSecs":%s,"result":%s}\n' \
       "$name" "$r" "$rc" \
       "$(awk -v a="$a0" -v b="$a1" -v h="$CLK_TCK" 'BEGIN{printf "%.3f", (b-a)/h}')" \
       "$(awk -v a="$b0" -v b="$b1" -v h="$CLK_TCK" 'BEGIN{printf "%.3f", (b-a)/h}')" \
       "$(awk -v a="$r0" -v b="$r1" -v h="$CLK_TCK" 'BEGIN{printf "%.3f", (b-a)/h}')" \
-      "$res" >>"$OUT/$name-cluster.jsonl"
+      "$res" >>"$OUT/$name-$tag.jsonl"
   done
   # what the cluster asked of Redis (calls and CPU per command) and the memory it holds
-  redis-cli -h 127.0.0.1 -p "$REDIS_PORT" info commandstats >"$OUT/redis-$name-commandstats.txt" 2>&1 || true
+  redis-cli -h 127.0.0.1 -p "$REDIS_PORT" info commandstats >"$OUT/redis-$name-$tag-commandstats.txt" 2>&1 || true
   redis-cli -h 127.0.0.1 -p "$REDIS_PORT" info memory 2>/dev/null | grep -E '^used_memory(_peak)?:' \
-    >"$OUT/redis-$name-memory.txt" || true
+    >"$OUT/redis-$name-$tag-memory.txt" || true
   stop_pid "$a_pid"
   stop_pid "$b_pid"
   CLUSTER_PIDS=()
@@ -366,21 +366,44 @@ run_cluster() { # $1 = server name
   # what the nodes logged at WARN/ERROR during warm-up and runs: a count and the distinct
   # messages (timestamps and key=value fields stripped) with their counts
   { log_warnings "$a_log" "$a_start" | sed 's/^/A /'; log_warnings "$b_log" "$b_start" | sed 's/^/B /'; } \
-    >"$OUT/$name-cluster.warnlines"
-  wc -l <"$OUT/$name-cluster.warnlines" | tr -d ' ' >"$OUT/$name-cluster.warnings"
-  sed -E 's/^([AB]) [0-9T:.Z-]+ +/\1 /; s/ [a-z_.]+=.*$//' "$OUT/$name-cluster.warnlines" | sort | uniq -c |
-    sort -rn | head -5 >"$OUT/$name-cluster.warnsummary" || true
+    >"$OUT/$name-$tag.warnlines"
+  wc -l <"$OUT/$name-$tag.warnlines" | tr -d ' ' >"$OUT/$name-$tag.warnings"
+  sed -E 's/^([AB]) [0-9T:.Z-]+ +/\1 /; s/ [a-z_.]+=.*$//' "$OUT/$name-$tag.warnlines" | sort | uniq -c |
+    sort -rn | head -5 >"$OUT/$name-$tag.warnsummary" || true
 }
 
 for s in $SERVERS; do
   for scenario in $SCENARIOS; do
-    "run_$scenario" "$s"
+    [ "$scenario" = paced ] || "run_$scenario" "$s"
   done
 done
 
+# paced: the target server's cluster once more, at a fixed offered load: CLUSTER_RATE msgs/s,
+# by default twice the Node pair's median cluster throughput measured above (the issue's
+# "2x the Node pair's throughput, with p99 < 100 ms" asked of one and the same run).
+PACED_RATE="" PACED_RATE_FROM=""
+if [[ " $SCENARIOS " == *" paced "* ]]; then
+  target="${CLUSTER_TARGET_SERVER:-herald}"
+  if [ -n "${CLUSTER_RATE:-}" ]; then
+    PACED_RATE="$CLUSTER_RATE" PACED_RATE_FROM="CLUSTER_RATE"
+  elif [ -s "$OUT/node-cluster.jsonl" ]; then
+    node_median="$(node -e '
+      const rs = require("fs").readFileSync(process.argv[1], "utf8").trim().split("\n")
+        .map((l) => JSON.parse(l)).filter((r) => r.result).map((r) => r.result.msgsPerSec).sort((a, b) => a - b);
+      if (rs.length) console.log(Math.round(rs[Math.floor((rs.length - 1) / 2)]));' "$OUT/node-cluster.jsonl")"
+    if [ -n "$node_median" ]; then
+      PACED_RATE=$((2 * node_median))
+      PACED_RATE_FROM="2x the node pair's median, $node_median msgs/s, in this run"
+    fi
+  fi
+  [ -n "$PACED_RATE" ] || die "paced: set CLUSTER_RATE, or run the node cluster scenario first (SCENARIOS=\"cluster paced\")"
+  log "paced: $target cluster at $PACED_RATE msgs/s ($PACED_RATE_FROM)"
+  run_cluster "$target" paced "$PACED_RATE"
+fi
+
 # ---- report -----------------------------------------------------------------------------
 MACHINE="$(nproc) CPUs ($(lscpu 2>/dev/null | sed -n 's/^Model name:[[:space:]]*//p' | head -1)), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM, $(uname -sr)"
-export HERALD_ARGS="${HERALD_ARGS:-}" SCENARIOS CLUSTER_RUNS CLUSTER_PRODUCERS CLUSTER_WINDOW REDIS_CPU \
+export HERALD_ARGS="${HERALD_ARGS:-}" SCENARIOS PACED_RATE PACED_RATE_FROM CLUSTER_RUNS CLUSTER_PRODUCERS CLUSTER_WINDOW REDIS_CPU \
   REDIS_VERSION WARMUP_EVENTS
 export LOADAVG_START LOADAVG_END="$(cut -d' ' -f1-3 /proc/loadavg)"
 export GIT_REV OUT SERVERS MACHINE STAMP FANOUT_CLIENTS FANOUT_SESSIONS FANOUT_EVENTS FANOUT_BATCH \

@@ -112,6 +112,11 @@ struct FanoutArgs {
     /// every subscriber of it (0 = open loop, post as fast as the server accepts).
     #[arg(long, default_value_t = 100)]
     window: u64,
+    /// Offered load: pace the POSTs so that subscribers receive about this many messages
+    /// per second in all (events/s = rate × sessions / clients), instead of posting as fast
+    /// as the window allows (0). Latency is then measured at a known load.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     /// Extra bytes of padding in each event's data (`pad` field).
     #[arg(long, default_value_t = 0)]
     pad: usize,
@@ -955,6 +960,31 @@ struct IngestReply {
     last_seq: Option<u64>,
 }
 
+/// Spreads POSTs evenly over time for `--rate`: the k-th POST of the run (over all
+/// producers) may start at `start + k × interval`.
+struct Pacer {
+    start: tokio::time::Instant,
+    interval: Duration,
+    next: AtomicU64,
+}
+
+impl Pacer {
+    fn new(rate_msgs: u64, subscribers_per_session: f64, batch: u64) -> Self {
+        let events_per_sec = rate_msgs as f64 / subscribers_per_session.max(1.0);
+        Self {
+            start: tokio::time::Instant::now(),
+            interval: Duration::from_secs_f64(batch as f64 / events_per_sec.max(1e-9)),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    async fn wait_turn(&self) {
+        let k = self.next.fetch_add(1, Ordering::Relaxed);
+        let at = self.start + self.interval.mul_f64(k as f64);
+        tokio::time::sleep_until(at).await;
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn producer(
     p: usize,
@@ -965,6 +995,7 @@ async fn producer(
     batch: u64,
     window: u64,
     pad: Arc<String>,
+    pacer: Option<Arc<Pacer>>,
 ) -> Result<ProducerStats, String> {
     let mut st = ProducerStats {
         post_hist: Some(new_hist()),
@@ -996,6 +1027,9 @@ async fn producer(
             remaining = true;
             if !can_post(s) {
                 continue;
+            }
+            if let Some(pacer) = &pacer {
+                pacer.wait_turn().await;
             }
             let b = batch.min(n - s.posted);
             let body = batch_body(s.posted, n, b, &pad);
@@ -1116,6 +1150,10 @@ async fn fanout(a: FanoutArgs) -> i32 {
 
     let cpu0 = cpu_seconds();
     let start = Instant::now();
+    let pacer = (a.rate > 0).then(|| {
+        let per_session = c.clients as f64 / c.sessions.max(1) as f64;
+        Arc::new(Pacer::new(a.rate, per_session, a.batch))
+    });
     let mut producer_handles = Vec::new();
     if failed == 0 && ok == c.clients {
         for (p, sessions) in owned.into_iter().enumerate() {
@@ -1128,6 +1166,7 @@ async fn fanout(a: FanoutArgs) -> i32 {
                 a.batch,
                 a.window,
                 pad.clone(),
+                pacer.clone(),
             )));
         }
     }
@@ -1254,6 +1293,9 @@ async fn fanout(a: FanoutArgs) -> i32 {
         a.producers,
         a.window
     );
+    if a.rate > 0 {
+        eprintln!("  offered load: {} msgs/s (paced POSTs)", a.rate);
+    }
     if post_url != c.url {
         eprintln!("  clients on {}, events posted to {post_url}", c.url);
     }
@@ -1291,6 +1333,7 @@ async fn fanout(a: FanoutArgs) -> i32 {
         "batch": a.batch,
         "producers": a.producers,
         "window": a.window,
+        "rate": a.rate,
         "connected": connected,
         "connectSecs": connect_secs,
         "requests": requests,

@@ -29,6 +29,9 @@ use crate::store::{SessionStore, StoreError};
 /// slow consumer and is disconnected (it recovers by replay when it reconnects).
 const REPLAY_DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
+/// Most events one catch-up reads from the log at a time (cluster mode).
+const CATCH_UP_BATCH: usize = 1_000;
+
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     #[error(transparent)]
@@ -79,6 +82,20 @@ struct Cursor {
 
 type Gate = Arc<tokio::sync::Mutex<Cursor>>;
 
+/// The newest append another node announced for a session: its log incarnation and `seq`.
+#[derive(Debug)]
+struct Announced {
+    epoch: String,
+    seq: u64,
+}
+
+impl Cursor {
+    /// Whether this node has delivered what `announced` says was logged.
+    fn covers(&self, announced: &Announced) -> bool {
+        self.epoch.as_deref() == Some(announced.epoch.as_str()) && announced.seq <= self.delivered
+    }
+}
+
 #[derive(Clone)]
 pub struct Hub {
     inner: Arc<Inner>,
@@ -90,6 +107,11 @@ struct Inner {
     io: SocketIo,
     /// A std mutex: it guards a map lookup and is never held across an `.await`.
     gates: Mutex<HashMap<String, Gate>>,
+    /// Sessions whose catch-up is spawned but has not yet taken the gate (cluster mode),
+    /// with the newest announcement for each: an announcement for one of them needs no
+    /// catch-up of its own, because that one reads the log after the announced events were
+    /// logged. At most one per session waits.
+    queued: Mutex<HashMap<String, Announced>>,
     metrics: Arc<Metrics>,
 }
 
@@ -106,6 +128,7 @@ impl Hub {
                 store,
                 io,
                 gates: Mutex::default(),
+                queued: Mutex::default(),
                 metrics,
             }),
         }
@@ -161,38 +184,54 @@ impl Hub {
         })
     }
 
-    /// Brings the local room of a session up to the log's head: called when another node
-    /// announces that it logged events (cluster mode).
+    /// Brings the local room of a session up to the log's head.
     pub async fn catch_up(&self, session_id: &str) -> Result<(), HubError> {
         let gate = self.gate(session_id);
         let mut cursor = gate.lock().await;
-        let head = self.inner.log.head(session_id).await?;
-        self.deliver(session_id, &mut cursor, &head.epoch, head.last_seq, &[])
-            .await
+        self.catch_up_locked(session_id, &mut cursor).await
     }
 
-    /// [`Hub::catch_up`] for a session some local socket follows, when its log (incarnation
-    /// `epoch`) reached `announced` and this node has not delivered that far; nothing
-    /// otherwise. One catch-up reads everything logged so far, so a burst of announcements
-    /// costs one read.
-    pub async fn catch_up_if_followed(
-        &self,
-        session_id: &str,
-        epoch: &str,
-        announced: u64,
-    ) -> Result<(), HubError> {
+    /// Another node logged events of `session_id` up to `announced` in log incarnation
+    /// `epoch` (cluster mode). When a local socket follows the session and this node has not
+    /// delivered that far, a catch-up is started in its own task, so sessions catch up
+    /// concurrently and the announcement listener never waits on Redis. A burst of
+    /// announcements for one session costs one catch-up.
+    pub fn announce(&self, session_id: &str, epoch: &str, announced: u64) {
         // Every followed session has a gate: `subscribe` makes one and `sweep` keeps it
         // while the room has members.
         let Some(gate) = self.inner.gates.lock().unwrap().get(session_id).cloned() else {
-            return Ok(());
+            return;
         };
-        let mut cursor = gate.lock().await;
-        if cursor.epoch.as_deref() == Some(epoch) && announced <= cursor.delivered {
-            return Ok(());
+        let announced = Announced {
+            epoch: epoch.to_owned(),
+            seq: announced,
+        };
+        if gate
+            .try_lock()
+            .is_ok_and(|cursor| cursor.covers(&announced))
+        {
+            return;
         }
-        let head = self.inner.log.head(session_id).await?;
-        self.deliver(session_id, &mut cursor, &head.epoch, head.last_seq, &[])
-            .await
+        {
+            let mut queued = self.inner.queued.lock().unwrap();
+            if let Some(waiting) = queued.get_mut(session_id) {
+                *waiting = announced;
+                return;
+            }
+            queued.insert(session_id.to_owned(), announced);
+        }
+        let hub = self.clone();
+        let session_id = session_id.to_owned();
+        tokio::spawn(async move {
+            let mut cursor = gate.lock().await;
+            let wanted = hub.inner.queued.lock().unwrap().remove(&session_id);
+            if wanted.is_some_and(|wanted| cursor.covers(&wanted)) {
+                return; // an earlier catch-up already read that far
+            }
+            if let Err(error) = hub.catch_up_locked(&session_id, &mut cursor).await {
+                tracing::warn!(session_id, %error, "could not deliver events logged by another node");
+            }
+        });
     }
 
     /// Catches up every session this node follows (after a lost announcement channel).
@@ -202,6 +241,38 @@ impl Hub {
             self.catch_up(&session_id).await?;
         }
         Ok(())
+    }
+
+    /// Delivers what the log holds beyond the cursor, reading it in batches: each read
+    /// returns the head and the next events in one request.
+    async fn catch_up_locked(&self, session_id: &str, cursor: &mut Cursor) -> Result<(), HubError> {
+        if cursor.epoch.is_none() {
+            // Nobody here followed the session yet: only where the log stands matters.
+            let head = self.inner.log.head(session_id).await?;
+            return self
+                .deliver(session_id, cursor, &head.epoch, head.last_seq, &[])
+                .await;
+        }
+        loop {
+            let before = (cursor.epoch.clone(), cursor.delivered);
+            let slice = self
+                .inner
+                .log
+                .read(session_id, cursor.delivered, CATCH_UP_BATCH)
+                .await?;
+            let head = &slice.head;
+            // Deliver no further than what was read, so a long backlog goes in batches.
+            let upto = slice
+                .events
+                .last()
+                .map_or(head.last_seq, |e| e.seq.min(head.last_seq));
+            self.deliver(session_id, cursor, &head.epoch, upto, &slice.events)
+                .await?;
+            let stuck = (cursor.epoch.clone(), cursor.delivered) == before;
+            if cursor.delivered >= head.last_seq || stuck {
+                return Ok(());
+            }
+        }
     }
 
     /// Broadcasts, in order, every event after `cursor.delivered` up to `upto`: `fresh`

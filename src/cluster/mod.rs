@@ -272,7 +272,7 @@ impl Cluster {
             let channel = message.get_channel_name().to_owned();
             let payload: String = message.get_payload()?;
             if channel == events {
-                self.on_announcement(hub, &payload).await;
+                self.on_announcement(hub, &payload);
             } else if channel == commands {
                 self.on_command(payload);
             } else if channel == replies {
@@ -282,17 +282,14 @@ impl Cluster {
         Ok(())
     }
 
-    async fn on_announcement(&self, hub: &Hub, payload: &str) {
+    fn on_announcement(&self, hub: &Hub, payload: &str) {
         let mut parts = payload.splitn(3, ' ');
         let (Some(seq), Some(epoch), Some(session_id)) = (parts.next(), parts.next(), parts.next())
         else {
             tracing::warn!(payload, "malformed announcement");
             return;
         };
-        let seq = seq.parse().unwrap_or(u64::MAX);
-        if let Err(error) = hub.catch_up_if_followed(session_id, epoch, seq).await {
-            tracing::warn!(session_id, %error, "could not deliver events logged by another node");
-        }
+        hub.announce(session_id, epoch, seq.parse().unwrap_or(u64::MAX));
     }
 
     /// Runs a forwarded command in its own task, so a slow one never holds up delivery.

@@ -49,7 +49,7 @@ for i = 6, #ARGV, 4 do
   else
     seq = seq + 1
     local n = string.format('%d', seq)
-    redis.call('XADD', log, 'MAXLEN', max_events, n .. '-1', 'k', name, 'd', before .. n .. after)
+    redis.call('XADD', log, n .. '-1', 'k', name, 'd', before .. n .. after)
     if key ~= '' then
       redis.call('ZADD', keys, n, key)
       local excess = redis.call('ZCARD', keys) - max_keys
@@ -59,6 +59,8 @@ for i = 6, #ARGV, 4 do
   end
 end
 redis.call('HSET', head, 'seq', seq)
+-- One exact trim per batch: trimming on every XADD cost more than the XADD itself.
+if seq > first then redis.call('XTRIM', log, 'MAXLEN', max_events) end
 local last = string.format('%d', seq)
 if seq > first then
   redis.call('PUBLISH', ARGV[4], last .. ' ' .. epoch .. ' ' .. ARGV[5])
@@ -245,25 +247,48 @@ impl EventLog for RedisLog {
         })
     }
 
+    /// One round trip: the head and the entries are read in one `MULTI`, so they agree.
     async fn read(&self, session_id: &str, after: u64, limit: usize) -> Result<LogSlice, LogError> {
-        let head = self.head(session_id).await?;
-        if head.epoch.is_empty() || after >= head.last_seq || limit == 0 {
+        if limit == 0 {
             return Ok(LogSlice {
-                head,
+                head: self.head(session_id).await?,
                 events: Vec::new(),
             });
         }
-        let start = format!("{}-1", after + 1);
-        let count = limit.min(usize::try_from(head.last_seq - after).unwrap_or(usize::MAX));
-        let key = self.key("log", session_id);
-        let entries: RedisValue = once_more(|| {
-            let mut redis = self.redis.clone();
-            let (key, start) = (&key, &start);
-            async move { redis.xrange_count(key, start, "+", count).await }
-        })
-        .await
-        .map_err(backend)?;
-        let events = parse_entries(entries)?;
+        let [head_key, log_key, _] = self.session_keys(session_id);
+        let start = format!("{}-1", after.saturating_add(1));
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("HMGET")
+            .arg(&head_key)
+            .arg("seq")
+            .arg("epoch")
+            .xlen(&log_key)
+            .cmd("XRANGE")
+            .arg(&log_key)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit);
+        let ((seq, epoch), retained, entries): ((Option<u64>, Option<String>), u64, RedisValue) =
+            once_more(|| {
+                let mut redis = self.redis.clone();
+                let pipe = &pipe;
+                async move { pipe.query_async(&mut redis).await }
+            })
+            .await
+            .map_err(backend)?;
+        let last_seq = seq.unwrap_or(0);
+        let head = LogHead {
+            last_seq,
+            first_seq: first_retained(last_seq, retained),
+            epoch: epoch.unwrap_or_default(),
+        };
+        let events = if head.epoch.is_empty() {
+            Vec::new()
+        } else {
+            parse_entries(entries)?
+        };
         Ok(LogSlice { head, events })
     }
 
