@@ -91,6 +91,17 @@ impl RedisLog {
         format!("{}:{kind}:{session_id}", self.prefix)
     }
 
+    /// Runs a read-only pipeline, once more over the reconnected link if the first went out
+    /// on a dead one.
+    async fn query<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, LogError> {
+        once_more(|| {
+            let mut redis = self.redis.clone();
+            async move { pipe.query_async(&mut redis).await }
+        })
+        .await
+        .map_err(backend)
+    }
+
     /// Where appends are announced: `"<last_seq> <epoch> <session id>"`.
     pub fn channel(&self) -> String {
         format!("{}:events", self.prefix)
@@ -227,24 +238,8 @@ impl EventLog for RedisLog {
     async fn head(&self, session_id: &str) -> Result<LogHead, LogError> {
         let [head_key, log_key, _] = self.session_keys(session_id);
         let mut pipe = redis::pipe();
-        pipe.cmd("HMGET")
-            .arg(&head_key)
-            .arg("seq")
-            .arg("epoch")
-            .xlen(&log_key);
-        let ((seq, epoch), retained): ((Option<u64>, Option<String>), u64) = once_more(|| {
-            let mut redis = self.redis.clone();
-            let pipe = &pipe;
-            async move { pipe.query_async(&mut redis).await }
-        })
-        .await
-        .map_err(backend)?;
-        let last_seq = seq.unwrap_or(0);
-        Ok(LogHead {
-            last_seq,
-            first_seq: first_retained(last_seq, retained),
-            epoch: epoch.unwrap_or_default(),
-        })
+        ask_head(&mut pipe, &head_key, &log_key);
+        Ok(to_head(self.query(&pipe).await?))
     }
 
     /// One round trip: the head and the entries are read in one `MULTI`, so they agree.
@@ -258,32 +253,16 @@ impl EventLog for RedisLog {
         let [head_key, log_key, _] = self.session_keys(session_id);
         let start = format!("{}-1", after.saturating_add(1));
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HMGET")
-            .arg(&head_key)
-            .arg("seq")
-            .arg("epoch")
-            .xlen(&log_key)
-            .cmd("XRANGE")
+        pipe.atomic();
+        ask_head(&mut pipe, &head_key, &log_key);
+        pipe.cmd("XRANGE")
             .arg(&log_key)
             .arg(&start)
             .arg("+")
             .arg("COUNT")
             .arg(limit);
-        let ((seq, epoch), retained, entries): ((Option<u64>, Option<String>), u64, RedisValue) =
-            once_more(|| {
-                let mut redis = self.redis.clone();
-                let pipe = &pipe;
-                async move { pipe.query_async(&mut redis).await }
-            })
-            .await
-            .map_err(backend)?;
-        let last_seq = seq.unwrap_or(0);
-        let head = LogHead {
-            last_seq,
-            first_seq: first_retained(last_seq, retained),
-            epoch: epoch.unwrap_or_default(),
-        };
+        let (fields, retained, entries): (HeadFields, u64, RedisValue) = self.query(&pipe).await?;
+        let head = to_head((fields, retained));
         let events = if head.epoch.is_empty() {
             Vec::new()
         } else {
@@ -309,6 +288,27 @@ impl EventLog for RedisLog {
             .await
             .map_err(backend)?;
         Ok(())
+    }
+}
+
+/// `HMGET head seq epoch`: the head hash's fields.
+type HeadFields = (Option<u64>, Option<String>);
+
+/// Adds the commands whose replies make a [`LogHead`]: the head hash's fields and `XLEN`.
+fn ask_head(pipe: &mut redis::Pipeline, head_key: &str, log_key: &str) {
+    pipe.cmd("HMGET")
+        .arg(head_key)
+        .arg("seq")
+        .arg("epoch")
+        .xlen(log_key);
+}
+
+fn to_head(((seq, epoch), retained): (HeadFields, u64)) -> LogHead {
+    let last_seq = seq.unwrap_or(0);
+    LogHead {
+        last_seq,
+        first_seq: first_retained(last_seq, retained),
+        epoch: epoch.unwrap_or_default(),
     }
 }
 
