@@ -317,22 +317,45 @@ impl Hub {
                 .log
                 .read(session_id, cursor.delivered, count)
                 .await?;
-            if slice
-                .events
-                .first()
-                .is_some_and(|e| e.seq != cursor.delivered + 1)
-            {
+            let first = slice.events.first().map_or(upto + 1, |e| e.seq);
+            if first != cursor.delivered + 1 {
+                // This node fell further behind than the log retains (a paused or overloaded
+                // node in a cluster): a broadcast now would hand its sockets a silent gap.
+                // They are cut off like slow consumers instead; on resubscribing they get
+                // `recovered: false` and refetch the snapshot.
+                let cut = self.cut_off_followers(session_id);
                 tracing::warn!(
                     session_id,
-                    "events left the log before this node delivered them"
+                    delivered = cursor.delivered,
+                    first_retained = first,
+                    sockets = cut,
+                    "events left the log before this node delivered them: disconnecting the session's sockets so they resync"
                 );
-            }
-            for event in slice.events.iter().filter(|e| e.seq <= upto) {
-                self.broadcast(session_id, event).await;
+            } else {
+                for event in slice.events.iter().filter(|e| e.seq <= upto) {
+                    self.broadcast(session_id, event).await;
+                }
             }
         }
         cursor.delivered = upto;
         Ok(())
+    }
+
+    /// Disconnects this node's sockets that follow `session_id`, counting them as slow
+    /// consumers; returns how many.
+    fn cut_off_followers(&self, session_id: &str) -> usize {
+        let count = self.disconnect_followers(session_id);
+        self.inner.metrics.slow_consumers.add(count as u64);
+        count
+    }
+
+    fn disconnect_followers(&self, session_id: &str) -> usize {
+        let sockets = self.inner.io.to(session_id.to_owned()).sockets();
+        let count = sockets.len();
+        for socket in sockets {
+            socket.disconnect().ok();
+        }
+        count
     }
 
     /// Whether no local socket follows the session (then nothing needs reading to deliver).
@@ -467,12 +490,7 @@ impl Hub {
     /// Drops this node's sockets that follow `session_id`, as a network failure would
     /// (development mode only: clients' reconnection is tested with it). Returns how many.
     pub async fn drop_followers(&self, session_id: &str) -> usize {
-        let sockets = self.inner.io.to(session_id.to_owned()).sockets();
-        let count = sockets.len();
-        for socket in sockets {
-            socket.disconnect().ok();
-        }
-        count
+        self.disconnect_followers(session_id)
     }
 
     /// Disconnects every socket (server shutdown).

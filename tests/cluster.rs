@@ -53,18 +53,24 @@ struct Cluster {
 impl Cluster {
     /// A fresh Redis and `n` nodes on it (one unique key prefix), each ready.
     async fn start(n: usize) -> Cluster {
+        Self::start_with(n, &[]).await
+    }
+
+    /// [`Cluster::start`] with `args` added to every node's command line.
+    async fn start_with(n: usize, args: &[&str]) -> Cluster {
         let redis = RedisServer::start().await;
         let url = redis.url();
         let prefix = unique("herald-test");
-        let nodes =
-            join_all((0..n).map(|i| {
-                let name = format!("node-{i}");
-                let (url, prefix) = (url.clone(), prefix.clone());
-                async move {
-                    Node::start(&name, &["--redis-url", &url, "--redis-prefix", &prefix]).await
-                }
-            }))
-            .await;
+        let nodes = join_all((0..n).map(|i| {
+            let name = format!("node-{i}");
+            let (url, prefix) = (url.clone(), prefix.clone());
+            async move {
+                let mut all = vec!["--redis-url", &url, "--redis-prefix", &prefix];
+                all.extend_from_slice(args);
+                Node::start(&name, &all).await
+            }
+        }))
+        .await;
         let cluster = Cluster { redis, nodes };
         for node in &cluster.nodes {
             wait_readyz(node, 200).await;
@@ -1005,4 +1011,47 @@ async fn clients_of_a_killed_node_recover_on_another_without_gap_or_duplicate() 
         total,
     );
     assert_as_logged("client on node-2", &received[&id], &log);
+}
+
+/// A node that falls further behind than the log retains must not hand its clients a silent
+/// gap: it cuts them off, and on resubscribing they learn the gap cannot be replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_fell_behind_the_retained_log_cuts_its_clients_off_instead_of_skipping() {
+    const RETAINED: u64 = 5;
+    let retained = RETAINED.to_string();
+    let cluster = Cluster::start_with(2, &["--max-events-per-session", &retained]).await;
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    let id = unique("behind");
+
+    let mut client = a.connect().await;
+    subscribe_from(&mut client, &id, 0, None).await;
+    client.wait_for("subscribed").await;
+    post(b, &id, batch(0, 3)).await;
+    for want in 1..=3u64 {
+        let event = client.wait_for("progress").await;
+        assert_eq!(event["seq"], want, "{event}");
+    }
+
+    // Node A sleeps while node B logs four times what the log retains.
+    a.signal("STOP");
+    for k in 0..4 {
+        post(b, &id, batch(100 + k * RETAINED, RETAINED)).await;
+    }
+    a.signal("CONT");
+
+    // Node A may not deliver seq 19..23 after 3: the client must be disconnected instead.
+    let cut_off =
+        tokio::time::timeout(Duration::from_secs(10), client.disconnected.notified()).await;
+    let received = client.drain();
+    assert!(
+        received.is_empty(),
+        "events after seq 3 although 4..18 are no longer logged: {received:?}"
+    );
+    assert!(cut_off.is_ok(), "node-0 did not cut the client off");
+
+    // Resubscribing from where it was tells the client to refetch the snapshot.
+    let mut again = a.connect().await;
+    let ack = subscribe_from(&mut again, &id, 3, None).await;
+    assert_eq!(ack["recovered"], false, "{ack}");
+    assert_eq!(ack["lastSeq"], 3 + 4 * RETAINED, "{ack}");
 }

@@ -313,6 +313,11 @@ impl Client {
         }
     }
 
+    /// The events received but not yet read, without waiting.
+    pub fn drain(&mut self) -> Vec<(String, Value)> {
+        std::iter::from_fn(|| self.events.try_recv().ok()).collect()
+    }
+
     /// Asserts nothing arrives within `window` (a bounded negative check).
     pub async fn expect_silence(&mut self, window: Duration) {
         if let Ok(Some((name, data))) = tokio::time::timeout(window, self.events.recv()).await {
