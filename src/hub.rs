@@ -21,7 +21,7 @@ use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
 
 use crate::event::{EventDraft, now_timestamp};
-use crate::log::{EventLog, LogError, LogHead, LogSlice, LoggedEvent};
+use crate::log::{Appended, EventLog, LogError, LogHead, LogSlice, LoggedEvent};
 use crate::metrics::Metrics;
 use crate::store::{SessionStore, StoreError};
 
@@ -163,25 +163,51 @@ impl Hub {
         let gate = self.gate(session_id);
         let mut cursor = gate.lock().await;
         let outcome = self.inner.log.append(session_id, drafts).await?;
+        let accepted = outcome.appended.len();
+        let to_fold = if accepted == 0 && outcome.duplicates > 0 {
+            // Only duplicates: a retry. Its first attempt was logged, but the connection may
+            // have died before it was folded or delivered, so both are done again from the
+            // log; the fold and the cursor skip what they already have.
+            self.read_back(session_id, &outcome.seqs).await?
+        } else {
+            outcome.appended
+        };
         self.inner
             .store
-            .apply(session_id, &outcome.head.epoch, &outcome.appended)
+            .apply(session_id, &outcome.head.epoch, &to_fold)
             .await?;
-        let fresh: Vec<Arc<LoggedEvent>> =
-            outcome.appended.iter().map(|a| a.event.clone()).collect();
+        let fresh: Vec<Arc<LoggedEvent>> = to_fold.iter().map(|a| a.event.clone()).collect();
         let upto = fresh.last().map_or(outcome.head.last_seq, |e| e.seq);
         self.deliver(session_id, &mut cursor, &outcome.head.epoch, upto, &fresh)
             .await?;
-        self.inner
-            .metrics
-            .events_logged
-            .add(outcome.appended.len() as u64);
+        self.inner.metrics.events_logged.add(accepted as u64);
         Ok(Published {
-            accepted: outcome.appended.len(),
+            accepted,
             duplicates: outcome.duplicates,
             seqs: outcome.seqs,
             last_seq: outcome.head.last_seq,
         })
+    }
+
+    /// The logged events whose `seq`s an append reported for duplicates.
+    async fn read_back(
+        &self,
+        session_id: &str,
+        seqs: &[Option<u64>],
+    ) -> Result<Vec<Appended>, HubError> {
+        let known = || seqs.iter().flatten().copied();
+        let (Some(first), Some(last)) = (known().min(), known().max()) else {
+            return Ok(Vec::new());
+        };
+        let count = usize::try_from(last - first + 1).unwrap_or(usize::MAX);
+        let slice = self.inner.log.read(session_id, first - 1, count).await?;
+        let appended = slice
+            .events
+            .into_iter()
+            .map(Appended::from_logged)
+            .collect::<Result<_, _>>()
+            .map_err(LogError::from)?;
+        Ok(appended)
     }
 
     /// Brings the local room of a session up to the log's head.

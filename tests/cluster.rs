@@ -1055,3 +1055,61 @@ async fn a_node_that_fell_behind_the_retained_log_cuts_its_clients_off_instead_o
     assert_eq!(ack["recovered"], false, "{ack}");
     assert_eq!(ack["lastSeq"], 3 + 4 * RETAINED, "{ack}");
 }
+
+/// A run outlives a Redis outage: the events it produces meanwhile are logged, in order,
+/// once Redis answers again; none is given up and none is logged twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_outlives_a_redis_outage_and_logs_every_event_once() {
+    let cluster = Cluster::start(1).await;
+    let a = cluster.node(0);
+    // sim-slow streams 30 words a second and repeats the prompt: this one streams for about
+    // 8 s, so the run is still streaming when Redis stops, even on a busy machine.
+    let prompt = format!("Describe {}", ["the slow careful plan"; 60].join(", "));
+    let id = create_session(a, json!({ "prompts": [prompt], "models": ["sim-slow"] })).await;
+    let mut client = a.connect().await;
+    subscribe_from(&mut client, &id, 0, None).await;
+    let mut received = Received::new();
+    loop {
+        let (name, data) = client.next().await;
+        let partial = name == "model_result"
+            && data["status"] == "processing"
+            && data["result"].as_str().is_some_and(|r| !r.is_empty());
+        record(&mut received, &name, data);
+        if partial {
+            break;
+        }
+    }
+
+    // The outage itself: twice the node's 3 s Redis reply timeout, so appends fail.
+    cluster.redis.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    cluster.redis.signal("CONT");
+
+    loop {
+        let (name, data) = client.next().await;
+        if record(&mut received, &name, data) && (name == "completed" || name == "error") {
+            break;
+        }
+    }
+    let events = &received[&id];
+    let (last_name, last) = events.last().unwrap();
+    assert_eq!(last_name, "completed", "the run ended with {last}");
+    let total = last_seq(events);
+    assert_contiguous("client on node-0", &seqs(events), 1, total);
+    let log = history_by_seq(a, &id).await;
+    assert_eq!(log.len() as u64, total, "history of {id}");
+    assert_as_logged("history", events, &log);
+    let snapshot = a.snapshot(&id).await.unwrap();
+    assert_eq!(snapshot["status"], "COMPLETED", "{snapshot}");
+    assert_eq!(snapshot["lastSeq"], total, "{snapshot}");
+
+    let logs = a.stderr_tail();
+    assert!(
+        !logs.contains("ERROR herald::orchestrator"),
+        "the run gave events up:\n{logs}"
+    );
+    assert!(
+        logs.contains("could not log the run's events; retrying"),
+        "the outage never reached the run's publishing:\n{logs}"
+    );
+}

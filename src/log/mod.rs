@@ -35,6 +35,14 @@ pub struct Appended {
     pub data: Map<String, Value>,
 }
 
+impl Appended {
+    /// An event read back from the log, with its data parsed from the logged bytes.
+    pub fn from_logged(event: Arc<LoggedEvent>) -> Result<Self, serde_json::Error> {
+        let data = serde_json::from_str(event.json.get())?;
+        Ok(Self { event, data })
+    }
+}
+
 /// What one append did.
 #[derive(Debug, Default)]
 pub struct AppendOutcome {

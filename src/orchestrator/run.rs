@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -18,6 +19,11 @@ use crate::hub::Hub;
 use crate::providers::{
     CLARIFICATION_MARKER, ChatMessage, Role, SYSTEM_PROMPT, clarification_question,
 };
+
+/// How long a run keeps trying to log events while the log is unreachable.
+const PUBLISH_RETRY_FOR: Duration = Duration::from_secs(30);
+const PUBLISH_FIRST_PAUSE: Duration = Duration::from_millis(100);
+const PUBLISH_LAST_PAUSE: Duration = Duration::from_secs(2);
 
 /// What the actor is told: by its workers, or by the API on a user's behalf.
 pub(crate) enum Command {
@@ -117,6 +123,8 @@ pub(crate) struct Run {
     clarifications: HashMap<String, Clarification>,
     /// Finished units of work (prompt × model under `all`, prompts under `fallback`).
     done: u64,
+    /// Events this run has handed to the log, for their idempotency keys.
+    published: AtomicU64,
 }
 
 impl Run {
@@ -155,6 +163,7 @@ impl Run {
             global,
             clarifications: HashMap::new(),
             done: 0,
+            published: AtomicU64::new(0),
         }
     }
 
@@ -299,9 +308,29 @@ impl Run {
         }
     }
 
-    async fn publish(&self, events: Vec<EventDraft>) {
-        if let Err(error) = self.hub.publish(&self.session_id, events).await {
-            tracing::error!(session_id = %self.session_id, %error, "could not log the run's events");
+    /// Logs the run's events, retrying while the log is unreachable (a Redis restart or
+    /// failover) for up to [`PUBLISH_RETRY_FOR`]. Every event carries an idempotency key, so
+    /// an attempt that reached the log although its reply was lost is not logged twice.
+    /// The actor waits meanwhile, so its workers wait too, and the run's order holds.
+    async fn publish(&self, mut events: Vec<EventDraft>) {
+        for event in &mut events {
+            let n = self.published.fetch_add(1, Ordering::Relaxed) + 1;
+            event.idempotency_key = Some(format!("herald-run:{n}"));
+        }
+        let deadline = Instant::now() + PUBLISH_RETRY_FOR;
+        let mut pause = PUBLISH_FIRST_PAUSE;
+        loop {
+            let error = match self.hub.publish(&self.session_id, events.clone()).await {
+                Ok(_) => return,
+                Err(error) => error,
+            };
+            if Instant::now() + pause > deadline {
+                tracing::error!(session_id = %self.session_id, %error, "could not log the run's events; giving up on them");
+                return;
+            }
+            tracing::warn!(session_id = %self.session_id, %error, retry_in = ?pause, "could not log the run's events; retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(PUBLISH_LAST_PAUSE);
         }
     }
 

@@ -111,8 +111,11 @@ impl Snapshot {
             );
             self.metadata = metadata;
         }
+        // Folding is idempotent: events already folded (a retried append) are skipped.
         for appended in events {
-            self.apply_one(appended.event.kind, appended.event.seq, &appended.data);
+            if appended.event.seq > self.summary.last_seq {
+                self.apply_one(appended.event.kind, appended.event.seq, &appended.data);
+            }
         }
     }
 

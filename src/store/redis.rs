@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::{SessionStore, SessionSummary, Snapshot, StoreError};
 use crate::event::{SessionStatus, now_timestamp};
@@ -139,11 +139,7 @@ impl RedisStore {
         slice
             .events
             .into_iter()
-            .map(|event| {
-                let data: Map<String, Value> =
-                    serde_json::from_str(event.json.get()).map_err(backend)?;
-                Ok(Appended { event, data })
-            })
+            .map(|event| Appended::from_logged(event).map_err(backend))
             .collect()
     }
 }

@@ -64,6 +64,20 @@ impl RedisServer {
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
+    /// Sends `signal` (e.g. `"STOP"`, `"CONT"`) to the server's process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("redis-server is running").id();
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill runs");
+        assert!(
+            status.success(),
+            "kill -{signal} {pid} (redis-server) failed"
+        );
+    }
+
     /// Kills the server (SIGKILL) and waits for it; the port is left free. Idempotent.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
