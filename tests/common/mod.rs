@@ -334,6 +334,16 @@ impl Client {
 }
 
 /// A valid `progress` item for the ingest route.
+/// Sends `signal` (e.g. `"STOP"`, `"CONT"`) to process `pid`, which messages call `what`.
+pub fn send_signal(pid: u32, signal: &str, what: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} {pid} ({what}) failed");
+}
+
 pub fn progress(n: u64) -> Value {
     json!({ "event": "progress", "data": { "status": "PROCESSING", "progress": n % 101, "n": n } })
 }

@@ -131,22 +131,13 @@ impl Node {
         let _ = tokio::time::timeout(WAIT, self.child.wait()).await;
     }
 
-    /// Whether the process is still running.
     /// Sends `signal` (e.g. `"STOP"`, `"CONT"`) to the node's process.
     pub fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("the node is running");
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("kill runs");
-        assert!(
-            status.success(),
-            "{}: kill -{signal} {pid} failed",
-            self.name
-        );
+        super::send_signal(pid, signal, &self.name);
     }
 
+    /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

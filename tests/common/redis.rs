@@ -67,15 +67,7 @@ impl RedisServer {
     /// Sends `signal` (e.g. `"STOP"`, `"CONT"`) to the server's process.
     pub fn signal(&self, signal: &str) {
         let pid = self.child.as_ref().expect("redis-server is running").id();
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("kill runs");
-        assert!(
-            status.success(),
-            "kill -{signal} {pid} (redis-server) failed"
-        );
+        super::send_signal(pid, signal, "redis-server");
     }
 
     /// Kills the server (SIGKILL) and waits for it; the port is left free. Idempotent.
