@@ -34,13 +34,14 @@ function median(xs) {
 
 const data = {};
 
-// cluster and paced: two nodes + redis-server; the same median-run logic as fan-out
-function clusterData(s, tag) {
-  const all = readJsonl(`${s}-${tag}.jsonl`);
-  const cRuns = all.filter((r) => r.result);
-  const cSorted = [...cRuns].sort((a, b) => a.result.msgsPerSec - b.result.msgsPerSec);
-  const cMed = cSorted.length ? cSorted[Math.floor((cSorted.length - 1) / 2)] : null;
-  const cLoss = cRuns.reduce(
+// The runs of one scenario that produced a result, the run with the median throughput (it
+// represents the server: its latencies come with it), and what all runs lost.
+function summarizeRuns(file) {
+  const all = readJsonl(file);
+  const runs = all.filter((r) => r.result);
+  const sorted = [...runs].sort((a, b) => a.result.msgsPerSec - b.result.msgsPerSec);
+  const med = sorted.length ? sorted[Math.floor((sorted.length - 1) / 2)] : null;
+  const loss = runs.reduce(
     (acc, r) => {
       acc.missing += r.result.missing;
       acc.duplicates += r.result.duplicates;
@@ -51,7 +52,13 @@ function clusterData(s, tag) {
     },
     { missing: 0, duplicates: 0, outOfOrder: 0, problems: 0, failedRuns: 0 },
   );
-  cLoss.failedRuns += all.length - cRuns.length;
+  loss.failedRuns += all.length - runs.length;
+  return { runs, med, loss };
+}
+
+// cluster and paced: two nodes + redis-server
+function clusterData(s, tag) {
+  const { runs: cRuns, med: cMed, loss: cLoss } = summarizeRuns(`${s}-${tag}.jsonl`);
   let cWarnings;
   let cWarnSummary = '';
   try {
@@ -72,22 +79,7 @@ function clusterData(s, tag) {
 
 for (const s of servers) {
   const idle = readJson(`${s}-idle.json`);
-  const runs = readJsonl(`${s}-fanout.jsonl`).filter((r) => r.result);
-  // The run with the median throughput represents the server (its latencies come with it).
-  const sorted = [...runs].sort((a, b) => a.result.msgsPerSec - b.result.msgsPerSec);
-  const med = sorted.length ? sorted[Math.floor((sorted.length - 1) / 2)] : null;
-  const loss = runs.reduce(
-    (acc, r) => {
-      acc.missing += r.result.missing;
-      acc.duplicates += r.result.duplicates;
-      acc.outOfOrder += r.result.outOfOrder;
-      acc.problems += r.result.problems.count + r.result.serverErrors;
-      acc.failedRuns += r.exit === 0 ? 0 : 1;
-      return acc;
-    },
-    { missing: 0, duplicates: 0, outOfOrder: 0, problems: 0, failedRuns: 0 },
-  );
-  loss.failedRuns += readJsonl(`${s}-fanout.jsonl`).length - runs.length;
+  const { runs, med, loss } = summarizeRuns(`${s}-fanout.jsonl`);
   let warnings;
   try {
     warnings = Number(fs.readFileSync(path.join(OUT, `${s}-fanout.warnings`), 'utf8').trim() || 0);
