@@ -304,6 +304,14 @@ async fn read_to_end(client: &mut Client, events: &mut Events) -> Value {
     read_until(client, events, is_end).await
 }
 
+/// Follows a session from its start and reads it to its end: every event, and the last.
+async fn whole_run(app: &TestServer, session_id: &str) -> (Events, Value) {
+    let mut client = follow(app, session_id).await;
+    let mut events = Events::new();
+    let end = read_to_end(&mut client, &mut events).await;
+    (events, end)
+}
+
 fn seq(data: &Value) -> u64 {
     data["seq"]
         .as_u64()
@@ -613,9 +621,7 @@ async fn streams_one_prompt_from_ollama_and_openai() {
     )
     .await;
     assert_eq!(created["metadata"], json!({ "team": "qa", "n": 1 }));
-    let mut client = follow(&app, &id).await;
-    let mut events = Events::new();
-    let completed = read_to_end(&mut client, &mut events).await;
+    let (events, completed) = whole_run(&app, &id).await;
     let providers = [("llama-fake", "ollama"), ("gpt-fake", "openai")];
     let results = check_run(&id, &events, 1, &providers, End::Completed, &[]);
     assert_eq!(results.len(), 2, "{results:?}");
@@ -769,9 +775,7 @@ async fn a_failing_provider_is_retried_until_it_succeeds() {
     .await;
     let prompt = "Retry me";
     let (id, _) = create(&app, json!({ "prompts": [prompt] })).await;
-    let mut client = follow(&app, &id).await;
-    let mut events = Events::new();
-    let completed = read_to_end(&mut client, &mut events).await;
+    let (events, completed) = whole_run(&app, &id).await;
     let results = check_run(&id, &events, 1, &[("flaky", "ollama")], End::Completed, &[]);
     let done = results[&("p1".to_owned(), "flaky".to_owned())]
         .last()
@@ -809,9 +813,7 @@ async fn retries_back_off_exponentially() {
     )
     .await;
     let (id, _) = create(&app, json!({ "prompts": ["Back off"] })).await;
-    let mut client = follow(&app, &id).await;
-    let mut events = Events::new();
-    read_to_end(&mut client, &mut events).await;
+    let (events, _) = whole_run(&app, &id).await;
     check_run(&id, &events, 1, &[("flaky", "ollama")], End::Completed, &[]);
     let at: Vec<Instant> = fake.stats().requests.iter().map(|r| r.at).collect();
     assert_eq!(at.len(), 3);
@@ -846,9 +848,7 @@ async fn a_malformed_stream_is_a_failed_attempt() {
     .await;
     let prompt = "Parse this";
     let (id, _) = create(&app, json!({ "prompts": [prompt] })).await;
-    let mut client = follow(&app, &id).await;
-    let mut events = Events::new();
-    read_to_end(&mut client, &mut events).await;
+    let (events, _) = whole_run(&app, &id).await;
     let results = check_run(
         &id,
         &events,
@@ -876,9 +876,7 @@ async fn a_prompt_whose_every_attempt_fails_fails_the_session() {
     let app = start(&[ollama("broken", &fake).retries(1)]).await;
     let prompt = "Never works";
     let (id, _) = create(&app, json!({ "prompts": [prompt] })).await;
-    let mut client = follow(&app, &id).await;
-    let mut events = Events::new();
-    read_to_end(&mut client, &mut events).await;
+    let (events, _) = whole_run(&app, &id).await;
     let results = check_run(&id, &events, 1, &[("broken", "ollama")], End::Failed, &[]);
     let failed = results[&("p1".to_owned(), "broken".to_owned())]
         .last()
@@ -917,9 +915,7 @@ async fn a_session_with_some_failed_prompts_still_completes() {
         json!({ "prompts": [{ "id": "alpha", "text": good }, { "id": "beta", "text": bad }] }),
     )
     .await;
-    let mut client = follow(&app, &id).await;
-    let mut events = Events::new();
-    let completed = read_to_end(&mut client, &mut events).await;
+    let (events, completed) = whole_run(&app, &id).await;
     check_run(
         &id,
         &events,
@@ -960,9 +956,7 @@ async fn a_rejected_api_key_is_a_failure() {
     .await;
     let app = start(&[openai("gpt-fake", &fake).key_env(WRONG_KEY_ENV)]).await;
     let (id, _) = create(&app, json!({ "prompts": ["Who am I?"] })).await;
-    let mut client = follow(&app, &id).await;
-    let mut events = Events::new();
-    read_to_end(&mut client, &mut events).await;
+    let (events, _) = whole_run(&app, &id).await;
     check_run(&id, &events, 1, &[("gpt-fake", "openai")], End::Failed, &[]);
     let stats = fake.stats();
     assert_eq!(stats.requests.len(), 1, "no retries configured");
@@ -989,9 +983,7 @@ async fn a_provider_that_never_answers_times_out() {
     .await;
     let began = Instant::now();
     let (id, _) = create(&app, json!({ "prompts": ["Anyone there?"] })).await;
-    let mut client = follow(&app, &id).await;
-    let mut events = Events::new();
-    read_to_end(&mut client, &mut events).await;
+    let (events, _) = whole_run(&app, &id).await;
     let results = check_run(
         &id,
         &events,
@@ -1054,9 +1046,7 @@ async fn fallback_tries_models_in_order_until_one_succeeds() {
         json!({ "prompts": [prompt], "strategy": "fallback", "models": ["model-a", "model-b", "model-c"] }),
     )
     .await;
-    let mut client = follow(&app, &id).await;
-    let mut events = Events::new();
-    let completed = read_to_end(&mut client, &mut events).await;
+    let (events, completed) = whole_run(&app, &id).await;
     let providers = [
         ("model-a", "ollama"),
         ("model-b", "openai"),
@@ -1674,9 +1664,7 @@ async fn concurrency_limits_hold_per_model_and_overall() {
     let single = FakeLlm::start(slow(5, 20)).await;
     let app = start(&[ollama("single", &single).max_concurrency(1)]).await;
     let (id, _) = create(&app, json!({ "prompts": ["one", "two", "three"] })).await;
-    let mut client = follow(&app, &id).await;
-    let mut events = Events::new();
-    read_to_end(&mut client, &mut events).await;
+    let (events, _) = whole_run(&app, &id).await;
     check_run(
         &id,
         &events,
@@ -1730,9 +1718,7 @@ async fn simulated_models_fail_when_told_to() {
         json!({ "prompts": ["All good", "Doomed [fail]", "Only b fails [fail:sim-b]"] }),
     )
     .await;
-    let mut client = follow(&app, &id).await;
-    let mut events = Events::new();
-    let completed = read_to_end(&mut client, &mut events).await;
+    let (events, completed) = whole_run(&app, &id).await;
     let providers = [
         ("sim-a", "simulated"),
         ("sim-b", "simulated"),
