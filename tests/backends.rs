@@ -1015,6 +1015,30 @@ async fn store_follows_a_new_epoch(log: Arc<dyn EventLog>, store: Arc<dyn Sessio
     );
 }
 
+store_suite!(store_folds_each_event_once);
+/// Applying events that are already folded (a retried publish whose first attempt landed)
+/// changes nothing: the snapshot stays the fold of the log.
+async fn store_folds_each_event_once(log: Arc<dyn EventLog>, store: Arc<dyn SessionStore>) {
+    let (log, store) = (&*log, &*store);
+    let sid = "s-again";
+    let first = publish(log, store, sid, vec![progress(10), progress(40)]).await;
+    publish(
+        log,
+        store,
+        sid,
+        vec![draft(EventKind::Completed, json!({ "result": "done" }))],
+    )
+    .await;
+    store
+        .apply(sid, &first.head.epoch, &first.appended)
+        .await
+        .unwrap();
+    let snap = get(store, sid).await;
+    assert_eq!(snap.summary.status, SessionStatus::Completed, "{snap:?}");
+    assert_eq!(snap.summary.progress, 100.0, "{snap:?}");
+    assert_eq!(comparable(&snap), folded(log, sid, Value::Null).await);
+}
+
 // ---------------------------------------------------------------------------------------
 // Several nodes on one Redis (Redis only)
 

@@ -179,13 +179,8 @@ impl SessionStore for RedisStore {
                 let missing = self.missing(session_id, done, first).await?;
                 snapshot.apply(&missing, epoch);
             }
-            let fresh: Vec<&Appended> = events
-                .iter()
-                .filter(|a| a.event.seq > snapshot.summary.last_seq)
-                .collect();
-            for appended in fresh {
-                snapshot.apply(std::slice::from_ref(appended), epoch);
-            }
+            // The fold skips what it already has (another node may have folded some).
+            snapshot.apply(events, epoch);
             if self.write(session_id, raw.as_deref(), &snapshot).await? {
                 return Ok(());
             }
