@@ -300,10 +300,8 @@ async fn load_snapshot(
 ) -> Result<crate::store::Snapshot, ApiError> {
     state
         .hub
-        .store()
-        .get(session_id)
-        .await
-        .map_err(HubError::from)?
+        .snapshot(session_id)
+        .await?
         .ok_or_else(|| ApiError::not_found(session_id))
 }
 
@@ -381,12 +379,7 @@ async fn list_sessions(
             )
         })?),
     };
-    let sessions = state
-        .hub
-        .store()
-        .list(status)
-        .await
-        .map_err(HubError::from)?;
+    let sessions = state.hub.sessions(status).await?;
     Ok(Json(json!({ "sessions": sessions })).into_response())
 }
 
@@ -453,7 +446,7 @@ async fn history(
 
 /// Ready while the log's backend answers (always, in memory; Redis must be reachable).
 async fn readyz(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    state.hub.log().ready().await.map_err(|e| {
+    state.hub.ready().await.map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "NOT_READY",

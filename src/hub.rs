@@ -17,13 +17,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
+use serde_json::Value;
 use socketioxide::SocketIo;
 use socketioxide::extract::SocketRef;
 
 use crate::event::{EventDraft, now_timestamp};
 use crate::log::{Appended, EventLog, LogError, LogHead, LogSlice, LoggedEvent};
 use crate::metrics::Metrics;
-use crate::store::{SessionStore, StoreError};
+use crate::event::SessionStatus;
+use crate::store::{SessionStore, SessionSummary, Snapshot, StoreError};
 
 /// How long a replay may wait for a socket's queue to drain before the socket counts as a
 /// slow consumer and is disconnected (it recovers by replay when it reconnects).
@@ -132,14 +134,6 @@ impl Hub {
                 metrics,
             }),
         }
-    }
-
-    pub fn log(&self) -> &dyn EventLog {
-        &*self.inner.log
-    }
-
-    pub fn store(&self) -> &dyn SessionStore {
-        &*self.inner.store
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -480,6 +474,29 @@ impl Hub {
 
     pub fn unsubscribe(&self, socket: &SocketRef, session_id: &str) {
         socket.leave(session_id.to_owned());
+    }
+
+    /// The session's snapshot, `None` when it is unknown.
+    pub async fn snapshot(&self, session_id: &str) -> Result<Option<Snapshot>, HubError> {
+        Ok(self.inner.store.get(session_id).await?)
+    }
+
+    /// Summaries of the sessions held, optionally only those with `status`.
+    pub async fn sessions(
+        &self,
+        status: Option<SessionStatus>,
+    ) -> Result<Vec<SessionSummary>, HubError> {
+        Ok(self.inner.store.list(status).await?)
+    }
+
+    /// Attaches a creator's metadata to a session's snapshot.
+    pub async fn set_metadata(&self, session_id: &str, metadata: Value) -> Result<(), HubError> {
+        Ok(self.inner.store.set_metadata(session_id, metadata).await?)
+    }
+
+    /// Whether the backend can serve requests now (for `/readyz`).
+    pub async fn ready(&self) -> Result<(), HubError> {
+        Ok(self.inner.log.ready().await?)
     }
 
     pub async fn head(&self, session_id: &str) -> Result<LogHead, HubError> {

@@ -203,10 +203,8 @@ impl Orchestrator {
         if let Some(metadata) = request.metadata {
             self.inner
                 .hub
-                .store()
                 .set_metadata(&session_id, Value::Object(metadata))
-                .await
-                .map_err(HubError::from)?;
+                .await?;
         }
         let (tx, rx) = mpsc::channel(RUN_QUEUE);
         self.inner
@@ -406,10 +404,8 @@ impl Orchestrator {
     ) -> Result<crate::store::Snapshot, OrchestratorError> {
         self.inner
             .hub
-            .store()
-            .get(session_id)
-            .await
-            .map_err(HubError::from)?
+            .snapshot(session_id)
+            .await?
             .ok_or_else(|| OrchestratorError::SessionNotFound(session_id.to_owned()))
     }
 }
