@@ -81,8 +81,9 @@ pub struct Config {
     #[arg(long, env = "HERALD_MAX_BATCH", default_value_t = 1000)]
     pub max_batch: usize,
 
-    /// Packets queued per socket before it counts as a slow consumer. Raised to at least
-    /// max-events-per-session + 64 so a full replay always fits.
+    /// Packets queued per socket. A live event that finds the queue full drops the socket's
+    /// connection (it reconnects and recovers by replay); a replay larger than the queue is
+    /// sent as the client reads, within the replay deadline.
     #[arg(long, env = "HERALD_SOCKET_BUFFER", default_value_t = 1024)]
     pub socket_buffer: usize,
 
@@ -124,11 +125,5 @@ impl Config {
 
     pub fn session_ttl(&self) -> Duration {
         Duration::from_secs(self.session_ttl_secs)
-    }
-
-    /// The per-socket queue must hold a whole replay plus the `subscribed` reply.
-    pub fn effective_socket_buffer(&self) -> usize {
-        let replay = usize::try_from(self.max_events_per_session).unwrap_or(usize::MAX);
-        self.socket_buffer.max(replay.saturating_add(64))
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
-use socketioxide::SocketIo;
+use socketioxide::{BroadcastError, SocketError, SocketIo};
 use socketioxide::extract::SocketRef;
 
 use crate::event::{EventDraft, now_timestamp};
@@ -27,9 +27,13 @@ use crate::metrics::Metrics;
 use crate::event::SessionStatus;
 use crate::store::{SessionStore, SessionSummary, Snapshot, StoreError};
 
-/// How long a replay may wait for a socket's queue to drain before the socket counts as a
-/// slow consumer and is disconnected (it recovers by replay when it reconnects).
-const REPLAY_DRAIN_LIMIT: Duration = Duration::from_secs(5);
+/// How long a whole replay may take before the socket counts as a slow consumer and is cut
+/// off (it recovers by replay when it reconnects).
+const REPLAY_DEADLINE: Duration = Duration::from_secs(10);
+/// How often a replay that outgrew its socket's queue looks for room again.
+const REPLAY_POLL: Duration = Duration::from_millis(5);
+/// Most events a replay reads from the log at a time.
+const REPLAY_BATCH: usize = 1_000;
 
 /// Most events one catch-up reads from the log at a time (cluster mode).
 const CATCH_UP_BATCH: usize = 1_000;
@@ -42,6 +46,8 @@ pub enum HubError {
     Store(#[from] StoreError),
     #[error("the socket is gone")]
     SocketGone,
+    #[error("the socket could not keep up and was disconnected")]
+    SlowConsumer,
 }
 
 /// What a publish did, for the ingest reply.
@@ -95,6 +101,69 @@ impl Cursor {
     /// Whether this node has delivered what `announced` says was logged.
     fn covers(&self, announced: &Announced) -> bool {
         self.epoch.as_deref() == Some(announced.epoch.as_str()) && announced.seq <= self.delivered
+    }
+}
+
+/// Whether `events` (read after `after`) continue it without a hole up to `last_seq`.
+fn continues(events: &[Arc<LoggedEvent>], after: u64, last_seq: u64) -> bool {
+    after >= last_seq || events.first().is_some_and(|e| e.seq == after + 1)
+}
+
+/// One socket's replay in progress: what it has been sent and what is still to send.
+struct Replay<'a> {
+    socket: &'a SocketRef,
+    /// The socket has every event up to here.
+    sent: u64,
+    epoch: String,
+    pending: std::collections::VecDeque<Arc<LoggedEvent>>,
+    count: u64,
+}
+
+impl<'a> Replay<'a> {
+    fn new(socket: &'a SocketRef, after: u64, epoch: String) -> Self {
+        Self {
+            socket,
+            sent: after,
+            epoch,
+            pending: Default::default(),
+            count: 0,
+        }
+    }
+
+    /// Queues the events read after `sent`, up to `last_seq` (a read may return more: other
+    /// nodes log while it runs, and the room delivers those).
+    fn queue(&mut self, events: Vec<Arc<LoggedEvent>>, last_seq: u64) {
+        self.pending
+            .extend(events.into_iter().filter(|e| e.seq > self.sent && e.seq <= last_seq));
+    }
+
+    /// Sends what the socket's queue takes now, without waiting; true when nothing is left.
+    fn send_what_fits(&mut self) -> Result<bool, HubError> {
+        while let Some(event) = self.pending.front() {
+            match self.socket.emit(event.kind.as_str(), &*event.json) {
+                Ok(()) => {
+                    self.sent = event.seq;
+                    self.count += 1;
+                    self.pending.pop_front();
+                }
+                Err(_) if !self.socket.connected() => return Err(HubError::SocketGone),
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Sends everything pending, waiting for room in the socket's queue until `deadline`.
+    async fn send_all_by(&mut self, deadline: tokio::time::Instant) -> Result<(), HubError> {
+        while !self.send_what_fits()? {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(HubError::SlowConsumer);
+            }
+            // The engine gives no signal when a queue drains; a replay that outgrew the queue
+            // is rare, and this wait holds nothing but this socket.
+            tokio::time::sleep(REPLAY_POLL).await;
+        }
+        Ok(())
     }
 }
 
@@ -373,7 +442,7 @@ impl Hub {
         let sockets = self.inner.io.to(session_id.to_owned()).sockets();
         let count = sockets.len();
         for socket in sockets {
-            socket.disconnect().ok();
+            socket.close_transport();
         }
         count
     }
@@ -395,81 +464,119 @@ impl Hub {
             .await
         {
             Ok(()) => self.inner.metrics.broadcasts.inc(),
+            Err(BroadcastError::Socket(errors)) => {
+                // A socket whose queue was full has had its connection dropped (by the
+                // broadcast itself, see vendor/socketioxide/HERALD-PATCH.md): it reconnects and
+                // recovers by replay. Closed sockets were leaving anyway.
+                let full = errors
+                    .iter()
+                    .filter(|e| matches!(e, SocketError::InternalChannelFull))
+                    .count();
+                if full > 0 {
+                    self.inner.metrics.slow_consumers.add(full as u64);
+                    tracing::warn!(session_id, seq = event.seq, sockets = full, "slow consumers: dropped their connections");
+                }
+                self.inner.metrics.broadcasts.inc();
+            }
             Err(error) => {
-                // Only full or closed socket queues fail here; those sockets recover by replay.
                 self.inner.metrics.broadcast_failures.inc();
-                tracing::warn!(session_id, seq = event.seq, %error, "broadcast did not reach every socket");
+                tracing::warn!(session_id, seq = event.seq, %error, "broadcast failed");
             }
         }
     }
 
     /// Joins `socket` to the session's room and replays what it missed, in order.
+    ///
+    /// The replay is read under the session's gate but sent outside it: under the gate a
+    /// socket only gets what its queue takes at once (the common case: all of it), so no
+    /// socket ever delays the session's producers or its other subscribers. A socket that
+    /// needs more waits for room without the gate, then takes the gate again for what was
+    /// logged meanwhile, and joins the room only once it has everything up to the head. A
+    /// socket that cannot take its replay within [`REPLAY_DEADLINE`] is cut off.
     pub async fn subscribe(
         &self,
         socket: &SocketRef,
         session_id: &str,
         resume: Option<Resume>,
     ) -> Result<Subscribed, HubError> {
+        let deadline = tokio::time::Instant::now() + REPLAY_DEADLINE;
         let gate = self.gate(session_id);
-        let mut cursor = gate.lock().await;
-        let head = self.inner.log.head(session_id).await?;
-        // The room must be at the head before this socket joins it at the head.
-        self.deliver(session_id, &mut cursor, &head.epoch, head.last_seq, &[])
-            .await?;
-        let recovered = resume
-            .as_ref()
-            .map(|r| head.can_resume(r.last_seq, r.epoch.as_deref()));
-        let replay = match (&resume, recovered) {
-            (Some(r), Some(true)) if r.last_seq < head.last_seq => {
-                // Up to the head read above, no further: the room gets what comes after it
-                // (other nodes may log more while this runs).
-                let count = usize::try_from(head.last_seq - r.last_seq).unwrap_or(usize::MAX);
-                let mut events = self
-                    .inner
-                    .log
-                    .read(session_id, r.last_seq, count)
-                    .await?
-                    .events;
-                events.retain(|e| e.seq <= head.last_seq);
-                events
-            }
-            _ => Vec::new(),
-        };
-        let reply = Subscribed {
-            session_id: session_id.to_owned(),
-            timestamp: now_timestamp(),
-            last_seq: head.last_seq,
-            epoch: head.epoch,
-            recovered,
-        };
-        socket.join(session_id.to_owned());
-        if socket.emit("subscribed", &reply).is_err() {
+        let (reply, mut replay) = {
+            let mut cursor = gate.lock().await;
+            // A socket already in the room would get live events in the middle of its replay.
             socket.leave(session_id.to_owned());
-            return Err(HubError::SocketGone);
+            let after = resume.as_ref().map_or(0, |r| r.last_seq);
+            // The head and the first events in one read, so that they agree (another node may
+            // trim the log in between two reads).
+            let slice = self.inner.log.read(session_id, after, REPLAY_BATCH).await?;
+            let head = slice.head.clone();
+            // The room must be at the head before this socket joins it at the head.
+            self.deliver(session_id, &mut cursor, &head.epoch, head.last_seq, &[])
+                .await?;
+            let recovered = resume.as_ref().map(|r| {
+                head.can_resume(r.last_seq, r.epoch.as_deref())
+                    && continues(&slice.events, r.last_seq, head.last_seq)
+            });
+            let reply = Subscribed {
+                session_id: session_id.to_owned(),
+                timestamp: now_timestamp(),
+                last_seq: head.last_seq,
+                epoch: head.epoch.clone(),
+                recovered,
+            };
+            if socket.emit("subscribed", &reply).is_err() {
+                return Err(HubError::SocketGone);
+            }
+            if recovered != Some(true) {
+                socket.join(session_id.to_owned());
+                return Ok(reply);
+            }
+            let mut replay = Replay::new(socket, after, head.epoch);
+            replay.queue(slice.events, head.last_seq);
+            if replay.send_what_fits()? && replay.sent == head.last_seq {
+                socket.join(session_id.to_owned());
+                self.inner.metrics.replayed.add(replay.count);
+                return Ok(reply);
+            }
+            (reply, replay)
+        };
+        loop {
+            if let Err(error) = replay.send_all_by(deadline).await {
+                if matches!(error, HubError::SlowConsumer) {
+                    self.cut_off(socket, "could not take its replay in time");
+                }
+                return Err(error);
+            }
+            let mut cursor = gate.lock().await;
+            let slice = self
+                .inner
+                .log
+                .read(session_id, replay.sent, REPLAY_BATCH)
+                .await?;
+            let head = &slice.head;
+            if head.epoch != replay.epoch || !continues(&slice.events, replay.sent, head.last_seq)
+            {
+                // What it still needs left the log while it was reading slowly.
+                self.cut_off(socket, "fell behind the retained log during its replay");
+                return Err(HubError::SlowConsumer);
+            }
+            self.deliver(session_id, &mut cursor, &head.epoch, head.last_seq, &[])
+                .await?;
+            let last_seq = head.last_seq;
+            replay.queue(slice.events, last_seq);
+            if replay.send_what_fits()? && replay.sent == last_seq {
+                socket.join(session_id.to_owned());
+                self.inner.metrics.replayed.add(replay.count);
+                return Ok(reply);
+            }
         }
-        for event in &replay {
-            self.send_replayed(socket, event).await?;
-        }
-        self.inner.metrics.replayed.add(replay.len() as u64);
-        Ok(reply)
     }
 
-    /// Sends one replayed event, waiting (bounded) while the socket's queue is full.
-    async fn send_replayed(&self, socket: &SocketRef, event: &LoggedEvent) -> Result<(), HubError> {
-        let deadline = tokio::time::Instant::now() + REPLAY_DRAIN_LIMIT;
-        loop {
-            match socket.emit(event.kind.as_str(), &*event.json) {
-                Ok(()) => return Ok(()),
-                Err(_) if !socket.connected() => return Err(HubError::SocketGone),
-                Err(_) if tokio::time::Instant::now() >= deadline => {
-                    tracing::warn!(sid = %socket.id, "slow consumer during replay: disconnecting");
-                    self.inner.metrics.slow_consumers.inc();
-                    socket.clone().disconnect().ok();
-                    return Err(HubError::SocketGone);
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
-        }
+    /// Drops one socket's connection because it cannot keep up; it reconnects and resumes.
+    fn cut_off(&self, socket: &SocketRef, why: &str) {
+        tracing::warn!(sid = %socket.id, why, "slow consumer: dropping its connection");
+        self.inner.metrics.slow_consumers.inc();
+        socket.close_transport();
     }
 
     pub fn unsubscribe(&self, socket: &SocketRef, session_id: &str) {
@@ -530,14 +637,19 @@ impl Hub {
         Ok(expired.len())
     }
 
-    /// Drops this node's sockets that follow `session_id`, as a network failure would
-    /// (development mode only: clients' reconnection is tested with it). Returns how many.
+    /// Drops the connections of this node's sockets that follow `session_id`, as a network
+    /// failure would (development mode only: clients' reconnection is tested with it).
+    /// Returns how many.
     pub async fn drop_followers(&self, session_id: &str) -> usize {
         self.disconnect_followers(session_id)
     }
 
-    /// Disconnects every socket (server shutdown).
+    /// Drops every socket's connection (server shutdown), as a network failure would, so
+    /// clients reconnect (to another node, or to this one once it is back) and resume.
     pub async fn close(&self) {
+        for socket in self.inner.io.sockets() {
+            socket.close_transport();
+        }
         self.inner.io.close().await;
     }
 }

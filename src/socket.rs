@@ -10,6 +10,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use tokio::sync::oneshot;
+
 use serde::Serialize;
 use serde_json::{Value, json};
 use socketioxide::SocketIo;
@@ -37,6 +39,35 @@ struct StateInner {
     sessions: HashSet<String>,
     tokens: f64,
     refilled: Instant,
+    /// Done when the socket's latest request is: the next one waits for it.
+    latest: Option<oneshot::Receiver<()>>,
+}
+
+/// A request's place in its socket's line: requests run one at a time, in arrival order.
+struct Turn {
+    after: Option<oneshot::Receiver<()>>,
+    /// Dropped when the request is done, which lets the next one go.
+    _done: oneshot::Sender<()>,
+}
+
+impl SocketState {
+    /// Takes the next place in line. Called synchronously when a packet arrives (socketioxide
+    /// calls the handler in arrival order, then spawns the future it returns), so the line
+    /// follows the order the client sent its requests in.
+    fn take_turn(&self) -> Turn {
+        let (done, next) = oneshot::channel();
+        let after = self.inner.lock().unwrap().latest.replace(next);
+        Turn { after, _done: done }
+    }
+}
+
+impl Turn {
+    async fn wait(&mut self) {
+        if let Some(previous) = self.after.take() {
+            // An error only means the previous request's task ended: it is done either way.
+            let _ = previous.await;
+        }
+    }
 }
 
 /// A request refused, with the code clients match on.
@@ -102,6 +133,7 @@ fn install(socket: &SocketRef, hub: Hub, limits: SocketLimits) {
             sessions: HashSet::new(),
             tokens: f64::from(limits.requests_per_sec) * 2.0,
             refilled: Instant::now(),
+            latest: None,
         }),
     });
     let on_event = {
@@ -113,7 +145,11 @@ fn install(socket: &SocketRef, hub: Hub, limits: SocketLimits) {
               ack: AckSender| {
             let hub = hub.clone();
             let state = state.clone();
+            let mut turn = state.take_turn();
             async move {
+                // One request at a time per socket: a subscribe and an unsubscribe of the same
+                // socket never interleave, so its subscription count is always exact.
+                turn.wait().await;
                 if !until_connected(&socket).await {
                     return;
                 }
@@ -226,6 +262,7 @@ async fn subscribe(
             }
             let code = match error {
                 HubError::SocketGone => "SOCKET_GONE",
+                HubError::SlowConsumer => "SLOW_CONSUMER",
                 HubError::Log(_) | HubError::Store(_) => "INTERNAL",
             };
             tracing::error!(session_id, %error, "subscribe failed");

@@ -477,6 +477,13 @@ where
         (self.close_fn)(self.id, reason);
     }
 
+    /// (herald patch) Drops the connection without sending a close packet first, as a
+    /// network failure would: clients take an engine.io close packet as final (python-engineio
+    /// does not reconnect after one), but they reconnect after a dropped transport.
+    pub fn drop_connection(&self, reason: DisconnectReason) {
+        (self.close_fn)(self.id, reason);
+    }
+
     /// Returns true if the socket is closed
     /// It means that no more packets can be sent to the client
     pub fn is_closed(&self) -> bool {

@@ -306,6 +306,10 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
             };
         }
 
+    // (herald patch) A client that stopped reading blocks the writes below forever, and with
+    // them its connection. Once the session is closed the writer gets CLOSE_GRACE to flush
+    // what is queued; then the connection is dropped.
+    let writer = async {
     // Forward buffered packets until the channel is closed or the session is cancelled.
     loop {
         tokio::select! {
@@ -348,7 +352,22 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
 
     tx.flush().await.ok();
     tx.close().await.ok();
+    };
+    let closed_long_enough = async {
+        socket.cancellation_token.cancelled().await;
+        tokio::time::sleep(CLOSE_GRACE).await;
+    };
+    tokio::select! {
+        _ = writer => {}
+        _ = closed_long_enough => {
+            #[cfg(feature = "tracing")]
+            tracing::debug!(sid = %socket.id, "ws writer still blocked after close: dropping the connection");
+        }
+    }
 }
+
+/// (herald patch) How long a closed session's websocket writer may still take to flush.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Send a Engine.IO [`OpenPacket`] to initiate a websocket connection
 async fn init_handshake<S>(
     sid: Sid,
