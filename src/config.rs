@@ -83,7 +83,8 @@ pub struct Config {
 
     /// Packets queued per socket. A live event that finds the queue full drops the socket's
     /// connection (it reconnects and recovers by replay); a replay larger than the queue is
-    /// sent as the client reads, within the replay deadline.
+    /// sent as the client reads, within the replay deadline. Raised to at least
+    /// max-batch + 64: a batch is broadcast back to back, faster than any client reads.
     #[arg(long, env = "HERALD_SOCKET_BUFFER", default_value_t = 1024)]
     pub socket_buffer: usize,
 
@@ -121,6 +122,11 @@ impl Config {
             Command::Serve(config) => *config,
             Command::Demo(_) => unreachable!("parsed from `serve`"),
         }
+    }
+
+    /// The per-socket queue must hold a whole ingest batch plus a few replies.
+    pub fn effective_socket_buffer(&self) -> usize {
+        self.socket_buffer.max(self.max_batch.saturating_add(64))
     }
 
     pub fn session_ttl(&self) -> Duration {

@@ -67,7 +67,7 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let (io_layer, io) = SocketIo::builder()
             .max_payload(config.max_payload)
-            .max_buffer_size(config.socket_buffer.max(1))
+            .max_buffer_size(config.effective_socket_buffer())
             .ping_interval(Duration::from_millis(config.ping_interval_ms))
             .ping_timeout(Duration::from_millis(config.ping_timeout_ms))
             .ws_read_buffer_size(config.ws_read_buffer)
