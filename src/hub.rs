@@ -18,13 +18,13 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
-use socketioxide::{BroadcastError, SocketError, SocketIo};
 use socketioxide::extract::SocketRef;
+use socketioxide::{BroadcastError, SocketError, SocketIo};
 
+use crate::event::SessionStatus;
 use crate::event::{EventDraft, now_timestamp};
 use crate::log::{Appended, EventLog, LogError, LogHead, LogSlice, LoggedEvent};
 use crate::metrics::Metrics;
-use crate::event::SessionStatus;
 use crate::store::{SessionStore, SessionSummary, Snapshot, StoreError};
 
 /// How long a whole replay may take before the socket counts as a slow consumer and is cut
@@ -133,8 +133,11 @@ impl<'a> Replay<'a> {
     /// Queues the events read after `sent`, up to `last_seq` (a read may return more: other
     /// nodes log while it runs, and the room delivers those).
     fn queue(&mut self, events: Vec<Arc<LoggedEvent>>, last_seq: u64) {
-        self.pending
-            .extend(events.into_iter().filter(|e| e.seq > self.sent && e.seq <= last_seq));
+        self.pending.extend(
+            events
+                .into_iter()
+                .filter(|e| e.seq > self.sent && e.seq <= last_seq),
+        );
     }
 
     /// Sends what the socket's queue takes now, without waiting; true when nothing is left.
@@ -474,7 +477,12 @@ impl Hub {
                     .count();
                 if full > 0 {
                     self.inner.metrics.slow_consumers.add(full as u64);
-                    tracing::warn!(session_id, seq = event.seq, sockets = full, "slow consumers: dropped their connections");
+                    tracing::warn!(
+                        session_id,
+                        seq = event.seq,
+                        sockets = full,
+                        "slow consumers: dropped their connections"
+                    );
                 }
                 self.inner.metrics.broadcasts.inc();
             }
@@ -554,8 +562,7 @@ impl Hub {
                 .read(session_id, replay.sent, REPLAY_BATCH)
                 .await?;
             let head = &slice.head;
-            if head.epoch != replay.epoch || !continues(&slice.events, replay.sent, head.last_seq)
-            {
+            if head.epoch != replay.epoch || !continues(&slice.events, replay.sent, head.last_seq) {
                 // What it still needs left the log while it was reading slowly.
                 self.cut_off(socket, "fell behind the retained log during its replay");
                 return Err(HubError::SlowConsumer);

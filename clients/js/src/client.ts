@@ -34,8 +34,10 @@ export interface HeraldClientOptions extends Partial<ManagerOptions & SocketOpti
   headers?: Record<string, string>;
   /**
    * socket.io-client does not reconnect after the server disconnects a socket
-   * (`io server disconnect`). herald does that to slow consumers and on shutdown, so by
-   * default the client reconnects then too (unless `reconnection: false`).
+   * (`io server disconnect`). herald drops the transport instead when it cuts a socket off
+   * (slow consumer, lagging node, shutdown), which socket.io-client retries by itself; this
+   * option covers servers (or proxies) that still send DISCONNECT: by default the client
+   * reconnects then too (unless `reconnection: false`).
    */
   reconnectOnServerDisconnect?: boolean;
   /** Ack timeout of `subscribe` before it is re-sent, ms (default 10000). */
