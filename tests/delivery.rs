@@ -106,7 +106,7 @@ fn assert_contiguous(seqs: &[u64], from: u64, what: &str) {
     }
 }
 
-async fn slow_consumers(server: &common::TestServer) -> u64 {
+async fn metric(server: &common::TestServer, name: &str) -> u64 {
     let text = reqwest::get(server.url("/metrics"))
         .await
         .unwrap()
@@ -114,9 +114,29 @@ async fn slow_consumers(server: &common::TestServer) -> u64 {
         .await
         .unwrap();
     text.lines()
-        .find_map(|l| l.strip_prefix("herald_slow_consumers_total "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
-        .expect("herald_slow_consumers_total is exported")
+        .unwrap_or_else(|| panic!("{name} is exported"))
+}
+
+async fn slow_consumers(server: &common::TestServer) -> u64 {
+    metric(server, "herald_slow_consumers_total").await
+}
+
+/// Waits until the metric `name` reads `value`.
+async fn until_metric(server: &common::TestServer, name: &str, value: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let now = metric(server, name).await;
+        if now == value {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} stayed at {now}, not {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,6 +167,8 @@ async fn a_reader_that_stops_is_cut_off_and_recovers_without_a_gap() {
         slow_consumers(&server).await >= 1,
         "the stalled socket counts as a slow consumer"
     );
+    // The server let go of it although it still reads nothing: only the watcher is left.
+    until_metric(&server, "herald_connections", 1).await;
 
     // The stalled reader wakes up: it has a gap-free prefix, then finds its connection gone.
     let got = stalled.read_until_dropped(WAIT).await;
@@ -205,7 +227,7 @@ async fn a_slow_replay_never_holds_up_the_producer_or_other_subscribers() {
 
     // Reading again within the replay deadline, it gets everything in order, then live.
     let reader = tokio::spawn(stalled.read_until_dropped(Duration::from_secs(30)));
-    wait_until_replayed(&server, 3_001).await;
+    until_metric(&server, "herald_replayed_events_total", 3_001).await;
     let (status, _) = server.post_events(session, &batch(3_002, 1)).await;
     assert_eq!(status, 202);
     assert_eq!(watcher.wait_for("progress").await["seq"], 3_002);
@@ -220,33 +242,6 @@ async fn a_slow_replay_never_holds_up_the_producer_or_other_subscribers() {
     assert_contiguous(&got, 1, "the slow replay, then live");
     assert_eq!(got.last(), Some(&3_002));
     server.shutdown().await;
-}
-
-/// Waits until the server has replayed at least `n` events in all (the metric moves when a
-/// replay is complete and its socket has joined the room).
-async fn wait_until_replayed(server: &common::TestServer, n: u64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let text = reqwest::get(server.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let replayed: u64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("herald_replayed_events_total "))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("herald_replayed_events_total is exported");
-        if replayed >= n {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "replayed only {replayed}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
