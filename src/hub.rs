@@ -515,8 +515,9 @@ impl Hub {
             socket.leave(session_id.to_owned());
             let after = resume.as_ref().map_or(0, |r| r.last_seq);
             // The head and the first events in one read, so that they agree (another node may
-            // trim the log in between two reads).
-            let slice = self.inner.log.read(session_id, after, REPLAY_BATCH).await?;
+            // trim the log in between two reads). Without `lastSeq` there is nothing to replay.
+            let limit = if resume.is_some() { REPLAY_BATCH } else { 0 };
+            let slice = self.inner.log.read(session_id, after, limit).await?;
             let head = slice.head.clone();
             // The room must be at the head before this socket joins it at the head.
             self.deliver(session_id, &mut cursor, &head.epoch, head.last_seq, &[])
