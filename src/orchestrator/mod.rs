@@ -18,6 +18,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::cluster::{Cluster, CommandHandler, RemoteCommand, RemoteReply};
+use crate::error::ErrorCode;
 use crate::event::{EventDraft, EventKind, validate_session_id};
 use crate::hub::{Hub, HubError};
 use crate::providers::{self, Provider};
@@ -47,24 +48,24 @@ pub enum OrchestratorError {
     Hub(#[from] HubError),
     /// Refused by the node that runs the session.
     #[error("{message}")]
-    Remote { code: String, message: String },
+    Remote { code: ErrorCode, message: String },
     #[error("the node running the session is unreachable: {0}")]
     NodeUnavailable(String),
 }
 
 impl OrchestratorError {
-    /// The machine-readable code clients match on.
-    pub fn code(&self) -> &str {
+    /// The machine-readable code clients match on; it also decides the HTTP status.
+    pub fn code(&self) -> ErrorCode {
         match self {
-            OrchestratorError::Invalid(_) => "INVALID_REQUEST",
-            OrchestratorError::UnknownModel(_) => "UNKNOWN_MODEL",
-            OrchestratorError::SessionNotFound(_) => "SESSION_NOT_FOUND",
-            OrchestratorError::ClarificationNotFound(_) => "CLARIFICATION_NOT_FOUND",
-            OrchestratorError::ClarificationClosed(..) => "CLARIFICATION_CLOSED",
-            OrchestratorError::SessionEnded(_) => "SESSION_ENDED",
-            OrchestratorError::Hub(_) => "INTERNAL",
-            OrchestratorError::Remote { code, .. } => code,
-            OrchestratorError::NodeUnavailable(_) => "NODE_UNAVAILABLE",
+            OrchestratorError::Invalid(_) => ErrorCode::InvalidRequest,
+            OrchestratorError::UnknownModel(_) => ErrorCode::UnknownModel,
+            OrchestratorError::SessionNotFound(_) => ErrorCode::SessionNotFound,
+            OrchestratorError::ClarificationNotFound(_) => ErrorCode::ClarificationNotFound,
+            OrchestratorError::ClarificationClosed(..) => ErrorCode::ClarificationClosed,
+            OrchestratorError::SessionEnded(_) => ErrorCode::SessionEnded,
+            OrchestratorError::Hub(_) => ErrorCode::Internal,
+            OrchestratorError::Remote { code, .. } => *code,
+            OrchestratorError::NodeUnavailable(_) => ErrorCode::NodeUnavailable,
         }
     }
 }
@@ -290,7 +291,10 @@ impl Orchestrator {
             Ok(None) | Ok(Some(RemoteReply::NotRunning)) => None,
             Ok(Some(RemoteReply::Done)) => Some(Ok(())),
             Ok(Some(RemoteReply::Refused { code, message })) => {
-                Some(Err(OrchestratorError::Remote { code, message }))
+                Some(Err(OrchestratorError::Remote {
+                    code: remote_code(&code),
+                    message,
+                }))
             }
             Err(error) => Some(Err(OrchestratorError::NodeUnavailable(error.to_string()))),
         }
@@ -305,7 +309,7 @@ impl Orchestrator {
         }
         let error = json!({
             "error": "the node running this session stopped; start the session again",
-            "code": "NODE_LOST",
+            "code": ErrorCode::NodeLost,
         });
         self.inner
             .hub
@@ -333,7 +337,7 @@ impl Orchestrator {
         if snapshot.summary.status.is_terminal() {
             return Err(OrchestratorError::SessionEnded(session_id.to_owned()));
         }
-        let error = json!({ "error": "the session was cancelled", "code": "CANCELLED" });
+        let error = json!({ "error": "the session was cancelled", "code": ErrorCode::Cancelled });
         self.inner
             .hub
             .publish(session_id, vec![draft(EventKind::Error, error)])
@@ -436,11 +440,20 @@ impl CommandHandler for Orchestrator {
             None => RemoteReply::NotRunning,
             Some(Ok(())) => RemoteReply::Done,
             Some(Err(error)) => RemoteReply::Refused {
-                code: error.code().to_owned(),
+                code: error.code().as_str().to_owned(),
                 message: error.to_string(),
             },
         }
     }
+}
+
+/// The code of a refusal from another node. One running a newer herald may name a code
+/// this one does not know: it is passed on as `INTERNAL` rather than lost.
+fn remote_code(wire: &str) -> ErrorCode {
+    wire.parse().unwrap_or_else(|error| {
+        tracing::warn!(%error, "another node refused a command with a code unknown here");
+        ErrorCode::Internal
+    })
 }
 
 /// An event for the log, from a JSON object.

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use super::config::OrchestratorSettings;
 use super::{Model, OrchestratorError, Prompt, Strategy, draft};
+use crate::error::ErrorCode;
 use crate::event::{EventDraft, EventKind};
 use crate::hub::Hub;
 use crate::providers::{
@@ -406,7 +407,8 @@ impl Run {
                 // Questions nobody will act on any more are closed, so they cannot be answered.
                 let mut events = self.close_clarifications();
                 events.push(self.progress("FAILED", None));
-                let error = json!({ "error": "the session was cancelled", "code": "CANCELLED" });
+                let error =
+                    json!({ "error": "the session was cancelled", "code": ErrorCode::Cancelled });
                 events.push(draft(EventKind::Error, error));
                 self.publish(events).await;
                 let _ = reply.send(Ok(()));
@@ -569,7 +571,7 @@ impl Run {
             .all(|p| p.status == PromptStatus::Failed)
         {
             let progress = self.progress("FAILED", None);
-            let error = json!({ "error": "every prompt failed on every model", "code": "ALL_PROMPTS_FAILED" });
+            let error = json!({ "error": "every prompt failed on every model", "code": ErrorCode::AllPromptsFailed });
             self.publish(vec![progress, draft(EventKind::Error, error)])
                 .await;
             return End::AllFailed;
