@@ -1,14 +1,14 @@
 //! The HTTP API (SPEC §2): producer ingest, snapshots, history, health and metrics.
 //!
 //! Handlers are thin: extract, validate, call the hub, map the error. Every error is
-//! `{ "error": { "code", "message" } }` with the status its [`ErrorCode`] names. Each
-//! error response is counted in `herald_http_errors_total{code}`.
-
-use std::collections::HashMap;
+//! `{ "error": { "code", "message" } }` with the status its [`ErrorCode`] names, even
+//! for a path or query axum cannot read: the [`Path`] and [`Query`] extractors here
+//! shadow axum's and reject with [`ApiError`]. Each error response is counted in
+//! `herald_http_errors_total{code}`.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -128,6 +128,34 @@ impl From<OrchestratorError> for ApiError {
 impl From<HubError> for ApiError {
     fn from(error: HubError) -> Self {
         Self::new(ErrorCode::Internal, error.to_string())
+    }
+}
+
+/// axum's `Path`, rejecting with the JSON error shape (`INVALID_PATH`, 400) instead of
+/// plain text: a segment that is not UTF-8 once percent-decoded, or of the wrong type.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct Path<T>(pub T);
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        let error = ApiError::new(ErrorCode::InvalidPath, rejection.body_text());
+        match rejection.status() {
+            // A route declaring parameters its path lacks: herald's bug, not the client's.
+            status if status.is_server_error() => ApiError::new(ErrorCode::Internal, error.message),
+            _ => error,
+        }
+    }
+}
+
+/// axum's `Query`, rejecting with the JSON error shape (`INVALID_QUERY`, 400).
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct Query<T>(pub T);
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::new(ErrorCode::InvalidQuery, rejection.body_text())
     }
 }
 
@@ -407,57 +435,59 @@ async fn respond(
     .into_response())
 }
 
+/// `GET /api/wizard/sessions?status=S`.
+#[derive(Deserialize)]
+struct ListQuery {
+    status: Option<SessionStatus>,
+}
+
 async fn list_sessions(
     State(state): State<ApiState>,
-    Query(query): Query<HashMap<String, String>>,
+    Query(query): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let status = match query.get("status") {
-        None => None,
-        Some(name) => Some(SessionStatus::parse(name).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::InvalidQuery,
-                format!("unknown status `{name}`: expected ACTIVE, PROCESSING, COMPLETED, FAILED or EXPIRED"),
-            )
-        })?),
-    };
-    let sessions = state.hub.sessions(status).await?;
+    let sessions = state.hub.sessions(query.status).await?;
     Ok(Json(json!({ "sessions": sessions })).into_response())
 }
 
-/// Parses an optional non-negative integer query parameter.
-fn query_number(query: &HashMap<String, String>, name: &str) -> Result<Option<u64>, ApiError> {
-    query
-        .get(name)
-        .map(|raw| {
-            raw.parse::<u64>().map_err(|_| {
-                ApiError::new(
-                    ErrorCode::InvalidQuery,
-                    format!("`{name}` must be a non-negative integer"),
-                )
-            })
-        })
-        .transpose()
+/// `GET /api/wizard/session/{id}/events?after=N&limit=M`.
+#[derive(Deserialize)]
+struct HistoryQuery {
+    #[serde(default)]
+    after: u64,
+    limit: Option<u64>,
+}
+
+impl HistoryQuery {
+    /// The page size asked for, capped at [`MAX_HISTORY_PAGE`].
+    fn page(&self) -> Result<usize, ApiError> {
+        match self.limit {
+            None => Ok(DEFAULT_HISTORY_PAGE),
+            Some(0) => Err(ApiError::new(
+                ErrorCode::InvalidQuery,
+                "`limit` must be at least 1",
+            )),
+            Some(n) => Ok(usize::try_from(n)
+                .unwrap_or(MAX_HISTORY_PAGE)
+                .min(MAX_HISTORY_PAGE)),
+        }
+    }
+}
+
+/// Whether events the client asked for (those after `after`) are no longer retained, so
+/// it must refetch the snapshot. Nothing follows `u64::MAX`, so nothing is missing then.
+fn is_truncated(after: u64, first_retained: u64) -> bool {
+    after
+        .checked_add(1)
+        .is_some_and(|next| next < first_retained)
 }
 
 async fn history(
     State(state): State<ApiState>,
     Path(session_id): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
+    Query(query): Query<HistoryQuery>,
 ) -> Result<Response, ApiError> {
     session_id_from_path(&session_id)?;
-    let after = query_number(&query, "after")?.unwrap_or(0);
-    let limit = match query_number(&query, "limit")? {
-        None => DEFAULT_HISTORY_PAGE,
-        Some(0) => {
-            return Err(ApiError::new(
-                ErrorCode::InvalidQuery,
-                "`limit` must be at least 1",
-            ));
-        }
-        Some(n) => usize::try_from(n)
-            .unwrap_or(MAX_HISTORY_PAGE)
-            .min(MAX_HISTORY_PAGE),
-    };
+    let (after, limit) = (query.after, query.page()?);
     let slice = state.hub.history(&session_id, after, limit).await?;
     if slice.head.epoch.is_empty() {
         return Err(ApiError::not_found(&session_id));
@@ -477,8 +507,7 @@ async fn history(
         "epoch": slice.head.epoch,
         "lastSeq": slice.head.last_seq,
         "firstSeq": slice.head.first_seq,
-        // A client asking for events that are no longer retained must refetch the snapshot.
-        "truncated": after + 1 < slice.head.first_seq,
+        "truncated": is_truncated(after, slice.head.first_seq),
         "hasMore": next_after < slice.head.last_seq,
         "events": events,
     }))
