@@ -6,6 +6,14 @@
 //! by construction; provider calls run in worker tasks that report to it. Everything a run
 //! does goes through [`Hub::publish`], so replay, snapshot and history work for
 //! orchestrated sessions exactly as for ingested ones.
+//!
+//! A session that does not run on any node (producer-fed, or after its run) is answered
+//! and cancelled in its log. Reading the snapshot first gives the precise refusal (404,
+//! 409), but two requests may both read it before either writes, on one node or on
+//! several: the write itself is conditional, through a reserved idempotency key
+//! ([`keys`]) that the log accepts once, atomically (the Redis append is one Lua script,
+//! the memory log holds a mutex). The request whose event the log reports as a duplicate
+//! gets 409.
 
 pub mod config;
 mod run;
@@ -67,6 +75,29 @@ impl OrchestratorError {
             OrchestratorError::Remote { code, .. } => *code,
             OrchestratorError::NodeUnavailable(_) => ErrorCode::NodeUnavailable,
         }
+    }
+}
+
+/// The idempotency keys herald writes itself. They live in the `herald:` namespace, which
+/// producers may not use (SPEC §5 "Reserved keys"), so no producer event can collide with
+/// them or pre-empt them.
+pub mod keys {
+    /// The prefix of every reserved key (producer ingest refuses keys that start with it).
+    pub const RESERVED_PREFIX: &str = "herald:";
+    /// The error event that cancels a session not running anywhere: a session is
+    /// cancelled at most once.
+    pub const CANCEL: &str = "herald:cancel";
+    /// The error event that ends a session whose node was lost.
+    pub const LOST: &str = "herald:lost";
+
+    /// The `n`th event a run logs (from 1), so a retried publish is not logged twice.
+    pub fn run_event(n: u64) -> String {
+        format!("herald:run:{n}")
+    }
+
+    /// The `answered` event of a clarification answered in the log: it is answered once.
+    pub fn answer(clarification_id: &str) -> String {
+        format!("herald:answer:{clarification_id}")
     }
 }
 
@@ -311,10 +342,13 @@ impl Orchestrator {
             "error": "the node running this session stopped; start the session again",
             "code": ErrorCode::NodeLost,
         });
-        self.inner
-            .hub
-            .publish(session_id, vec![draft(EventKind::Error, error)])
-            .await?;
+        // Every node that notices the loss may get here; the key lets one error through.
+        self.publish_once(
+            session_id,
+            draft(EventKind::Error, error),
+            keys::LOST.into(),
+        )
+        .await?;
         Ok(())
     }
 
@@ -338,11 +372,15 @@ impl Orchestrator {
             return Err(OrchestratorError::SessionEnded(session_id.to_owned()));
         }
         let error = json!({ "error": "the session was cancelled", "code": ErrorCode::Cancelled });
-        self.inner
-            .hub
-            .publish(session_id, vec![draft(EventKind::Error, error)])
-            .await?;
-        Ok(())
+        let cancel = draft(EventKind::Error, error);
+        match self
+            .publish_once(session_id, cancel, keys::CANCEL.into())
+            .await?
+        {
+            Logged::Once => Ok(()),
+            // Another cancel got there between our snapshot read and our append.
+            Logged::Already => Err(OrchestratorError::SessionEnded(session_id.to_owned())),
+        }
     }
 
     /// Answers a pending clarification; the paused prompt resumes with the answer.
@@ -395,11 +433,35 @@ impl Orchestrator {
             "status": "answered",
             "answer": answer,
         });
-        self.inner
-            .hub
-            .publish(session_id, vec![draft(EventKind::Clarification, answered)])
-            .await?;
-        Ok(())
+        let answered = draft(EventKind::Clarification, answered);
+        match self
+            .publish_once(session_id, answered, keys::answer(clarification_id))
+            .await?
+        {
+            Logged::Once => Ok(()),
+            // Another answer got there between our snapshot read and our append.
+            Logged::Already => Err(OrchestratorError::ClarificationClosed(
+                clarification_id.to_owned(),
+                "answered".to_owned(),
+            )),
+        }
+    }
+
+    /// Logs `event` under the reserved `key`, unless an event with that key is logged
+    /// already: the log decides, atomically, so this holds across requests and nodes.
+    async fn publish_once(
+        &self,
+        session_id: &str,
+        mut event: EventDraft,
+        key: String,
+    ) -> Result<Logged, OrchestratorError> {
+        event.idempotency_key = Some(key);
+        let published = self.inner.hub.publish(session_id, vec![event]).await?;
+        Ok(if published.accepted == 0 && published.duplicates > 0 {
+            Logged::Already
+        } else {
+            Logged::Once
+        })
     }
 
     async fn snapshot(
@@ -412,6 +474,14 @@ impl Orchestrator {
             .await?
             .ok_or_else(|| OrchestratorError::SessionNotFound(session_id.to_owned()))
     }
+}
+
+/// What [`Orchestrator::publish_once`] did.
+enum Logged {
+    /// The event is logged now.
+    Once,
+    /// An event with the same reserved key was logged before: nothing was.
+    Already,
 }
 
 /// Commands other nodes forward here run only against sessions running on this node.
@@ -515,4 +585,23 @@ fn parse_prompts(inputs: Vec<PromptInput>) -> Result<Vec<Prompt>, OrchestratorEr
         prompts.push(Prompt { id, text });
     }
     Ok(prompts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keys;
+
+    #[test]
+    fn herald_keys_are_in_the_reserved_namespace() {
+        assert_eq!(keys::run_event(7), "herald:run:7");
+        assert_eq!(keys::answer("c-1"), "herald:answer:c-1");
+        for key in [
+            keys::run_event(1),
+            keys::answer("c"),
+            keys::CANCEL.into(),
+            keys::LOST.into(),
+        ] {
+            assert!(key.starts_with(keys::RESERVED_PREFIX), "{key}");
+        }
+    }
 }

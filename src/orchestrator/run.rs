@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::config::OrchestratorSettings;
-use super::{Model, OrchestratorError, Prompt, Strategy, draft};
+use super::{Model, OrchestratorError, Prompt, Strategy, draft, keys};
 use crate::error::ErrorCode;
 use crate::event::{EventDraft, EventKind};
 use crate::hub::Hub;
@@ -316,7 +316,7 @@ impl Run {
     async fn publish(&self, mut events: Vec<EventDraft>) {
         for event in &mut events {
             let n = self.published.fetch_add(1, Ordering::Relaxed) + 1;
-            event.idempotency_key = Some(format!("herald-run:{n}"));
+            event.idempotency_key = Some(keys::run_event(n));
         }
         let deadline = Instant::now() + PUBLISH_RETRY_FOR;
         let mut pause = PUBLISH_FIRST_PAUSE;
