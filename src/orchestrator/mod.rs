@@ -27,7 +27,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::cluster::{Cluster, CommandHandler, RemoteCommand, RemoteReply};
 use crate::error::ErrorCode;
-use crate::event::{EventDraft, EventKind, validate_session_id};
+use crate::event::{ClarificationStatus, EventDraft, EventKind, validate_session_id};
 use crate::hub::{Hub, HubError};
 use crate::providers::{self, Provider};
 use config::{ModelConfig, ModelsFile, OrchestratorSettings};
@@ -49,7 +49,10 @@ pub enum OrchestratorError {
     #[error("no clarification `{0}` in this session")]
     ClarificationNotFound(String),
     #[error("clarification `{0}` is already {1}")]
-    ClarificationClosed(String, String),
+    ClarificationClosed(String, ClarificationStatus),
+    /// A question left pending in a session that has ended can never be acted on.
+    #[error("clarification `{0}` is already closed: the session has ended")]
+    ClarificationOfEndedSession(String),
     #[error("session `{0}` has already ended")]
     SessionEnded(String),
     #[error(transparent)]
@@ -69,7 +72,8 @@ impl OrchestratorError {
             OrchestratorError::UnknownModel(_) => ErrorCode::UnknownModel,
             OrchestratorError::SessionNotFound(_) => ErrorCode::SessionNotFound,
             OrchestratorError::ClarificationNotFound(_) => ErrorCode::ClarificationNotFound,
-            OrchestratorError::ClarificationClosed(..) => ErrorCode::ClarificationClosed,
+            OrchestratorError::ClarificationClosed(..)
+            | OrchestratorError::ClarificationOfEndedSession(_) => ErrorCode::ClarificationClosed,
             OrchestratorError::SessionEnded(_) => ErrorCode::SessionEnded,
             OrchestratorError::Hub(_) => ErrorCode::Internal,
             OrchestratorError::Remote { code, .. } => *code,
@@ -413,24 +417,18 @@ impl Orchestrator {
             .iter()
             .find(|c| c.clarification_id == clarification_id)
             .ok_or_else(|| OrchestratorError::ClarificationNotFound(clarification_id.to_owned()))?;
-        // A question left pending in a session that has ended can never be acted on.
-        let status = match clarification.status.as_str() {
-            "pending" if snapshot.summary.status.is_terminal() => {
-                Some("closed: the session has ended")
+        let id = || clarification_id.to_owned();
+        match clarification.status {
+            ClarificationStatus::Pending if snapshot.summary.status.is_terminal() => {
+                return Err(OrchestratorError::ClarificationOfEndedSession(id()));
             }
-            "pending" => None,
-            other => Some(other),
-        };
-        if let Some(status) = status {
-            return Err(OrchestratorError::ClarificationClosed(
-                clarification_id.to_owned(),
-                status.to_owned(),
-            ));
+            ClarificationStatus::Pending => {}
+            closed => return Err(OrchestratorError::ClarificationClosed(id(), closed)),
         }
         let answered = json!({
             "clarificationId": clarification_id,
             "question": clarification.question,
-            "status": "answered",
+            "status": ClarificationStatus::Answered,
             "answer": answer,
         });
         let answered = draft(EventKind::Clarification, answered);
@@ -441,8 +439,8 @@ impl Orchestrator {
             Logged::Once => Ok(()),
             // Another answer got there between our snapshot read and our append.
             Logged::Already => Err(OrchestratorError::ClarificationClosed(
-                clarification_id.to_owned(),
-                "answered".to_owned(),
+                id(),
+                ClarificationStatus::Answered,
             )),
         }
     }
