@@ -4,6 +4,8 @@
 //! precise [`InvalidEvent`]. Validation checks the fields herald itself relies on and
 //! keeps every other field verbatim (SPEC §1: unknown extra fields are kept).
 
+use std::fmt;
+
 use chrono::{SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -125,6 +127,79 @@ impl SessionStatus {
     }
 }
 
+impl fmt::Display for SessionStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A model's state on a prompt (SPEC §1 `model_result.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelStatus {
+    /// Started, or streaming: `result` is the partial output so far.
+    Processing,
+    Completed,
+    Failed,
+}
+
+impl ModelStatus {
+    pub const ALL: [ModelStatus; 3] = [
+        ModelStatus::Processing,
+        ModelStatus::Completed,
+        ModelStatus::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelStatus::Processing => "processing",
+            ModelStatus::Completed => "completed",
+            ModelStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+/// A clarification's state (SPEC §1 `clarification.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClarificationStatus {
+    /// Asked, waiting for its answer.
+    Pending,
+    Answered,
+    /// Not answered in time, or left open when its session ended.
+    Expired,
+}
+
+impl ClarificationStatus {
+    pub const ALL: [ClarificationStatus; 3] = [
+        ClarificationStatus::Pending,
+        ClarificationStatus::Answered,
+        ClarificationStatus::Expired,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClarificationStatus::Pending => "pending",
+            ClarificationStatus::Answered => "answered",
+            ClarificationStatus::Expired => "expired",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl fmt::Display for ClarificationStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A validated event about to be logged. `data` has no `seq` yet; the log assigns it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventDraft {
@@ -167,7 +242,36 @@ enum Field {
     Object,
     Percent,
     Count,
-    OneOf(&'static [&'static str]),
+    /// The wire name of one of a status enum's variants.
+    Status(StatusOf),
+}
+
+/// Which status enum a `status` field holds.
+#[derive(Clone, Copy)]
+enum StatusOf {
+    Session,
+    Model,
+    Clarification,
+}
+
+impl StatusOf {
+    fn accepts(self, name: &str) -> bool {
+        match self {
+            StatusOf::Session => SessionStatus::parse(name).is_some(),
+            StatusOf::Model => ModelStatus::parse(name).is_some(),
+            StatusOf::Clarification => ClarificationStatus::parse(name).is_some(),
+        }
+    }
+
+    fn names(self) -> Vec<&'static str> {
+        match self {
+            StatusOf::Session => SessionStatus::ALL.map(SessionStatus::as_str).to_vec(),
+            StatusOf::Model => ModelStatus::ALL.map(ModelStatus::as_str).to_vec(),
+            StatusOf::Clarification => ClarificationStatus::ALL
+                .map(ClarificationStatus::as_str)
+                .to_vec(),
+        }
+    }
 }
 
 impl Field {
@@ -179,7 +283,7 @@ impl Field {
             Field::Object => value.is_object(),
             Field::Percent => value.as_f64().is_some_and(|p| (0.0..=100.0).contains(&p)),
             Field::Count => value.as_u64().is_some(),
-            Field::OneOf(allowed) => value.as_str().is_some_and(|s| allowed.contains(&s)),
+            Field::Status(of) => value.as_str().is_some_and(|s| of.accepts(s)),
         }
     }
 
@@ -191,20 +295,16 @@ impl Field {
             Field::Object => "an object".into(),
             Field::Percent => "a number from 0 to 100".into(),
             Field::Count => "a non-negative integer".into(),
-            Field::OneOf(allowed) => format!("one of {}", allowed.join(", ")),
+            Field::Status(of) => format!("one of {}", of.names().join(", ")),
         }
     }
 }
-
-const STATUSES: &[&str] = &["ACTIVE", "PROCESSING", "COMPLETED", "FAILED", "EXPIRED"];
-const MODEL_STATUSES: &[&str] = &["processing", "completed", "failed"];
-const CLARIFICATION_STATUSES: &[&str] = &["pending", "answered", "expired"];
 
 /// `(field, required, type)` for each event kind. Fields not listed are kept untouched.
 fn schema(kind: EventKind) -> &'static [(&'static str, bool, Field)] {
     match kind {
         EventKind::Progress => &[
-            ("status", true, Field::OneOf(STATUSES)),
+            ("status", true, Field::Status(StatusOf::Session)),
             ("progress", true, Field::Percent),
             ("prompts", false, Field::Object),
             ("hasClarifications", false, Field::Bool),
@@ -215,7 +315,7 @@ fn schema(kind: EventKind) -> &'static [(&'static str, bool, Field)] {
         EventKind::ModelResult => &[
             ("promptId", true, Field::Str),
             ("modelName", true, Field::Str),
-            ("status", true, Field::OneOf(MODEL_STATUSES)),
+            ("status", true, Field::Status(StatusOf::Model)),
             ("provider", false, Field::Str),
             ("duration", false, Field::Number),
             ("result", false, Field::Str),
@@ -224,7 +324,7 @@ fn schema(kind: EventKind) -> &'static [(&'static str, bool, Field)] {
         EventKind::Clarification => &[
             ("clarificationId", true, Field::Str),
             ("question", true, Field::Str),
-            ("status", true, Field::OneOf(CLARIFICATION_STATUSES)),
+            ("status", true, Field::Status(StatusOf::Clarification)),
             ("answer", false, Field::Str),
         ],
         EventKind::Completed => &[("result", true, Field::Object)],
@@ -397,6 +497,44 @@ mod tests {
             let err = validate_item("s", item(json!({"event":"progress","data":bad})));
             assert!(err.is_err(), "{bad} should be refused");
         }
+    }
+
+    /// Each status's wire name, checking that serde spells it as `as_str` does.
+    fn wire_names<T>(all: &[T], as_str: fn(T) -> &'static str) -> Vec<&'static str>
+    where
+        T: Copy + PartialEq + std::fmt::Debug + Serialize + serde::de::DeserializeOwned,
+    {
+        all.iter()
+            .map(|&status| {
+                let json = serde_json::to_value(status).unwrap();
+                assert_eq!(json, as_str(status));
+                assert_eq!(serde_json::from_value::<T>(json).unwrap(), status);
+                as_str(status)
+            })
+            .collect()
+    }
+
+    /// The wire spellings clients match on, and validation names exactly these.
+    #[test]
+    fn statuses_keep_their_wire_names() {
+        assert_eq!(
+            wire_names(&SessionStatus::ALL, SessionStatus::as_str),
+            ["ACTIVE", "PROCESSING", "COMPLETED", "FAILED", "EXPIRED"]
+        );
+        assert_eq!(
+            wire_names(&ModelStatus::ALL, ModelStatus::as_str),
+            ["processing", "completed", "failed"]
+        );
+        assert_eq!(
+            wire_names(&ClarificationStatus::ALL, ClarificationStatus::as_str),
+            ["pending", "answered", "expired"]
+        );
+        let data = json!({ "promptId": "p", "modelName": "m", "status": "PROCESSING" });
+        let refused = validate_item("s", item(json!({ "event": "model_result", "data": data })));
+        assert_eq!(
+            refused.unwrap_err().message,
+            "model_result: `data.status` must be one of processing, completed, failed"
+        );
     }
 
     #[test]

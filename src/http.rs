@@ -1,21 +1,23 @@
 //! The HTTP API (SPEC §2): producer ingest, snapshots, history, health and metrics.
 //!
 //! Handlers are thin: extract, validate, call the hub, map the error. Every error is
-//! `{ "error": { "code", "message" } }` with a fitting status.
-
-use std::borrow::Cow;
-use std::collections::HashMap;
+//! `{ "error": { "code", "message" } }` with the status its [`ErrorCode`] names, even
+//! for a path or query axum cannot read: the [`Path`] and [`Query`] extractors here
+//! shadow axum's and reject with [`ApiError`]. Each error response is counted in
+//! `herald_http_errors_total{code}`.
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::error::ErrorCode;
 use crate::event::{IngestItem, SessionStatus, validate_item, validate_session_id};
 use crate::hub::{Hub, HubError};
 use crate::orchestrator::{CreateSession, Orchestrator, OrchestratorError};
@@ -33,35 +35,69 @@ pub struct ApiState {
     pub max_batch: usize,
 }
 
-/// An HTTP error with its machine-readable code.
+/// An HTTP error: its code, the code's status (unless a route knows better) and a
+/// message for people.
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
-    code: Cow<'static, str>,
+    code: ErrorCode,
     message: String,
 }
 
+/// How handlers name an error's code. Wire strings are still accepted so that the
+/// `ingest` handler and `parse_batch`, being rewritten on another branch, keep compiling
+/// unchanged; new code passes an [`ErrorCode`].
+pub trait IntoErrorCode {
+    fn into_error_code(self) -> ErrorCode;
+}
+
+impl IntoErrorCode for ErrorCode {
+    fn into_error_code(self) -> ErrorCode {
+        self
+    }
+}
+
+impl IntoErrorCode for &'static str {
+    /// A string outside the catalogue is a bug in herald: it is answered as `INTERNAL`
+    /// (and fails debug builds, so tests catch it).
+    fn into_error_code(self) -> ErrorCode {
+        self.parse().unwrap_or_else(|error| {
+            debug_assert!(false, "{error}");
+            ErrorCode::Internal
+        })
+    }
+}
+
 impl ApiError {
-    pub fn new(
-        status: StatusCode,
-        code: impl Into<Cow<'static, str>>,
-        message: impl Into<String>,
-    ) -> Self {
+    pub fn new(code: impl IntoErrorCode, message: impl Into<String>) -> Self {
+        let code = code.into_error_code();
         Self {
-            status,
-            code: code.into(),
+            status: code.http_status(),
+            code,
             message: message.into(),
         }
     }
 
-    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
+    /// The same error with another status, for a route whose answer the code alone does
+    /// not decide (a body reader's own rejection).
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    /// Kept for the ingest handler and `parse_batch` (see [`IntoErrorCode`]); every code
+    /// they use has status 400.
+    fn bad_request(code: impl IntoErrorCode, message: impl Into<String>) -> Self {
+        Self::new(code, message)
     }
 
     fn not_found(session_id: &str) -> Self {
         Self::new(
-            StatusCode::NOT_FOUND,
-            "SESSION_NOT_FOUND",
+            ErrorCode::SessionNotFound,
             format!("no session `{session_id}`"),
         )
     }
@@ -73,34 +109,71 @@ impl IntoResponse for ApiError {
             tracing::error!(code = %self.code, message = %self.message, "request failed");
         }
         let body = json!({ "error": { "code": self.code, "message": self.message } });
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        // For `count_errors`, which sees only the response.
+        response.extensions_mut().insert(self.code);
+        response
     }
 }
 
 impl From<OrchestratorError> for ApiError {
     fn from(error: OrchestratorError) -> Self {
-        if let OrchestratorError::Hub(error) = error {
-            return error.into();
+        match error {
+            OrchestratorError::Hub(error) => error.into(),
+            error => Self::new(error.code(), error.to_string()),
         }
-        let status = match error.code() {
-            "INVALID_REQUEST" | "UNKNOWN_MODEL" => StatusCode::BAD_REQUEST,
-            "SESSION_NOT_FOUND" | "CLARIFICATION_NOT_FOUND" => StatusCode::NOT_FOUND,
-            "CLARIFICATION_CLOSED" | "SESSION_ENDED" => StatusCode::CONFLICT,
-            "NODE_UNAVAILABLE" => StatusCode::SERVICE_UNAVAILABLE,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        Self::new(status, error.code().to_owned(), error.to_string())
     }
 }
 
 impl From<HubError> for ApiError {
     fn from(error: HubError) -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "INTERNAL",
-            error.to_string(),
-        )
+        Self::new(ErrorCode::Internal, error.to_string())
     }
+}
+
+/// axum's `Path`, rejecting with the JSON error shape (`INVALID_PATH`, 400) instead of
+/// plain text: a segment that is not UTF-8 once percent-decoded, or of the wrong type.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct Path<T>(pub T);
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        let error = ApiError::new(ErrorCode::InvalidPath, rejection.body_text());
+        match rejection.status() {
+            // A route declaring parameters its path lacks: herald's bug, not the client's.
+            status if status.is_server_error() => ApiError::new(ErrorCode::Internal, error.message),
+            _ => error,
+        }
+    }
+}
+
+/// axum's `Query`, rejecting with the JSON error shape (`INVALID_QUERY`, 400).
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct Query<T>(pub T);
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::new(ErrorCode::InvalidQuery, rejection.body_text())
+    }
+}
+
+/// Counts every error response by its code. Errors are [`ApiError`]s, which put their
+/// code in the response's extensions; anything else that fails is counted as `INTERNAL`
+/// (none should: every extractor and fallback here answers with an `ApiError`).
+async fn count_errors(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    if status.is_client_error() || status.is_server_error() {
+        let code = response
+            .extensions()
+            .get::<ErrorCode>()
+            .copied()
+            .unwrap_or(ErrorCode::Internal);
+        state.hub.metrics().http_errors.inc(code);
+    }
+    response
 }
 
 pub fn router(state: ApiState, max_body: usize) -> Router {
@@ -133,21 +206,21 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
             "/api/dev/session/{session_id}/drop-sockets",
             post(drop_sockets),
         )
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route") })
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "METHOD_NOT_ALLOWED",
+                ErrorCode::MethodNotAllowed,
                 "method not allowed on this route",
             )
         })
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(middleware::from_fn_with_state(state.clone(), count_errors))
         .with_state(state)
 }
 
 fn session_id_from_path(session_id: &str) -> Result<(), ApiError> {
     validate_session_id(session_id)
-        .map_err(|e| ApiError::bad_request("INVALID_SESSION_ID", e.to_string()))
+        .map_err(|e| ApiError::new(ErrorCode::InvalidSessionId, e.to_string()))
 }
 
 fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -165,8 +238,7 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "UNSUPPORTED_MEDIA_TYPE",
+            ErrorCode::UnsupportedMediaType,
             "send the body as application/json",
         ))
     }
@@ -177,19 +249,15 @@ fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result
     require_json(headers)?;
     body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "PAYLOAD_TOO_LARGE",
+            ErrorCode::PayloadTooLarge,
             "the request body is larger than the configured limit (--max-body)",
         ),
-        status => ApiError::new(status, "INVALID_BODY", rejection.body_text()),
+        status => ApiError::new(ErrorCode::InvalidBody, rejection.body_text()).with_status(status),
     })
 }
 
 /// Parses a JSON body into `T`, answering 400 `code` with the reason otherwise.
-fn parse_json<T: serde::de::DeserializeOwned>(
-    body: &[u8],
-    code: &'static str,
-) -> Result<T, ApiError> {
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], code: ErrorCode) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(code, format!("invalid request body: {e}")))?;
     from_object(value, code, "the request body")
@@ -199,9 +267,10 @@ fn parse_json<T: serde::de::DeserializeOwned>(
 /// of the fields in order, which no client means.)
 fn from_object<T: serde::de::DeserializeOwned>(
     value: Value,
-    code: &'static str,
+    code: impl IntoErrorCode,
     what: &str,
 ) -> Result<T, ApiError> {
+    let code = code.into_error_code();
     if !value.is_object() {
         return Err(ApiError::bad_request(
             code,
@@ -311,7 +380,7 @@ async fn create_session(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Response), ApiError> {
     let body = json_body(&headers, body)?;
-    let request: CreateSession = parse_json(&body, "INVALID_REQUEST")?;
+    let request: CreateSession = parse_json(&body, ErrorCode::InvalidRequest)?;
     let session_id = state.orchestrator.create(request).await?;
     let snapshot = load_snapshot(&state, &session_id).await?;
     Ok((StatusCode::CREATED, Json(snapshot).into_response()))
@@ -341,12 +410,12 @@ async fn respond(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = json_body(&headers, body)?;
-    let request: RespondRequest = parse_json(&body, "INVALID_REQUEST")?;
+    let request: RespondRequest = parse_json(&body, ErrorCode::InvalidRequest)?;
     validate_session_id(&request.session_id)
-        .map_err(|e| ApiError::bad_request("INVALID_REQUEST", format!("sessionId: {e}")))?;
+        .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("sessionId: {e}")))?;
     if request.answer.trim().is_empty() || request.clarification_id.is_empty() {
-        return Err(ApiError::bad_request(
-            "INVALID_REQUEST",
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
             "`clarificationId` and `answer` must not be empty",
         ));
     }
@@ -366,57 +435,59 @@ async fn respond(
     .into_response())
 }
 
+/// `GET /api/wizard/sessions?status=S`.
+#[derive(Deserialize)]
+struct ListQuery {
+    status: Option<SessionStatus>,
+}
+
 async fn list_sessions(
     State(state): State<ApiState>,
-    Query(query): Query<HashMap<String, String>>,
+    Query(query): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let status = match query.get("status") {
-        None => None,
-        Some(name) => Some(SessionStatus::parse(name).ok_or_else(|| {
-            ApiError::bad_request(
-                "INVALID_QUERY",
-                format!("unknown status `{name}`: expected ACTIVE, PROCESSING, COMPLETED, FAILED or EXPIRED"),
-            )
-        })?),
-    };
-    let sessions = state.hub.sessions(status).await?;
+    let sessions = state.hub.sessions(query.status).await?;
     Ok(Json(json!({ "sessions": sessions })).into_response())
 }
 
-/// Parses an optional non-negative integer query parameter.
-fn query_number(query: &HashMap<String, String>, name: &str) -> Result<Option<u64>, ApiError> {
-    query
-        .get(name)
-        .map(|raw| {
-            raw.parse::<u64>().map_err(|_| {
-                ApiError::bad_request(
-                    "INVALID_QUERY",
-                    format!("`{name}` must be a non-negative integer"),
-                )
-            })
-        })
-        .transpose()
+/// `GET /api/wizard/session/{id}/events?after=N&limit=M`.
+#[derive(Deserialize)]
+struct HistoryQuery {
+    #[serde(default)]
+    after: u64,
+    limit: Option<u64>,
+}
+
+impl HistoryQuery {
+    /// The page size asked for, capped at [`MAX_HISTORY_PAGE`].
+    fn page(&self) -> Result<usize, ApiError> {
+        match self.limit {
+            None => Ok(DEFAULT_HISTORY_PAGE),
+            Some(0) => Err(ApiError::new(
+                ErrorCode::InvalidQuery,
+                "`limit` must be at least 1",
+            )),
+            Some(n) => Ok(usize::try_from(n)
+                .unwrap_or(MAX_HISTORY_PAGE)
+                .min(MAX_HISTORY_PAGE)),
+        }
+    }
+}
+
+/// Whether events the client asked for (those after `after`) are no longer retained, so
+/// it must refetch the snapshot. Nothing follows `u64::MAX`, so nothing is missing then.
+fn is_truncated(after: u64, first_retained: u64) -> bool {
+    after
+        .checked_add(1)
+        .is_some_and(|next| next < first_retained)
 }
 
 async fn history(
     State(state): State<ApiState>,
     Path(session_id): Path<String>,
-    Query(query): Query<HashMap<String, String>>,
+    Query(query): Query<HistoryQuery>,
 ) -> Result<Response, ApiError> {
     session_id_from_path(&session_id)?;
-    let after = query_number(&query, "after")?.unwrap_or(0);
-    let limit = match query_number(&query, "limit")? {
-        None => DEFAULT_HISTORY_PAGE,
-        Some(0) => {
-            return Err(ApiError::bad_request(
-                "INVALID_QUERY",
-                "`limit` must be at least 1",
-            ));
-        }
-        Some(n) => usize::try_from(n)
-            .unwrap_or(MAX_HISTORY_PAGE)
-            .min(MAX_HISTORY_PAGE),
-    };
+    let (after, limit) = (query.after, query.page()?);
     let slice = state.hub.history(&session_id, after, limit).await?;
     if slice.head.epoch.is_empty() {
         return Err(ApiError::not_found(&session_id));
@@ -436,8 +507,7 @@ async fn history(
         "epoch": slice.head.epoch,
         "lastSeq": slice.head.last_seq,
         "firstSeq": slice.head.first_seq,
-        // A client asking for events that are no longer retained must refetch the snapshot.
-        "truncated": after + 1 < slice.head.first_seq,
+        "truncated": is_truncated(after, slice.head.first_seq),
         "hasMore": next_after < slice.head.last_seq,
         "events": events,
     }))
@@ -446,13 +516,11 @@ async fn history(
 
 /// Ready while the log's backend answers (always, in memory; Redis must be reachable).
 async fn readyz(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
-    state.hub.ready().await.map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "NOT_READY",
-            format!("not ready: {e}"),
-        )
-    })?;
+    state
+        .hub
+        .ready()
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::NotReady, format!("not ready: {e}")))?;
     Ok(Json(json!({ "status": "ready" })))
 }
 
@@ -463,11 +531,7 @@ async fn drop_sockets(
     Path(session_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     if !state.dev {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            "no such route",
-        ));
+        return Err(ApiError::new(ErrorCode::NotFound, "no such route"));
     }
     session_id_from_path(&session_id)?;
     let dropped = state.hub.drop_followers(&session_id).await;

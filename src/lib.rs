@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod error;
 pub mod event;
 pub mod http;
 pub mod hub;

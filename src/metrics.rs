@@ -3,6 +3,8 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+use crate::error::ErrorCode;
+
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
 
@@ -33,6 +35,35 @@ impl Gauge {
     }
 }
 
+/// One counter per [`ErrorCode`]: the label set is the catalogue, so it is bounded and
+/// every code is exported (at 0) before it first happens.
+#[derive(Debug)]
+pub struct CountsByCode(Vec<Counter>);
+
+impl Default for CountsByCode {
+    fn default() -> Self {
+        Self(ErrorCode::ALL.iter().map(|_| Counter::default()).collect())
+    }
+}
+
+impl CountsByCode {
+    pub fn inc(&self, code: ErrorCode) {
+        self.counter(code).inc();
+    }
+
+    pub fn get(&self, code: ErrorCode) -> u64 {
+        self.counter(code).get()
+    }
+
+    fn counter(&self, code: ErrorCode) -> &Counter {
+        let index = ErrorCode::ALL
+            .iter()
+            .position(|c| *c == code)
+            .expect("ALL lists every code");
+        &self.0[index]
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub connections: Gauge,
@@ -43,13 +74,14 @@ pub struct Metrics {
     pub replayed: Counter,
     pub slow_consumers: Counter,
     pub socket_errors: Counter,
-    pub http_errors: Counter,
+    /// HTTP error responses (status 4xx and 5xx), by the code of their body.
+    pub http_errors: CountsByCode,
 }
 
 impl Metrics {
     /// Renders every metric in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let counters: [(&str, &str, u64); 7] = [
+        let counters: [(&str, &str, u64); 6] = [
             (
                 "herald_events_logged_total",
                 "Events appended to session logs.",
@@ -80,11 +112,6 @@ impl Metrics {
                 "Error events sent to sockets for bad input.",
                 self.socket_errors.get(),
             ),
-            (
-                "herald_http_errors_total",
-                "HTTP requests answered with an error.",
-                self.http_errors.get(),
-            ),
         ];
         let gauges: [(&str, &str, i64); 2] = [
             (
@@ -105,6 +132,7 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
         }
+        self.render_http_errors(&mut out);
         for (name, help, value) in gauges {
             let _ = writeln!(
                 out,
@@ -112,5 +140,18 @@ impl Metrics {
             );
         }
         out
+    }
+
+    /// `herald_http_errors_total{code="SESSION_NOT_FOUND"} 3`, one line per code.
+    fn render_http_errors(&self, out: &mut String) {
+        let name = "herald_http_errors_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} HTTP requests answered with an error (4xx or 5xx), by error code.\n# TYPE {name} counter"
+        );
+        for code in ErrorCode::ALL {
+            let value = self.http_errors.get(*code);
+            let _ = writeln!(out, "{name}{{code=\"{code}\"}} {value}");
+        }
     }
 }

@@ -443,3 +443,101 @@ async fn health_readiness_and_metrics() {
         "{text}"
     );
 }
+
+async fn history_after(app: &TestServer, after: &str) -> (u16, Value) {
+    app.get(&format!("/api/wizard/session/after-1/events?after={after}"))
+        .await
+}
+
+#[tokio::test]
+async fn history_after_the_newest_seq_is_not_truncated() {
+    let app = spawn_app_with(|c| c.max_events_per_session = 5).await;
+    let events: Vec<Value> = (1..=8).map(progress).collect();
+    app.post_events("after-1", &json!(events)).await;
+    // `after + 1` would wrap (release) or panic (debug) here.
+    let (status, reply) = history_after(&app, "18446744073709551615").await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        (&reply["truncated"], &reply["hasMore"], &reply["events"]),
+        (&json!(false), &json!(false), &json!([])),
+        "{reply}"
+    );
+    // Only seq 4..=8 are retained: after=3 is whole, after=2 misses seq 3.
+    let (_, whole) = history_after(&app, "3").await;
+    assert_eq!(
+        (&whole["firstSeq"], &whole["truncated"]),
+        (&json!(4), &json!(false)),
+        "{whole}"
+    );
+    assert_eq!(whole["events"].as_array().unwrap().len(), 5);
+    let (_, gap) = history_after(&app, "2").await;
+    assert_eq!(gap["truncated"], true, "{gap}");
+}
+
+#[tokio::test]
+async fn bad_paths_and_queries_get_the_json_error_shape() {
+    let app = spawn_app().await;
+    app.post_events("shape-1", &progress(1)).await;
+    let gets: Vec<(&str, &str)> = vec![
+        // Not UTF-8 once percent-decoded: refused by the path extractor itself.
+        ("/api/wizard/session/%FF", "INVALID_PATH"),
+        ("/api/wizard/session/%FF/events", "INVALID_PATH"),
+        (
+            "/api/wizard/session/shape-1/events?after=1.5",
+            "INVALID_QUERY",
+        ),
+        (
+            "/api/wizard/session/shape-1/events?limit=ten",
+            "INVALID_QUERY",
+        ),
+        ("/api/wizard/sessions?status=processing", "INVALID_QUERY"),
+    ];
+    for (path, code) in gets {
+        let (status, reply) = app.get(path).await;
+        assert_eq!(status, 400, "{path}: {reply}");
+        assert_eq!(reply["error"]["code"], code, "{path}: {reply}");
+        assert!(reply["error"]["message"].is_string(), "{path}: {reply}");
+    }
+    let posts = ["/api/sessions/%FF/events", "/api/wizard/session/%FF/cancel"];
+    for path in posts {
+        let (status, reply) = app
+            .post_raw(path, "application/json", progress(1).to_string())
+            .await;
+        assert_eq!(status, 400, "{path}: {reply}");
+        assert_eq!(reply["error"]["code"], "INVALID_PATH", "{path}: {reply}");
+    }
+}
+
+/// `herald_http_errors_total{code="..."}` from `/metrics` (0 when the line is missing).
+async fn http_errors(app: &TestServer, code: &str) -> Option<u64> {
+    let text = reqwest::get(app.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("herald_http_errors_total{{code=\"{code}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|n| n.parse().unwrap())
+}
+
+#[tokio::test]
+async fn error_responses_are_counted_by_code() {
+    let app = spawn_app().await;
+    let before = http_errors(&app, "SESSION_NOT_FOUND").await;
+    assert_eq!(before, Some(0), "every code is exported from the start");
+    for _ in 0..3 {
+        let (status, _) = app.get("/api/wizard/session/nobody-here").await;
+        assert_eq!(status, 404);
+    }
+    app.get("/api/wizard/session/%FF").await;
+    app.post_raw("/healthz", "application/json", "{}".into())
+        .await;
+    assert_eq!(http_errors(&app, "SESSION_NOT_FOUND").await, Some(3));
+    assert_eq!(http_errors(&app, "INVALID_PATH").await, Some(1));
+    assert_eq!(http_errors(&app, "METHOD_NOT_ALLOWED").await, Some(1));
+    // Successful requests are not errors.
+    app.get("/healthz").await;
+    assert_eq!(http_errors(&app, "INTERNAL").await, Some(0));
+}

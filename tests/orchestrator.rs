@@ -1768,3 +1768,94 @@ async fn simulated_models_fail_when_told_to() {
         json!({ "total": 3, "completed": 2, "processing": 0, "pending": 0, "failed": 1 })
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Answers and cancels of sessions herald does not run: conditional writes
+// ---------------------------------------------------------------------------------------
+
+/// Concurrent requests in each race below: enough that, without the log's own check of the
+/// reserved key, several read the snapshot before the first one's event is folded.
+const RACERS: usize = 12;
+
+/// Two nodes on one private Redis: the requests below race across nodes, through awaits
+/// on Redis between reading the snapshot and appending.
+async fn two_nodes(redis: &common::redis::RedisServer) -> [TestServer; 2] {
+    let prefix = format!("herald-test-{}", uuid::Uuid::new_v4().simple());
+    let node = || {
+        let (url, prefix) = (redis.url(), prefix.clone());
+        spawn_app_with(move |c| {
+            c.redis_url = Some(url);
+            c.redis_prefix = prefix;
+        })
+    };
+    [node().await, node().await]
+}
+
+/// A producer-fed session with one pending clarification `c1`.
+async fn producer_session_with_a_question(app: &TestServer, session_id: &str) {
+    let events = json!([
+        { "event": "progress", "data": { "status": "PROCESSING", "progress": 10 } },
+        { "event": "clarification", "data": { "clarificationId": "c1", "question": "Which year?", "status": "pending" } },
+    ]);
+    let (status, reply) = app.post_events(session_id, &events).await;
+    assert_eq!(status, 202, "{reply}");
+}
+
+/// Sends `RACERS` copies of a POST at once, alternating between the nodes; returns the
+/// replies.
+async fn race(nodes: &[TestServer; 2], path: &str, body: &Value) -> Vec<(u16, Value)> {
+    let requests = (0..RACERS).map(|i| nodes[i % 2].post_json(path, body));
+    futures_util::future::join_all(requests).await
+}
+
+/// Exactly one request won; every other one got 409 `code`.
+fn assert_one_winner(replies: &[(u16, Value)], winner: u16, code: &str) {
+    let won = replies.iter().filter(|(s, _)| *s == winner).count();
+    assert_eq!(won, 1, "exactly one {winner}: {replies:?}");
+    for (status, body) in replies.iter().filter(|(s, _)| *s != winner) {
+        assert_error(*status, body, 409, code, "a losing request");
+    }
+}
+
+async fn count_in_history(
+    app: &TestServer,
+    session_id: &str,
+    wanted: impl Fn(&Value) -> bool,
+) -> usize {
+    let history = app.history(session_id).await.expect("history");
+    history.iter().filter(|h| wanted(h)).count()
+}
+
+#[tokio::test]
+async fn concurrent_answers_to_a_producer_question_succeed_once_across_nodes() {
+    let redis = common::redis::RedisServer::start().await;
+    let nodes = two_nodes(&redis).await;
+    let id = format!("answer-race-{}", uuid::Uuid::new_v4().simple());
+    producer_session_with_a_question(&nodes[0], &id).await;
+    let body = json!({ "sessionId": id, "clarificationId": "c1", "answer": "2026" });
+    let replies = race(&nodes, "/api/wizard/clarifications/respond", &body).await;
+    assert_one_winner(&replies, 200, "CLARIFICATION_CLOSED");
+    let answered = count_in_history(&nodes[1], &id, |h| {
+        h["event"] == "clarification" && h["data"]["status"] == "answered"
+    })
+    .await;
+    assert_eq!(answered, 1, "one `answered` event in the log");
+    let snap = snapshot(&nodes[0], &id).await;
+    assert_eq!(snap["clarifications"][0]["status"], "answered", "{snap}");
+}
+
+#[tokio::test]
+async fn concurrent_cancels_of_a_producer_session_succeed_once_across_nodes() {
+    let redis = common::redis::RedisServer::start().await;
+    let nodes = two_nodes(&redis).await;
+    let id = format!("cancel-race-{}", uuid::Uuid::new_v4().simple());
+    producer_session_with_a_question(&nodes[0], &id).await;
+    let path = format!("/api/wizard/session/{id}/cancel");
+    let replies = race(&nodes, &path, &json!({})).await;
+    assert_one_winner(&replies, 202, "SESSION_ENDED");
+    let cancelled = count_in_history(&nodes[1], &id, |h| {
+        h["event"] == "error" && h["data"]["code"] == "CANCELLED"
+    })
+    .await;
+    assert_eq!(cancelled, 1, "one CANCELLED error in the log");
+}

@@ -6,6 +6,14 @@
 //! by construction; provider calls run in worker tasks that report to it. Everything a run
 //! does goes through [`Hub::publish`], so replay, snapshot and history work for
 //! orchestrated sessions exactly as for ingested ones.
+//!
+//! A session that does not run on any node (producer-fed, or after its run) is answered
+//! and cancelled in its log. Reading the snapshot first gives the precise refusal (404,
+//! 409), but two requests may both read it before either writes, on one node or on
+//! several: the write itself is conditional, through a reserved idempotency key
+//! ([`keys`]) that the log accepts once, atomically (the Redis append is one Lua script,
+//! the memory log holds a mutex). The request whose event the log reports as a duplicate
+//! gets 409.
 
 pub mod config;
 mod run;
@@ -18,7 +26,8 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::cluster::{Cluster, CommandHandler, RemoteCommand, RemoteReply};
-use crate::event::{EventDraft, EventKind, validate_session_id};
+use crate::error::ErrorCode;
+use crate::event::{ClarificationStatus, EventDraft, EventKind, validate_session_id};
 use crate::hub::{Hub, HubError};
 use crate::providers::{self, Provider};
 use config::{ModelConfig, ModelsFile, OrchestratorSettings};
@@ -40,32 +49,59 @@ pub enum OrchestratorError {
     #[error("no clarification `{0}` in this session")]
     ClarificationNotFound(String),
     #[error("clarification `{0}` is already {1}")]
-    ClarificationClosed(String, String),
+    ClarificationClosed(String, ClarificationStatus),
+    /// A question left pending in a session that has ended can never be acted on.
+    #[error("clarification `{0}` is already closed: the session has ended")]
+    ClarificationOfEndedSession(String),
     #[error("session `{0}` has already ended")]
     SessionEnded(String),
     #[error(transparent)]
     Hub(#[from] HubError),
     /// Refused by the node that runs the session.
     #[error("{message}")]
-    Remote { code: String, message: String },
+    Remote { code: ErrorCode, message: String },
     #[error("the node running the session is unreachable: {0}")]
     NodeUnavailable(String),
 }
 
 impl OrchestratorError {
-    /// The machine-readable code clients match on.
-    pub fn code(&self) -> &str {
+    /// The machine-readable code clients match on; it also decides the HTTP status.
+    pub fn code(&self) -> ErrorCode {
         match self {
-            OrchestratorError::Invalid(_) => "INVALID_REQUEST",
-            OrchestratorError::UnknownModel(_) => "UNKNOWN_MODEL",
-            OrchestratorError::SessionNotFound(_) => "SESSION_NOT_FOUND",
-            OrchestratorError::ClarificationNotFound(_) => "CLARIFICATION_NOT_FOUND",
-            OrchestratorError::ClarificationClosed(..) => "CLARIFICATION_CLOSED",
-            OrchestratorError::SessionEnded(_) => "SESSION_ENDED",
-            OrchestratorError::Hub(_) => "INTERNAL",
-            OrchestratorError::Remote { code, .. } => code,
-            OrchestratorError::NodeUnavailable(_) => "NODE_UNAVAILABLE",
+            OrchestratorError::Invalid(_) => ErrorCode::InvalidRequest,
+            OrchestratorError::UnknownModel(_) => ErrorCode::UnknownModel,
+            OrchestratorError::SessionNotFound(_) => ErrorCode::SessionNotFound,
+            OrchestratorError::ClarificationNotFound(_) => ErrorCode::ClarificationNotFound,
+            OrchestratorError::ClarificationClosed(..)
+            | OrchestratorError::ClarificationOfEndedSession(_) => ErrorCode::ClarificationClosed,
+            OrchestratorError::SessionEnded(_) => ErrorCode::SessionEnded,
+            OrchestratorError::Hub(_) => ErrorCode::Internal,
+            OrchestratorError::Remote { code, .. } => *code,
+            OrchestratorError::NodeUnavailable(_) => ErrorCode::NodeUnavailable,
         }
+    }
+}
+
+/// The idempotency keys herald writes itself. They live in the `herald:` namespace, which
+/// producers may not use (SPEC §5 "Reserved keys"), so no producer event can collide with
+/// them or pre-empt them.
+pub mod keys {
+    /// The prefix of every reserved key (producer ingest refuses keys that start with it).
+    pub const RESERVED_PREFIX: &str = "herald:";
+    /// The error event that cancels a session not running anywhere: a session is
+    /// cancelled at most once.
+    pub const CANCEL: &str = "herald:cancel";
+    /// The error event that ends a session whose node was lost.
+    pub const LOST: &str = "herald:lost";
+
+    /// The `n`th event a run logs (from 1), so a retried publish is not logged twice.
+    pub fn run_event(n: u64) -> String {
+        format!("herald:run:{n}")
+    }
+
+    /// The `answered` event of a clarification answered in the log: it is answered once.
+    pub fn answer(clarification_id: &str) -> String {
+        format!("herald:answer:{clarification_id}")
     }
 }
 
@@ -290,7 +326,10 @@ impl Orchestrator {
             Ok(None) | Ok(Some(RemoteReply::NotRunning)) => None,
             Ok(Some(RemoteReply::Done)) => Some(Ok(())),
             Ok(Some(RemoteReply::Refused { code, message })) => {
-                Some(Err(OrchestratorError::Remote { code, message }))
+                Some(Err(OrchestratorError::Remote {
+                    code: remote_code(&code),
+                    message,
+                }))
             }
             Err(error) => Some(Err(OrchestratorError::NodeUnavailable(error.to_string()))),
         }
@@ -305,12 +344,15 @@ impl Orchestrator {
         }
         let error = json!({
             "error": "the node running this session stopped; start the session again",
-            "code": "NODE_LOST",
+            "code": ErrorCode::NodeLost,
         });
-        self.inner
-            .hub
-            .publish(session_id, vec![draft(EventKind::Error, error)])
-            .await?;
+        // Every node that notices the loss may get here; the key lets one error through.
+        self.publish_once(
+            session_id,
+            draft(EventKind::Error, error),
+            keys::LOST.into(),
+        )
+        .await?;
         Ok(())
     }
 
@@ -333,12 +375,16 @@ impl Orchestrator {
         if snapshot.summary.status.is_terminal() {
             return Err(OrchestratorError::SessionEnded(session_id.to_owned()));
         }
-        let error = json!({ "error": "the session was cancelled", "code": "CANCELLED" });
-        self.inner
-            .hub
-            .publish(session_id, vec![draft(EventKind::Error, error)])
-            .await?;
-        Ok(())
+        let error = json!({ "error": "the session was cancelled", "code": ErrorCode::Cancelled });
+        let cancel = draft(EventKind::Error, error);
+        match self
+            .publish_once(session_id, cancel, keys::CANCEL.into())
+            .await?
+        {
+            Logged::Once => Ok(()),
+            // Another cancel got there between our snapshot read and our append.
+            Logged::Already => Err(OrchestratorError::SessionEnded(session_id.to_owned())),
+        }
     }
 
     /// Answers a pending clarification; the paused prompt resumes with the answer.
@@ -371,31 +417,49 @@ impl Orchestrator {
             .iter()
             .find(|c| c.clarification_id == clarification_id)
             .ok_or_else(|| OrchestratorError::ClarificationNotFound(clarification_id.to_owned()))?;
-        // A question left pending in a session that has ended can never be acted on.
-        let status = match clarification.status.as_str() {
-            "pending" if snapshot.summary.status.is_terminal() => {
-                Some("closed: the session has ended")
+        let id = || clarification_id.to_owned();
+        match clarification.status {
+            ClarificationStatus::Pending if snapshot.summary.status.is_terminal() => {
+                return Err(OrchestratorError::ClarificationOfEndedSession(id()));
             }
-            "pending" => None,
-            other => Some(other),
-        };
-        if let Some(status) = status {
-            return Err(OrchestratorError::ClarificationClosed(
-                clarification_id.to_owned(),
-                status.to_owned(),
-            ));
+            ClarificationStatus::Pending => {}
+            closed => return Err(OrchestratorError::ClarificationClosed(id(), closed)),
         }
         let answered = json!({
             "clarificationId": clarification_id,
             "question": clarification.question,
-            "status": "answered",
+            "status": ClarificationStatus::Answered,
             "answer": answer,
         });
-        self.inner
-            .hub
-            .publish(session_id, vec![draft(EventKind::Clarification, answered)])
-            .await?;
-        Ok(())
+        let answered = draft(EventKind::Clarification, answered);
+        match self
+            .publish_once(session_id, answered, keys::answer(clarification_id))
+            .await?
+        {
+            Logged::Once => Ok(()),
+            // Another answer got there between our snapshot read and our append.
+            Logged::Already => Err(OrchestratorError::ClarificationClosed(
+                id(),
+                ClarificationStatus::Answered,
+            )),
+        }
+    }
+
+    /// Logs `event` under the reserved `key`, unless an event with that key is logged
+    /// already: the log decides, atomically, so this holds across requests and nodes.
+    async fn publish_once(
+        &self,
+        session_id: &str,
+        mut event: EventDraft,
+        key: String,
+    ) -> Result<Logged, OrchestratorError> {
+        event.idempotency_key = Some(key);
+        let published = self.inner.hub.publish(session_id, vec![event]).await?;
+        Ok(if published.accepted == 0 && published.duplicates > 0 {
+            Logged::Already
+        } else {
+            Logged::Once
+        })
     }
 
     async fn snapshot(
@@ -408,6 +472,14 @@ impl Orchestrator {
             .await?
             .ok_or_else(|| OrchestratorError::SessionNotFound(session_id.to_owned()))
     }
+}
+
+/// What [`Orchestrator::publish_once`] did.
+enum Logged {
+    /// The event is logged now.
+    Once,
+    /// An event with the same reserved key was logged before: nothing was.
+    Already,
 }
 
 /// Commands other nodes forward here run only against sessions running on this node.
@@ -436,11 +508,20 @@ impl CommandHandler for Orchestrator {
             None => RemoteReply::NotRunning,
             Some(Ok(())) => RemoteReply::Done,
             Some(Err(error)) => RemoteReply::Refused {
-                code: error.code().to_owned(),
+                code: error.code().as_str().to_owned(),
                 message: error.to_string(),
             },
         }
     }
+}
+
+/// The code of a refusal from another node. One running a newer herald may name a code
+/// this one does not know: it is passed on as `INTERNAL` rather than lost.
+fn remote_code(wire: &str) -> ErrorCode {
+    wire.parse().unwrap_or_else(|error| {
+        tracing::warn!(%error, "another node refused a command with a code unknown here");
+        ErrorCode::Internal
+    })
 }
 
 /// An event for the log, from a JSON object.
@@ -502,4 +583,23 @@ fn parse_prompts(inputs: Vec<PromptInput>) -> Result<Vec<Prompt>, OrchestratorEr
         prompts.push(Prompt { id, text });
     }
     Ok(prompts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keys;
+
+    #[test]
+    fn herald_keys_are_in_the_reserved_namespace() {
+        assert_eq!(keys::run_event(7), "herald:run:7");
+        assert_eq!(keys::answer("c-1"), "herald:answer:c-1");
+        for key in [
+            keys::run_event(1),
+            keys::answer("c"),
+            keys::CANCEL.into(),
+            keys::LOST.into(),
+        ] {
+            assert!(key.starts_with(keys::RESERVED_PREFIX), "{key}");
+        }
+    }
 }

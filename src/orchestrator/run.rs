@@ -13,8 +13,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::config::OrchestratorSettings;
-use super::{Model, OrchestratorError, Prompt, Strategy, draft};
-use crate::event::{EventDraft, EventKind};
+use super::{Model, OrchestratorError, Prompt, Strategy, draft, keys};
+use crate::error::ErrorCode;
+use crate::event::{ClarificationStatus, EventDraft, EventKind, ModelStatus, SessionStatus};
 use crate::hub::Hub;
 use crate::providers::{
     CLARIFICATION_MARKER, ChatMessage, Role, SYSTEM_PROMPT, clarification_question,
@@ -100,7 +101,7 @@ enum Clarification {
         reply: oneshot::Sender<String>,
     },
     Closed {
-        status: &'static str,
+        status: ClarificationStatus,
     },
 }
 
@@ -176,12 +177,12 @@ impl Run {
     }
 
     pub fn first_progress(&self) -> EventDraft {
-        self.progress("PROCESSING", None)
+        self.progress(SessionStatus::Processing, None)
     }
 
     /// A `progress` event from the current counts. Progress is the share of finished work,
     /// kept below 100 until the run completes.
-    fn progress(&self, status: &str, result: Option<&Value>) -> EventDraft {
+    fn progress(&self, status: SessionStatus, result: Option<&Value>) -> EventDraft {
         let count = |s: PromptStatus| self.prompts.iter().filter(|p| p.status == s).count();
         let pending_clarifications = self
             .clarifications
@@ -216,14 +217,14 @@ impl Run {
         &self,
         prompt: usize,
         model: usize,
-        status: &str,
+        status: ModelStatus,
         output: &str,
         error: Option<&str>,
     ) -> EventDraft {
         let unit = &self.prompts[prompt].units[model];
         let duration = match status {
-            "processing" => unit.started.map_or(0, |s| s.elapsed().as_millis() as u64),
-            _ => unit.duration_ms,
+            ModelStatus::Processing => unit.started.map_or(0, |s| s.elapsed().as_millis() as u64),
+            ModelStatus::Completed | ModelStatus::Failed => unit.duration_ms,
         };
         let config = &self.models[model].config;
         let mut data = json!({
@@ -315,7 +316,7 @@ impl Run {
     async fn publish(&self, mut events: Vec<EventDraft>) {
         for event in &mut events {
             let n = self.published.fetch_add(1, Ordering::Relaxed) + 1;
-            event.idempotency_key = Some(format!("herald-run:{n}"));
+            event.idempotency_key = Some(keys::run_event(n));
         }
         let deadline = Instant::now() + PUBLISH_RETRY_FOR;
         let mut pause = PUBLISH_FIRST_PAUSE;
@@ -339,10 +340,11 @@ impl Run {
         match command {
             Command::Started { prompt, model } => {
                 self.prompts[prompt].units[model].started = Some(Instant::now());
-                let mut events = vec![self.model_result(prompt, model, "processing", "", None)];
+                let mut events =
+                    vec![self.model_result(prompt, model, ModelStatus::Processing, "", None)];
                 if self.prompts[prompt].status == PromptStatus::Pending {
                     self.prompts[prompt].status = PromptStatus::Processing;
-                    events.push(self.progress("PROCESSING", None));
+                    events.push(self.progress(SessionStatus::Processing, None));
                 }
                 self.publish(events).await;
             }
@@ -351,7 +353,8 @@ impl Run {
                 model,
                 output,
             } => {
-                let event = self.model_result(prompt, model, "processing", &output, None);
+                let event =
+                    self.model_result(prompt, model, ModelStatus::Processing, &output, None);
                 self.publish(vec![event]).await;
             }
             Command::Finished {
@@ -361,7 +364,7 @@ impl Run {
                 attempts,
             } => {
                 let event = self.finish_unit(prompt, model, outcome, attempts);
-                let progress = self.progress("PROCESSING", None);
+                let progress = self.progress(SessionStatus::Processing, None);
                 self.publish(vec![event, progress]).await;
             }
             Command::Ask {
@@ -378,7 +381,7 @@ impl Run {
                     prompt,
                     model,
                     &question,
-                    "pending",
+                    ClarificationStatus::Pending,
                     None,
                 );
                 self.clarifications.insert(
@@ -391,7 +394,7 @@ impl Run {
                         reply,
                     },
                 );
-                let progress = self.progress("PROCESSING", None);
+                let progress = self.progress(SessionStatus::Processing, None);
                 self.publish(vec![event, progress]).await;
             }
             Command::Respond {
@@ -405,8 +408,9 @@ impl Run {
             Command::Cancel { reply } => {
                 // Questions nobody will act on any more are closed, so they cannot be answered.
                 let mut events = self.close_clarifications();
-                events.push(self.progress("FAILED", None));
-                let error = json!({ "error": "the session was cancelled", "code": "CANCELLED" });
+                events.push(self.progress(SessionStatus::Failed, None));
+                let error =
+                    json!({ "error": "the session was cancelled", "code": ErrorCode::Cancelled });
                 events.push(draft(EventKind::Error, error));
                 self.publish(events).await;
                 let _ = reply.send(Ok(()));
@@ -449,8 +453,8 @@ impl Run {
             }
         }
         match &outcome {
-            Ok(output) => self.model_result(prompt, model, "completed", output, None),
-            Err(error) => self.model_result(prompt, model, "failed", "", Some(error)),
+            Ok(output) => self.model_result(prompt, model, ModelStatus::Completed, output, None),
+            Err(error) => self.model_result(prompt, model, ModelStatus::Failed, "", Some(error)),
         }
     }
 
@@ -459,7 +463,9 @@ impl Run {
         clarification_id: &str,
         answer: String,
     ) -> Result<(), OrchestratorError> {
-        let closed = Clarification::Closed { status: "answered" };
+        let closed = Clarification::Closed {
+            status: ClarificationStatus::Answered,
+        };
         let previous = match self.clarifications.get_mut(clarification_id) {
             None => {
                 return Err(OrchestratorError::ClarificationNotFound(
@@ -469,7 +475,7 @@ impl Run {
             Some(Clarification::Closed { status }) => {
                 return Err(OrchestratorError::ClarificationClosed(
                     clarification_id.to_owned(),
-                    (*status).to_owned(),
+                    *status,
                 ));
             }
             Some(slot) => std::mem::replace(slot, closed),
@@ -489,10 +495,10 @@ impl Run {
             prompt,
             model,
             &question,
-            "answered",
+            ClarificationStatus::Answered,
             Some(&answer),
         );
-        let progress = self.progress("PROCESSING", None);
+        let progress = self.progress(SessionStatus::Processing, None);
         self.publish(vec![event, progress]).await;
         // The worker may be gone (the run is ending); the answer is logged either way.
         let _ = reply.send(answer);
@@ -513,7 +519,7 @@ impl Run {
     /// and with it every other open question.
     async fn expire(&mut self) {
         let mut events = self.close_clarifications();
-        events.push(self.progress("EXPIRED", None));
+        events.push(self.progress(SessionStatus::Expired, None));
         self.publish(events).await;
     }
 
@@ -529,13 +535,16 @@ impl Run {
             } = slot
             {
                 closed.push((id.clone(), *prompt, *model, std::mem::take(question)));
-                *slot = Clarification::Closed { status: "expired" };
+                *slot = Clarification::Closed {
+                    status: ClarificationStatus::Expired,
+                };
             }
         }
         closed
             .iter()
             .map(|(id, prompt, model, question)| {
-                self.clarification_event(id, *prompt, *model, question, "expired", None)
+                let expired = ClarificationStatus::Expired;
+                self.clarification_event(id, *prompt, *model, question, expired, None)
             })
             .collect()
     }
@@ -546,7 +555,7 @@ impl Run {
         prompt: usize,
         model: usize,
         question: &str,
-        status: &str,
+        status: ClarificationStatus,
         answer: Option<&str>,
     ) -> EventDraft {
         let mut data = json!({
@@ -568,14 +577,14 @@ impl Run {
             .iter()
             .all(|p| p.status == PromptStatus::Failed)
         {
-            let progress = self.progress("FAILED", None);
-            let error = json!({ "error": "every prompt failed on every model", "code": "ALL_PROMPTS_FAILED" });
+            let progress = self.progress(SessionStatus::Failed, None);
+            let error = json!({ "error": "every prompt failed on every model", "code": ErrorCode::AllPromptsFailed });
             self.publish(vec![progress, draft(EventKind::Error, error)])
                 .await;
             return End::AllFailed;
         }
         let result = self.result();
-        let progress = self.progress("COMPLETED", Some(&result));
+        let progress = self.progress(SessionStatus::Completed, Some(&result));
         let completed = draft(EventKind::Completed, json!({ "result": result }));
         self.publish(vec![progress, completed]).await;
         End::Completed
@@ -596,7 +605,10 @@ impl Run {
                         let mut output = json!({
                             "modelName": model.config.name,
                             "provider": model.config.provider.as_str(),
-                            "status": if outcome.is_ok() { "completed" } else { "failed" },
+                            "status": match outcome {
+                                Ok(_) => ModelStatus::Completed,
+                                Err(_) => ModelStatus::Failed,
+                            },
                             "output": outcome.as_ref().map_or("", String::as_str),
                             "duration": unit.duration_ms,
                             "attempts": unit.attempts,

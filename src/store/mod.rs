@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 pub use memory::MemoryStore;
 pub use redis::RedisStore;
 
-use crate::event::{EventKind, SessionStatus};
+use crate::event::{ClarificationStatus, EventKind, SessionStatus};
 use crate::log::Appended;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -34,7 +34,7 @@ pub struct PromptCounts {
 pub struct Clarification {
     pub clarification_id: String,
     pub question: String,
-    pub status: String,
+    pub status: ClarificationStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub answer: Option<String>,
     pub timestamp: Value,
@@ -178,11 +178,19 @@ impl Snapshot {
 
     fn apply_clarification(&mut self, data: &Map<String, Value>) {
         let text = |key: &str| data.get(key).and_then(Value::as_str).map(str::to_owned);
+        // Validation admits only the three statuses; an event without one changes nothing.
+        let Some(status) = data
+            .get("status")
+            .and_then(Value::as_str)
+            .and_then(ClarificationStatus::parse)
+        else {
+            return;
+        };
         let id = text("clarificationId").unwrap_or_default();
         let entry = Clarification {
             clarification_id: id.clone(),
             question: text("question").unwrap_or_default(),
-            status: text("status").unwrap_or_default(),
+            status,
             answer: text("answer"),
             timestamp: data.get("timestamp").cloned().unwrap_or(Value::Null),
         };
@@ -197,7 +205,7 @@ impl Snapshot {
         self.summary.clarification_count = self
             .clarifications
             .iter()
-            .filter(|c| c.status == "pending")
+            .filter(|c| c.status == ClarificationStatus::Pending)
             .count();
         self.summary.has_clarifications = self.summary.clarification_count > 0;
     }
