@@ -8,6 +8,7 @@ pub mod demo;
 pub mod event;
 pub mod http;
 pub mod hub;
+pub mod intake;
 pub mod log;
 pub mod metrics;
 pub mod orchestrator;
