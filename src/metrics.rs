@@ -44,12 +44,13 @@ pub struct Metrics {
     pub slow_consumers: Counter,
     pub socket_errors: Counter,
     pub http_errors: Counter,
+    pub ingest_retries: Counter,
 }
 
 impl Metrics {
     /// Renders every metric in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let counters: [(&str, &str, u64); 7] = [
+        let counters: [(&str, &str, u64); 8] = [
             (
                 "herald_events_logged_total",
                 "Events appended to session logs.",
@@ -84,6 +85,11 @@ impl Metrics {
                 "herald_http_errors_total",
                 "HTTP requests answered with an error.",
                 self.http_errors.get(),
+            ),
+            (
+                "herald_ingest_retries_total",
+                "Redis ingest entries whose logging failed for a backend error and is retried.",
+                self.ingest_retries.get(),
             ),
         ];
         let gauges: [(&str, &str, i64); 2] = [
