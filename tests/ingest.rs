@@ -89,17 +89,22 @@ impl Setup {
     }
 
     async fn metric(&self, name: &str) -> u64 {
-        let text = reqwest::get(self.app.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|value| value.trim().parse().ok())
-            .unwrap_or(0)
+        metric(&self.app, name).await
     }
+}
+
+/// A counter of `app`'s `/metrics` (0 when absent).
+async fn metric(app: &TestServer, name: &str) -> u64 {
+    let text = reqwest::get(app.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn field<'a>(fields: &'a [(String, String)], name: &str) -> &'a str {
@@ -313,4 +318,71 @@ async fn an_entry_another_node_took_is_claimed_only_after_a_whole_lease_and_firs
     })
     .await;
     assert_eq!(percents(&app.history("claimed").await.unwrap()), [10, 20]);
+}
+
+/// A holder retrying a failing entry renews its lease with every attempt, so however long
+/// the backend fails no other node takes the entry over meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_retrying_an_entry_keeps_its_lease_and_the_entry() {
+    const LEASE: Duration = Duration::from_millis(600);
+    let (redis, mut raw) = redis_only().await;
+    let prefix = "ingest-keep";
+    let a = herald_on(&redis, prefix, 100, LEASE.as_millis() as u64).await;
+    let (status, reply) = a.post_events("stuck", &progress(5)).await;
+    assert_eq!(status, 202, "{reply}");
+    let keys = format!("{prefix}:keys:stuck");
+    let _: () = redis::cmd("SET")
+        .arg(&keys)
+        .arg("not a sorted set")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let mut entry = progress(10);
+    entry["sessionId"] = json!("stuck");
+    let _: String = redis::cmd("XADD")
+        .arg(format!("{prefix}:ingest"))
+        .arg("*")
+        .arg("payload")
+        .arg(entry.to_string())
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    eventually("a first retry", || async {
+        metric(&a, "herald_ingest_retries_total").await >= 1
+    })
+    .await;
+    let lease_key = format!("{prefix}:ingest:lease");
+    let holder: Option<String> = redis::cmd("GET")
+        .arg(&lease_key)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(holder.is_some(), "someone holds the lease");
+
+    // A second node joins, and the backend keeps failing for four leases.
+    let b = herald_on(&redis, prefix, 100, LEASE.as_millis() as u64).await;
+    let until = Instant::now() + LEASE * 4;
+    while Instant::now() < until {
+        let now: Option<String> = redis::cmd("GET")
+            .arg(&lease_key)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+        assert_eq!(
+            now, holder,
+            "the lease changed hands while its holder retried"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    eventually("the retried entry to be logged", || async {
+        a.history("stuck").await.is_some_and(|e| e.len() == 2)
+    })
+    .await;
+    assert_eq!(percents(&a.history("stuck").await.unwrap()), [5, 10]);
+    assert_eq!(metric(&b, "herald_ingest_retries_total").await, 0);
 }

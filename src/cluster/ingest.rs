@@ -49,8 +49,8 @@ const BLOCK: Duration = Duration::from_secs(2);
 /// How often a holder looks again at a former holder's entries that are not yet idle for
 /// a whole lease.
 const CLAIM_POLL: Duration = Duration::from_millis(200);
-/// Backoff of a failing entry's retries. The longest wait stays well below any lease, so
-/// the holder keeps its lease while it retries.
+/// Backoff of a failing entry's retries; the longest wait is also at most a third of the
+/// lease, so the holder keeps its lease while it retries.
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const LAST_RETRY: Duration = Duration::from_secs(2);
 /// Refusals kept for inspection.
@@ -233,7 +233,8 @@ impl Ingest {
         fields: &[(String, String)],
     ) -> redis::RedisResult<bool> {
         let parsed = parse(id, fields, self.max_batch);
-        let mut backoff = FIRST_RETRY;
+        let last_retry = LAST_RETRY.min(self.lease / 3);
+        let mut backoff = FIRST_RETRY.min(last_retry);
         loop {
             let outcome = match &parsed {
                 Ok((session_id, drafts)) => self
@@ -258,7 +259,7 @@ impl Ingest {
                     self.hub.metrics().ingest_retries.inc();
                     tracing::warn!(entry = id, %error, retry_in = ?backoff, "could not log an ingest entry");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(LAST_RETRY);
+                    backoff = (backoff * 2).min(last_retry);
                     if !self.renew_lease(redis).await? {
                         return Ok(false);
                     }
