@@ -109,6 +109,12 @@ pub struct Config {
     #[arg(long, env = "HERALD_WS_READ_BUFFER", default_value_t = 256)]
     pub ws_read_buffer: usize,
 
+    /// Cluster lease in milliseconds: a node whose liveness key is this old is lost, and the
+    /// ingest stream's lease lasts this long. Internal (tests shorten it), hence hidden.
+    #[arg(long, env = "HERALD_CLUSTER_LEASE_MS", default_value_t = 10_000, hide = true,
+          value_parser = clap::value_parser!(u64).range(500..=600_000))]
+    pub cluster_lease_ms: u64,
+
     /// Seconds to wait for in-flight requests and sockets on shutdown.
     #[arg(long, env = "HERALD_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
     pub shutdown_timeout_secs: u64,
@@ -131,5 +137,9 @@ impl Config {
 
     pub fn session_ttl(&self) -> Duration {
         Duration::from_secs(self.session_ttl_secs)
+    }
+
+    pub fn cluster_lease(&self) -> Duration {
+        Duration::from_millis(self.cluster_lease_ms)
     }
 }

@@ -18,8 +18,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::error::ErrorCode;
-use crate::event::{IngestItem, SessionStatus, validate_item, validate_session_id};
+use crate::event::{SessionStatus, validate_session_id};
 use crate::hub::{Hub, HubError};
+use crate::intake;
 use crate::orchestrator::{CreateSession, Orchestrator, OrchestratorError};
 
 /// Largest page of history one request returns.
@@ -297,15 +298,8 @@ async fn ingest(
 ) -> Result<(StatusCode, Json<IngestReply>), ApiError> {
     session_id_from_path(&session_id)?;
     let body = json_body(&headers, body)?;
-    let items = parse_batch(&body, state.max_batch)?;
-    let drafts = items
-        .into_iter()
-        .enumerate()
-        .map(|(index, item)| {
-            validate_item(&session_id, item)
-                .map_err(|e| ApiError::bad_request("INVALID_EVENT", format!("item {index}: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let drafts = intake::parse_body(&session_id, &body, state.max_batch)
+        .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
     let published = state.hub.publish(&session_id, drafts).await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -316,43 +310,6 @@ async fn ingest(
             seqs: published.seqs,
         }),
     ))
-}
-
-/// One item or an array of items; each must be `{ event, data, idempotencyKey? }`.
-fn parse_batch(body: &[u8], max_batch: usize) -> Result<Vec<IngestItem>, ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request("INVALID_JSON", format!("the body is not valid JSON: {e}"))
-    })?;
-    let values = match value {
-        Value::Array(values) => values,
-        single @ Value::Object(_) => vec![single],
-        _ => {
-            return Err(ApiError::bad_request(
-                "INVALID_EVENT",
-                "expected { event, data } or an array of them",
-            ));
-        }
-    };
-    if values.is_empty() {
-        return Err(ApiError::bad_request(
-            "EMPTY_BATCH",
-            "the batch has no events",
-        ));
-    }
-    if values.len() > max_batch {
-        return Err(ApiError::bad_request(
-            "BATCH_TOO_LARGE",
-            format!("a batch holds at most {max_batch} events"),
-        ));
-    }
-    values
-        .into_iter()
-        .enumerate()
-        .map(|(index, value)| {
-            let what = format!("item {index} (expected {{ event, data, idempotencyKey? }})");
-            from_object(value, "INVALID_EVENT", &what)
-        })
-        .collect()
 }
 
 async fn snapshot(

@@ -9,6 +9,7 @@ pub mod error;
 pub mod event;
 pub mod http;
 pub mod hub;
+pub mod intake;
 pub mod log;
 pub mod metrics;
 pub mod orchestrator;

@@ -76,12 +76,13 @@ pub struct Metrics {
     pub socket_errors: Counter,
     /// HTTP error responses (status 4xx and 5xx), by the code of their body.
     pub http_errors: CountsByCode,
+    pub ingest_retries: Counter,
 }
 
 impl Metrics {
     /// Renders every metric in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let counters: [(&str, &str, u64); 6] = [
+        let counters: [(&str, &str, u64); 7] = [
             (
                 "herald_events_logged_total",
                 "Events appended to session logs.",
@@ -111,6 +112,11 @@ impl Metrics {
                 "herald_socket_errors_total",
                 "Error events sent to sockets for bad input.",
                 self.socket_errors.get(),
+            ),
+            (
+                "herald_ingest_retries_total",
+                "Redis ingest entries whose logging failed for a backend error and is retried.",
+                self.ingest_retries.get(),
             ),
         ];
         let gauges: [(&str, &str, i64); 2] = [

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::cluster::{Cluster, NODE_LEASE};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::http::{ApiState, router};
 use crate::hub::Hub;
@@ -131,7 +131,7 @@ impl Server {
         let cluster_tasks = cluster.map(|(cluster, orchestrator)| {
             [
                 cluster.spawn_listener(hub.clone()),
-                cluster.spawn_ingest(hub.clone()),
+                cluster.spawn_ingest(hub.clone(), config.max_batch.max(1)),
                 tokio::spawn(watch_nodes(cluster, orchestrator)),
             ]
         });
@@ -168,7 +168,7 @@ impl Server {
 
 /// Keeps this node's liveness fresh and ends the sessions of nodes that were lost.
 async fn watch_nodes(cluster: Cluster, orchestrator: Orchestrator) {
-    let mut tick = tokio::time::interval(NODE_LEASE / 3);
+    let mut tick = tokio::time::interval(cluster.lease() / 3);
     loop {
         tick.tick().await;
         match cluster.heartbeat().await {
@@ -246,7 +246,7 @@ async fn backends(config: &Config) -> Result<Backends, ServerError> {
     let store = RedisStore::connect(url, prefix, log.clone())
         .await
         .map_err(|e| failed(e.to_string()))?;
-    let cluster = Cluster::connect(url, prefix)
+    let cluster = Cluster::connect(url, prefix, config.cluster_lease())
         .await
         .map_err(|e| failed(e.to_string()))?;
     tracing::info!(

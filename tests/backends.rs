@@ -1283,3 +1283,42 @@ async fn redis_log_starts_a_new_epoch_after_redis_lost_its_data() {
     assert!(!after.head.can_resume(3, Some(&before.head.epoch)));
     assert_eq!(read(&*log, sid, 0, READ_ALL).await, [1]);
 }
+
+/// The head hash alone was lost (evicted, or deleted by hand) while the session's stream
+/// and idempotency keys remain: the next append starts a new incarnation at seq 1 with a
+/// new epoch instead of failing forever on a stream id that no longer grows, and nothing of
+/// the old incarnation (events, keys) leaks into the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_log_starts_a_new_incarnation_when_the_head_hash_is_lost() {
+    let server = RedisServer::start().await;
+    let prefix = prefix("lost-head");
+    let log = redis_log(&server, &prefix, KEEP_ALL).await;
+    let sid = "s-lost-head";
+    let before = append(&*log, sid, vec![keyed("k-1", progress(1)), progress(2)]).await;
+    assert_eq!(before.head.last_seq, 2);
+
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+    let deleted: i64 = redis::cmd("DEL")
+        .arg(format!("{prefix}:head:{sid}"))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1, "the head hash existed");
+
+    let after = log
+        .append(sid, vec![keyed("k-1", progress(3))])
+        .await
+        .expect("an append after the head was lost succeeds");
+    assert_eq!(after.seqs, [Some(1)], "a new incarnation starts at seq 1");
+    assert_eq!(after.duplicates, 0, "the old incarnation's keys are gone");
+    assert_ne!(after.head.epoch, before.head.epoch);
+    assert!(!after.head.can_resume(2, Some(&before.head.epoch)));
+    let slice = log.read(sid, 0, READ_ALL).await.unwrap();
+    assert_eq!(seqs_of(&slice.events), [1]);
+    assert_eq!(parse(&slice.events[0])["n"], 3);
+    assert_eq!((slice.head.first_seq, slice.head.last_seq), (1, 1));
+    // And it goes on from there.
+    let next = append(&*log, sid, vec![progress(4)]).await;
+    assert_eq!(next.seqs, [Some(2)]);
+}

@@ -211,6 +211,35 @@ async fn ingest_rejects_bad_input_with_codes_and_logs_nothing() {
     );
 }
 
+/// herald's own idempotency keys (`herald:…`) are not the producers' to write: an item
+/// carrying one is refused, and so is its whole batch.
+#[tokio::test]
+async fn ingest_refuses_idempotency_keys_in_herald_s_namespace() {
+    let app = spawn_app().await;
+    let reserved = json!({
+        "event": "progress",
+        "data": { "status": "ACTIVE", "progress": 1 },
+        "idempotencyKey": "herald:ingest:1-0",
+    });
+    for (what, body) in [
+        ("one item", reserved.clone()),
+        ("second item of a batch", json!([progress(1), reserved])),
+    ] {
+        let (status, reply) = app.post_events("reserved-key", &body).await;
+        assert_eq!(status, 400, "{what}: {reply}");
+        assert_eq!(
+            reply["error"]["code"], "RESERVED_IDEMPOTENCY_KEY",
+            "{what}: {reply}"
+        );
+        assert_nothing_logged(&app, "reserved-key").await;
+    }
+    // Only the namespace is reserved: a key that merely starts with "herald" is the producer's.
+    let mut own = progress(1);
+    own["idempotencyKey"] = json!("heraldic:1");
+    let (status, reply) = app.post_events("own-key", &own).await;
+    assert_eq!(status, 202, "{reply}");
+}
+
 #[tokio::test]
 async fn oversized_bodies_get_413() {
     let app = spawn_app_with(|c| c.max_body = 1024).await;

@@ -3,27 +3,38 @@
 //! A worker `XADD`s an entry with one field, `payload`, holding
 //! `{ "sessionId", "event", "data", "idempotencyKey"? }` or
 //! `{ "sessionId", "events": [{ "event", "data", "idempotencyKey"? }, …] }` (a batch,
-//! all-or-nothing, like the HTTP route). Entries are handled in stream order by one node at
-//! a time, the holder of the `{prefix}:ingest:lease` key (so a worker's events keep their
-//! order); when the holder stops renewing it, another node takes the lease and first
-//! claims the entries the old holder took but never acknowledged. An item without an
-//! idempotency key gets `redis:<entry id>[:<index>]`, so an entry handled twice is still
-//! logged once.
-//! Refused entries are acknowledged and described in `{prefix}:ingest:errors`. Handled
-//! entries are deleted from the stream.
+//! all-or-nothing and at most `--max-batch` long, like the HTTP route: both are parsed by
+//! [`crate::intake`]).
+//!
+//! **Order.** Entries are handled in stream order by one node at a time, the holder of the
+//! `{prefix}:ingest:lease` key, renewed before every entry; a holder that finds its lease
+//! taken stops at once. The next holder handles, before anything unread: the entries it
+//! took itself and has not acknowledged, then the entries a former holder took and left,
+//! once they have been idle for a whole lease (that holder may still be busy with them
+//! until its lease ran out); while a former holder's entry is not yet idle that long it
+//! reads nothing newer.
+//!
+//! **Nothing acknowledged is lost.** An entry is acknowledged (and deleted, so the stream
+//! stays as short as the backlog) only once its events are logged, or once it is refused.
+//! Refused entries (invalid, see [`crate::intake::IntakeError`]) are described in
+//! `{prefix}:ingest:errors` (`entry`, `code`, `error`). An entry whose logging fails for a
+//! backend error stays unacknowledged and is retried with backoff, and nothing after it is
+//! handled meanwhile. An item without an idempotency key gets herald's own
+//! `herald:ingest:<entry id>[:<index>]` ([`crate::intake::ingest_key`]), so an entry handled
+//! twice (by a holder that lost its lease mid-entry, and its successor) is logged once.
 
 use std::time::Duration;
 
 use redis::Value as RedisValue;
-use serde::Deserialize;
-use serde_json::Value;
+use redis::aio::MultiplexedConnection;
 
-use crate::event::{IngestItem, validate_item, validate_session_id};
-use crate::hub::Hub;
+use crate::event::EventDraft;
+use crate::hub::{Hub, HubError};
+use crate::intake::{self, IntakeError};
+use crate::log::LogError;
+use crate::store::StoreError;
 
 pub const GROUP: &str = "herald";
-/// How long the ingest lease lasts without renewal.
-pub const LEASE: Duration = Duration::from_secs(10);
 /// Renews the lease if `ARGV[1]` holds it or nobody does; 1 when it is ours.
 const TAKE_LEASE: &str = r#"
 local holder = redis.call('GET', KEYS[1])
@@ -35,169 +46,291 @@ return 0
 "#;
 const BATCH: usize = 100;
 const BLOCK: Duration = Duration::from_secs(2);
+/// How often a holder looks again at a former holder's entries that are not yet idle for
+/// a whole lease.
+const CLAIM_POLL: Duration = Duration::from_millis(200);
+/// Backoff of a failing entry's retries; the longest wait is also at most a third of the
+/// lease, so the holder keeps its lease while it retries.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const LAST_RETRY: Duration = Duration::from_secs(2);
 /// Refusals kept for inspection.
 const MAX_ERRORS: usize = 1000;
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Entry {
-    session_id: Value,
-    #[serde(flatten)]
-    body: Body,
+/// One consumer of the ingest stream: this node's view of it.
+pub struct Ingest {
+    pub client: redis::Client,
+    pub prefix: String,
+    /// This node's consumer name (its node id).
+    pub consumer: String,
+    pub hub: Hub,
+    pub max_batch: usize,
+    /// How long the lease lasts without renewal, and how long a former holder's entry must
+    /// have been idle before it is claimed.
+    pub lease: Duration,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Body {
-    Batch { events: Vec<IngestItem> },
-    One(IngestItem),
+/// A refused entry's code and the reason recorded in the errors stream.
+type Refusal = (&'static str, String);
+
+/// Why an entry was not logged.
+enum Failure {
+    /// The entry is invalid: it is described in the errors stream and acknowledged.
+    Refused(Refusal),
+    /// The backend failed: the entry is retried.
+    Transient(HubError),
 }
 
-/// Reads and logs the stream until the task is aborted.
-pub async fn consume(client: redis::Client, prefix: String, consumer: String, hub: Hub) {
-    let stream = format!("{prefix}:ingest");
-    let errors = format!("{prefix}:ingest:errors");
-    let lease = format!("{prefix}:ingest:lease");
-    loop {
-        if let Err(error) =
-            consume_until_error(&client, &stream, &errors, &lease, &consumer, &hub).await
-        {
-            tracing::warn!(stream, %error, "ingest stream failed; retrying");
-            tokio::time::sleep(Duration::from_secs(1)).await;
+impl From<HubError> for Failure {
+    fn from(error: HubError) -> Self {
+        match error {
+            HubError::Log(LogError::Backend(_)) | HubError::Store(StoreError::Backend(_)) => {
+                Failure::Transient(error)
+            }
+            // An event that cannot be serialized never will be.
+            other => Failure::Refused(("INVALID_EVENT", other.to_string())),
         }
     }
 }
 
-async fn consume_until_error(
-    client: &redis::Client,
-    stream: &str,
-    errors: &str,
-    lease: &str,
-    consumer: &str,
-    hub: &Hub,
-) -> redis::RedisResult<()> {
-    let take_lease = redis::Script::new(TAKE_LEASE);
-    // The blocking read waits up to BLOCK for entries: the reply timeout must be longer.
-    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(BLOCK * 3));
-    let mut redis = client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await?;
-    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-        .arg(&["CREATE", stream, GROUP, "0", "MKSTREAM"])
-        .query_async(&mut redis)
-        .await;
-    if let Err(error) = created
-        && error.code() != Some("BUSYGROUP")
-    {
-        return Err(error);
+fn refusal(error: IntakeError) -> Refusal {
+    let reason = match &error {
+        IntakeError::InvalidJson(_) => format!("invalid payload: {error}"),
+        _ => error.to_string(),
+    };
+    (error.code(), reason)
+}
+
+/// An entry: its id and its fields, `None` when it was deleted while pending.
+type Entry = (String, Option<Vec<(String, String)>>);
+
+impl Ingest {
+    fn stream(&self) -> String {
+        format!("{}:ingest", self.prefix)
     }
-    loop {
-        let ours: i64 = take_lease
-            .key(lease)
-            .arg(consumer)
-            .arg(LEASE.as_millis() as u64)
-            .invoke_async(&mut redis)
+
+    /// Reads and logs the stream until the task is aborted.
+    pub async fn consume(self) {
+        loop {
+            if let Err(error) = self.consume_until_error().await {
+                tracing::warn!(stream = self.stream(), %error, "ingest stream failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+
+    async fn consume_until_error(&self) -> redis::RedisResult<()> {
+        // The blocking read waits up to BLOCK for entries: the reply timeout must be longer.
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(BLOCK * 3));
+        let mut redis = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
             .await?;
-        if ours == 0 {
-            tokio::time::sleep(BLOCK).await;
-            continue;
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg(&["CREATE", &self.stream(), GROUP, "0", "MKSTREAM"])
+            .query_async(&mut redis)
+            .await;
+        if let Err(error) = created
+            && error.code() != Some("BUSYGROUP")
+        {
+            return Err(error);
         }
-        // Entries taken but never acknowledged (by a holder that was lost) come first:
-        // they are older than anything not yet read.
+        loop {
+            if !self.renew_lease(&mut redis).await? {
+                tokio::time::sleep(BLOCK).await;
+                continue;
+            }
+            let entries = self.next_entries(&mut redis).await?;
+            for (id, fields) in entries {
+                if !self.renew_lease(&mut redis).await? {
+                    tracing::info!("lost the ingest lease; another node goes on");
+                    break;
+                }
+                let handled = match fields {
+                    Some(fields) => self.handle_until_done(&mut redis, &id, &fields).await?,
+                    None => {
+                        self.acknowledge(&mut redis, &id, None).await?;
+                        true
+                    }
+                };
+                if !handled {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Takes or renews the lease; whether this node holds it.
+    async fn renew_lease(&self, redis: &mut MultiplexedConnection) -> redis::RedisResult<bool> {
+        let ours: i64 = redis::Script::new(TAKE_LEASE)
+            .key(format!("{}:ingest:lease", self.prefix))
+            .arg(&self.consumer)
+            .arg(self.lease.as_millis() as u64)
+            .invoke_async(redis)
+            .await?;
+        Ok(ours == 1)
+    }
+
+    /// The next entries to handle, oldest first (see the module docs for the order).
+    async fn next_entries(
+        &self,
+        redis: &mut MultiplexedConnection,
+    ) -> redis::RedisResult<Vec<Entry>> {
+        let stream = self.stream();
+        // Ours, taken earlier and not acknowledged (a backend failure, a lost connection).
+        let own: RedisValue = redis::cmd("XREADGROUP")
+            .arg(&["GROUP", GROUP, &self.consumer, "COUNT"])
+            .arg(BATCH)
+            .arg(&["STREAMS", &stream, "0"])
+            .query_async(redis)
+            .await?;
+        let own = read_entries(own);
+        if !own.is_empty() {
+            return Ok(own);
+        }
+        // A former holder's, once it cannot be busy with them any more.
         let claimed: RedisValue = redis::cmd("XAUTOCLAIM")
-            .arg(stream)
+            .arg(&stream)
             .arg(GROUP)
-            .arg(consumer)
-            .arg(0)
+            .arg(&self.consumer)
+            .arg(self.lease.as_millis() as u64)
             .arg("0-0")
             .arg("COUNT")
             .arg(BATCH)
-            .query_async(&mut redis)
+            .query_async(redis)
             .await?;
-        let mut entries = claimed_entries(claimed);
-        if entries.is_empty() {
-            let read: RedisValue = redis::cmd("XREADGROUP")
-                .arg(&["GROUP", GROUP, consumer, "COUNT"])
-                .arg(BATCH)
-                .arg("BLOCK")
-                .arg(BLOCK.as_millis() as u64)
-                .arg(&["STREAMS", stream, ">"])
-                .query_async(&mut redis)
-                .await?;
-            entries = read_entries(read);
+        let claimed = claimed_entries(claimed);
+        if !claimed.is_empty() {
+            return Ok(claimed);
         }
-        for (id, fields) in entries {
-            if let Err(reason) = handle(hub, &id, &fields).await {
-                tracing::warn!(entry = id, reason, "refused an ingest entry");
-                let _: RedisValue = redis::cmd("XADD")
-                    .arg(errors)
-                    .arg("MAXLEN")
-                    .arg("~")
-                    .arg(MAX_ERRORS)
-                    .arg("*")
-                    .arg(&["entry", id.as_str(), "error", reason.as_str()])
-                    .query_async(&mut redis)
-                    .await?;
+        // A former holder's that are not idle long enough yet come before anything unread.
+        let (pending, ..): (u64, RedisValue, RedisValue, RedisValue) = redis::cmd("XPENDING")
+            .arg(&stream)
+            .arg(GROUP)
+            .query_async(redis)
+            .await?;
+        if pending > 0 {
+            tokio::time::sleep(CLAIM_POLL).await;
+            return Ok(Vec::new());
+        }
+        let read: RedisValue = redis::cmd("XREADGROUP")
+            .arg(&["GROUP", GROUP, &self.consumer, "COUNT"])
+            .arg(BATCH)
+            .arg("BLOCK")
+            .arg(BLOCK.as_millis() as u64)
+            .arg(&["STREAMS", &stream, ">"])
+            .query_async(redis)
+            .await?;
+        Ok(read_entries(read))
+    }
+
+    /// Logs one entry, retrying backend failures with backoff until it is logged or refused
+    /// (then acknowledged), or until this node loses the lease (`false`: left pending for
+    /// the next holder).
+    async fn handle_until_done(
+        &self,
+        redis: &mut MultiplexedConnection,
+        id: &str,
+        fields: &[(String, String)],
+    ) -> redis::RedisResult<bool> {
+        let parsed = parse(id, fields, self.max_batch);
+        let last_retry = LAST_RETRY.min(self.lease / 3);
+        let mut backoff = FIRST_RETRY.min(last_retry);
+        loop {
+            let outcome = match &parsed {
+                Ok((session_id, drafts)) => self
+                    .hub
+                    .publish(session_id, drafts.clone())
+                    .await
+                    .map(drop)
+                    .map_err(Failure::from),
+                Err(refused) => Err(Failure::Refused(refused.clone())),
+            };
+            match outcome {
+                Ok(()) => {
+                    self.acknowledge(redis, id, None).await?;
+                    return Ok(true);
+                }
+                Err(Failure::Refused((code, reason))) => {
+                    tracing::warn!(entry = id, code, reason, "refused an ingest entry");
+                    self.acknowledge(redis, id, Some((code, &reason))).await?;
+                    return Ok(true);
+                }
+                Err(Failure::Transient(error)) => {
+                    self.hub.metrics().ingest_retries.inc();
+                    tracing::warn!(entry = id, %error, retry_in = ?backoff, "could not log an ingest entry");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(last_retry);
+                    if !self.renew_lease(redis).await? {
+                        return Ok(false);
+                    }
+                }
             }
-            // Handled entries leave the stream, so it stays as short as the backlog.
-            let _: RedisValue = redis::pipe()
-                .cmd("XACK")
-                .arg(stream)
-                .arg(GROUP)
-                .arg(&id)
-                .cmd("XDEL")
-                .arg(stream)
-                .arg(&id)
-                .query_async(&mut redis)
-                .await?;
         }
+    }
+
+    /// Acknowledges and deletes an entry, with its refusal (code, reason) recorded in the
+    /// errors stream in the same transaction.
+    async fn acknowledge(
+        &self,
+        redis: &mut MultiplexedConnection,
+        id: &str,
+        refusal: Option<(&str, &str)>,
+    ) -> redis::RedisResult<()> {
+        let stream = self.stream();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        if let Some((code, reason)) = refusal {
+            pipe.cmd("XADD")
+                .arg(format!("{}:ingest:errors", self.prefix))
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(MAX_ERRORS)
+                .arg("*")
+                .arg(&["entry", id, "code", code, "error", reason])
+                .ignore();
+        }
+        pipe.cmd("XACK")
+            .arg(&stream)
+            .arg(GROUP)
+            .arg(id)
+            .ignore()
+            .cmd("XDEL")
+            .arg(&stream)
+            .arg(id)
+            .ignore();
+        pipe.query_async(redis).await
     }
 }
 
-/// Validates one entry and logs its events; the error says why an entry was refused.
-async fn handle(hub: &Hub, id: &str, fields: &[(String, String)]) -> Result<(), String> {
+/// An entry's session and validated drafts (with herald's default idempotency keys), or
+/// the code and reason of its refusal.
+fn parse(
+    id: &str,
+    fields: &[(String, String)],
+    max_batch: usize,
+) -> Result<(String, Vec<EventDraft>), Refusal> {
     let payload = fields
         .iter()
         .find(|(name, _)| name == "payload")
         .map(|(_, value)| value)
-        .ok_or("the entry has no `payload` field")?;
-    let entry: Entry =
-        serde_json::from_str(payload).map_err(|e| format!("invalid payload: {e}"))?;
-    let session_id = entry
-        .session_id
-        .as_str()
-        .ok_or("`sessionId` must be a string")?
-        .to_owned();
-    validate_session_id(&session_id).map_err(|e| e.to_string())?;
-    let items = match entry.body {
-        Body::One(item) => vec![item],
-        Body::Batch { events } if events.is_empty() => return Err("the batch has no events".into()),
-        Body::Batch { events } => events,
-    };
-    let single = items.len() == 1;
-    let mut drafts = Vec::with_capacity(items.len());
-    for (index, item) in items.into_iter().enumerate() {
-        let mut draft =
-            validate_item(&session_id, item).map_err(|e| format!("item {index}: {e}"))?;
+        .ok_or((
+            "INVALID_ENTRY",
+            "the entry has no `payload` field".to_owned(),
+        ))?;
+    let (session_id, mut drafts) =
+        intake::parse_stream_payload(payload, max_batch).map_err(refusal)?;
+    let single = drafts.len() == 1;
+    for (index, draft) in drafts.iter_mut().enumerate() {
         if draft.idempotency_key.is_none() {
-            draft.idempotency_key = Some(if single {
-                format!("redis:{id}")
-            } else {
-                format!("redis:{id}:{index}")
-            });
+            let index = (!single).then_some(index);
+            draft.idempotency_key = Some(intake::ingest_key(id, index));
         }
-        drafts.push(draft);
     }
-    hub.publish(&session_id, drafts)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(())
+    Ok((session_id, drafts))
 }
 
-type Entries = Vec<(String, Vec<(String, String)>)>;
-
-/// `XREADGROUP`: nil, or `[[stream, [[id, [field, value, …]], …]]]`.
-fn read_entries(value: RedisValue) -> Entries {
+/// `XREADGROUP`: nil, or `[[stream, [[id, [field, value, …] | nil], …]]]`.
+fn read_entries(value: RedisValue) -> Vec<Entry> {
     let streams: Option<Vec<(String, Vec<RedisValue>)>> =
         redis::from_redis_value(value).ok().flatten();
     streams
@@ -208,8 +341,9 @@ fn read_entries(value: RedisValue) -> Entries {
         .collect()
 }
 
-/// `XAUTOCLAIM`: `[next id, [[id, fields], …], deleted ids]`.
-fn claimed_entries(value: RedisValue) -> Entries {
+/// `XAUTOCLAIM`: `[next id, [[id, fields], …], deleted ids]`. (Entries deleted while
+/// pending are dropped from the pending list by Redis itself.)
+fn claimed_entries(value: RedisValue) -> Vec<Entry> {
     let RedisValue::Array(mut parts) = value else {
         return Vec::new();
     };
@@ -222,12 +356,15 @@ fn claimed_entries(value: RedisValue) -> Entries {
     entries.into_iter().filter_map(entry).collect()
 }
 
-fn entry(value: RedisValue) -> Option<(String, Vec<(String, String)>)> {
-    let (id, fields): (String, Vec<String>) = redis::from_redis_value(value).ok()?;
-    let pairs = fields
-        .chunks(2)
-        .filter(|p| p.len() == 2)
-        .map(|p| (p[0].clone(), p[1].clone()))
-        .collect();
+/// One entry; its fields are nil when it was deleted (trimmed) while pending.
+fn entry(value: RedisValue) -> Option<Entry> {
+    let (id, fields): (String, Option<Vec<String>>) = redis::from_redis_value(value).ok()?;
+    let pairs = fields.map(|fields| {
+        fields
+            .chunks(2)
+            .filter(|p| p.len() == 2)
+            .map(|p| (p[0].clone(), p[1].clone()))
+            .collect()
+    });
     Some((id, pairs))
 }

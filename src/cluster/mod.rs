@@ -8,9 +8,14 @@
 //! - **Commands.** A cancel or clarification answer posted to a node that does not run the
 //!   session is forwarded to the node that does (`{prefix}:node:{id}`, reply on
 //!   `{prefix}:reply:{id}`), found in the `{prefix}:owners` hash.
-//! - **Liveness.** Each node refreshes `{prefix}:alive:{id}` (a key with a TTL). Sessions
-//!   whose owner stopped refreshing are ended `FAILED` with `code: NODE_LOST` by whichever
-//!   node notices first (see `docs/deployment.md` for why they are not taken over).
+//! - **Liveness.** Each node refreshes `{prefix}:alive:{id}` (a key with a TTL of one lease,
+//!   `--cluster-lease-ms`, 10 s). Sessions whose owner stopped refreshing are ended `FAILED`
+//!   with `code: NODE_LOST` by whichever node notices first (see `docs/deployment.md` for
+//!   why they are not taken over). A missing key is evidence only if its node could have
+//!   refreshed it: after a Redis outage every key may have expired although every node is
+//!   alive, so a node that could not reach Redis (or just started) judges nobody until its
+//!   heartbeats have succeeded for [`JUDGE_AFTER`] leases, time enough for the others to
+//!   reconnect and refresh theirs.
 //!
 //! - **Worker ingest** through the `{prefix}:ingest` stream ([`ingest`]).
 //!
@@ -20,7 +25,7 @@ pub mod ingest;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
@@ -36,8 +41,10 @@ const FIRST_RETRY: Duration = Duration::from_millis(100);
 const LAST_RETRY: Duration = Duration::from_secs(5);
 /// How long a forwarded command may take before the caller gives up.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
-/// A node that has not refreshed its liveness key for this long is lost.
-pub const NODE_LEASE: Duration = Duration::from_secs(10);
+/// Leases of successful heartbeats after which a node that could not reach Redis (or just
+/// started) judges other nodes again: one for them to refresh their keys, one more for
+/// their reconnection backoff and a slow tick.
+pub const JUDGE_AFTER: u32 = 2;
 
 /// A command for the node that runs a session.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,6 +105,39 @@ struct Inner {
     /// Forwarded commands awaiting their reply. A std mutex: inserts and removals only.
     pending: Mutex<HashMap<String, oneshot::Sender<RemoteReply>>>,
     handler: OnceLock<Arc<dyn CommandHandler>>,
+    /// A node that has not refreshed its liveness key for this long is lost; also the
+    /// ingest lease.
+    lease: Duration,
+    /// A std mutex: plain data, never held across an await.
+    judge: Mutex<Judge>,
+}
+
+/// Whether this node has the evidence to judge other nodes lost: only once its own
+/// heartbeats have succeeded for a while (see the module docs).
+#[derive(Debug)]
+struct Judge {
+    /// Since when heartbeats may end other nodes' sessions; `None` until one succeeds.
+    from: Option<Instant>,
+    grace: Duration,
+}
+
+impl Judge {
+    fn new(lease: Duration) -> Self {
+        Self {
+            from: None,
+            grace: lease * JUDGE_AFTER,
+        }
+    }
+
+    /// This node could not reach Redis: other nodes may not have reached it either.
+    fn heartbeat_failed(&mut self) {
+        self.from = None;
+    }
+
+    /// A heartbeat succeeded at `now`; whether other nodes may be judged.
+    fn heartbeat_succeeded(&mut self, now: Instant) -> bool {
+        now >= *self.from.get_or_insert(now + self.grace)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +149,7 @@ pub enum ClusterError {
 }
 
 impl Cluster {
-    pub async fn connect(url: &str, prefix: &str) -> Result<Self, ClusterError> {
+    pub async fn connect(url: &str, prefix: &str, lease: Duration) -> Result<Self, ClusterError> {
         let (client, redis) = crate::log::connect_redis(url).await?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -119,12 +159,19 @@ impl Cluster {
                 node_id: uuid::Uuid::new_v4().simple().to_string(),
                 pending: Mutex::default(),
                 handler: OnceLock::new(),
+                lease,
+                judge: Mutex::new(Judge::new(lease)),
             }),
         })
     }
 
     pub fn node_id(&self) -> &str {
         &self.inner.node_id
+    }
+
+    /// How long a node's liveness (and the ingest lease) lasts without renewal.
+    pub fn lease(&self) -> Duration {
+        self.inner.lease
     }
 
     pub fn set_handler(&self, handler: Arc<dyn CommandHandler>) {
@@ -198,11 +245,30 @@ impl Cluster {
     }
 
     /// Refreshes this node's liveness and returns the sessions whose owner is lost, each
-    /// claimed by this node alone (so that exactly one node ends each).
+    /// claimed by this node alone (so that exactly one node ends each). Returns none while
+    /// this node lacks the evidence to judge (see the module docs).
     pub async fn heartbeat(&self) -> Result<Vec<String>, ClusterError> {
+        let outcome = self.refresh_and_judge().await;
+        if outcome.is_err() {
+            self.inner.judge.lock().unwrap().heartbeat_failed();
+        }
+        outcome
+    }
+
+    async fn refresh_and_judge(&self) -> Result<Vec<String>, ClusterError> {
         let mut redis = self.inner.redis.clone();
         let alive = self.key(&format!("alive:{}", self.inner.node_id));
-        let _: () = redis.set_ex(&alive, "1", NODE_LEASE.as_secs()).await?;
+        let lease_ms = u64::try_from(self.inner.lease.as_millis()).unwrap_or(u64::MAX);
+        let _: () = redis.pset_ex(&alive, "1", lease_ms).await?;
+        let may_judge = self
+            .inner
+            .judge
+            .lock()
+            .unwrap()
+            .heartbeat_succeeded(Instant::now());
+        if !may_judge {
+            return Ok(Vec::new());
+        }
         let owners: HashMap<String, String> = redis.hgetall(self.key("owners")).await?;
         let mut lost = Vec::new();
         let mut checked: HashMap<String, bool> = HashMap::new();
@@ -226,14 +292,18 @@ impl Cluster {
         Ok(lost)
     }
 
-    /// Consumes the worker ingest stream until the task is aborted.
-    pub fn spawn_ingest(&self, hub: Hub) -> JoinHandle<()> {
-        let (client, prefix, consumer) = (
-            self.inner.client.clone(),
-            self.inner.prefix.clone(),
-            self.inner.node_id.clone(),
-        );
-        tokio::spawn(ingest::consume(client, prefix, consumer, hub))
+    /// Consumes the worker ingest stream until the task is aborted; batches hold at most
+    /// `max_batch` events.
+    pub fn spawn_ingest(&self, hub: Hub, max_batch: usize) -> JoinHandle<()> {
+        let ingest = ingest::Ingest {
+            client: self.inner.client.clone(),
+            prefix: self.inner.prefix.clone(),
+            consumer: self.inner.node_id.clone(),
+            hub,
+            max_batch,
+            lease: self.inner.lease,
+        };
+        tokio::spawn(ingest.consume())
     }
 
     /// Listens for announcements and commands until the task is aborted.
@@ -332,5 +402,27 @@ impl Cluster {
         {
             let _ = tx.send(answer.reply);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn judges_only_after_a_grace_of_successful_heartbeats() {
+        let lease = Duration::from_secs(10);
+        let mut judge = Judge::new(lease);
+        let start = Instant::now();
+        // A node that just started has no evidence yet.
+        assert!(!judge.heartbeat_succeeded(start));
+        assert!(!judge.heartbeat_succeeded(start + lease));
+        assert!(judge.heartbeat_succeeded(start + lease * JUDGE_AFTER));
+        // An outage: the grace starts again from the first heartbeat that succeeds.
+        judge.heartbeat_failed();
+        let back = start + lease * 5;
+        assert!(!judge.heartbeat_succeeded(back));
+        assert!(!judge.heartbeat_succeeded(back + lease));
+        assert!(judge.heartbeat_succeeded(back + lease * JUDGE_AFTER));
     }
 }

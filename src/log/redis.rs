@@ -4,7 +4,9 @@
 //! whose entry ids are `{seq}-1` and whose fields are `k` (event name) and `d` (the
 //! serialized payload), and a sorted set `{prefix}:keys:{id}` of idempotency keys scored
 //! by the `seq` they were first given. One Lua script appends a batch atomically: it is the
-//! single sequencer of the session for the whole cluster. Events are serialized on the node
+//! single sequencer of the session for the whole cluster. The head hash is the incarnation:
+//! when it is missing the script starts a new one (fresh epoch, seq 1) and drops whatever
+//! stream and keys an earlier one left behind. Events are serialized on the node
 //! around a gap where `seq` goes, and the script splices the number in, so the payload
 //! stays byte-for-byte what the producer sent (Redis' own JSON would reformat numbers).
 
@@ -32,6 +34,9 @@ local head, log, keys = KEYS[1], KEYS[2], KEYS[3]
 local max_events, max_keys = tonumber(ARGV[1]), tonumber(ARGV[2])
 local epoch = redis.call('HGET', head, 'epoch')
 if not epoch then
+  -- A new incarnation. What an earlier one left (its head lost: evicted, deleted) goes, or
+  -- the stream's ids would no longer grow from 1 and its keys would hide new events.
+  redis.call('DEL', log, keys)
   epoch = ARGV[3]
   redis.call('HSET', head, 'epoch', epoch, 'seq', 0)
 end

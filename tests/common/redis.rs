@@ -4,7 +4,10 @@
 //! to a Redis the test did not start (in particular not to one on 6379). The process is
 //! killed (SIGKILL) when the value is dropped, so a failing test leaves nothing behind.
 //! Because nothing is persisted, a [`RedisServer::restart`] comes back empty: it models a
-//! Redis outage with data loss, on the same address.
+//! Redis outage with data loss, on the same address. A [`RedisServer::start_persistent`]
+//! one keeps an append-only file (fsync on every write) in its own directory, so its
+//! restart comes back with its data: an outage without data loss (keys whose TTL ran out
+//! meanwhile are gone, as after any outage).
 #![allow(dead_code)]
 
 use std::net::TcpListener;
@@ -24,19 +27,34 @@ const ATTEMPTS: usize = 5;
 pub struct RedisServer {
     port: u16,
     child: Option<Child>,
+    /// The data directory of a persistent server (removed on drop).
+    data_dir: Option<std::path::PathBuf>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers PING.
     pub async fn start() -> RedisServer {
+        Self::start_with(None).await
+    }
+
+    /// [`RedisServer::start`], persisting to an append-only file that survives restarts.
+    pub async fn start_persistent() -> RedisServer {
+        let unique = uuid::Uuid::new_v4().simple().to_string();
+        let dir = std::env::temp_dir().join(format!("herald-test-redis-{}", &unique[..12]));
+        std::fs::create_dir_all(&dir).expect("create the redis data directory");
+        Self::start_with(Some(dir)).await
+    }
+
+    async fn start_with(data_dir: Option<std::path::PathBuf>) -> RedisServer {
         let mut failures = Vec::new();
         for _ in 0..ATTEMPTS {
             let port = free_port();
-            match launch(port).await {
+            match launch(port, data_dir.as_deref()).await {
                 Ok(child) => {
                     return RedisServer {
                         port,
                         child: Some(child),
+                        data_dir,
                     };
                 }
                 Err(why) => failures.push(format!("port {port}: {why}")),
@@ -78,12 +96,13 @@ impl RedisServer {
         }
     }
 
-    /// Stops the server (if running) and starts a fresh, empty one on the same port.
+    /// Stops the server (if running) and starts it again on the same port: empty, or with
+    /// its data when persistent.
     pub async fn restart(&mut self) {
         self.stop();
         let mut failures = Vec::new();
         for _ in 0..ATTEMPTS {
-            match launch(self.port).await {
+            match launch(self.port, self.data_dir.as_deref()).await {
                 Ok(child) => {
                     self.child = Some(child);
                     return;
@@ -105,6 +124,9 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+        if let Some(dir) = &self.data_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -116,20 +138,28 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Spawns redis-server on `port` and waits until that very process answers. On failure the
-/// process is gone again.
-async fn launch(port: u16) -> Result<Child, String> {
+/// Spawns redis-server on `port` (persisting into `data_dir` when given) and waits until
+/// that very process answers. On failure the process is gone again.
+async fn launch(port: u16, data_dir: Option<&std::path::Path>) -> Result<Child, String> {
     let binary =
         std::env::var("HERALD_TEST_REDIS_SERVER").unwrap_or_else(|_| DEFAULT_BINARY.into());
-    let mut child = Command::new(&binary)
+    let mut command = Command::new(&binary);
+    match data_dir {
+        Some(dir) => command
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(dir),
+        None => command
+            .args(["--appendonly", "no"])
+            .arg("--dir")
+            .arg(std::env::temp_dir()),
+    };
+    let mut child = command
         .args(["--port", &port.to_string()])
         .args(["--bind", "127.0.0.1"])
         .args(["--save", ""])
-        .args(["--appendonly", "no"])
         .args(["--protected-mode", "yes"])
         .args(["--loglevel", "warning"])
-        .arg("--dir")
-        .arg(std::env::temp_dir())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
