@@ -3,7 +3,7 @@
 # same load generator (examples/loadgen.rs), same run, same machine.
 #
 #   bash bench/run.sh            # full run (~7–8 min on 2 cores; ~5 without redis-server)
-#   QUICK=1 bash bench/run.sh    # smaller numbers, for a smoke test
+#   QUICK=1 bash bench/run.sh    # smaller numbers, for a smoke test (explicit knobs still win)
 #   SERVERS=herald SCENARIOS=idle bash bench/run.sh   # one server, one scenario
 #   SCENARIOS=cluster bash bench/run.sh               # two nodes through Redis (~2 min)
 #   SERVERS="herald herald-before node" HERALD_BEFORE_BIN=/path/to/old/herald \
@@ -40,6 +40,10 @@ CALLER_DIR="$PWD" # a relative HERALD_BEFORE_BIN is relative to where the script
 cd "$ROOT"
 
 QUICK="${QUICK:-0}"
+if [ "$QUICK" = 1 ]; then # smaller defaults; values set in the environment still win
+  FANOUT_EVENTS="${FANOUT_EVENTS:-300}" FANOUT_RUNS="${FANOUT_RUNS:-1}"
+  WARMUP_EVENTS="${WARMUP_EVENTS:-50}" IDLE_CLIENTS="${IDLE_CLIENTS:-2000}"
+fi
 SERVERS="${SERVERS:-herald node}"
 # default: all three when redis-server is installed (cluster adds ~2.5 min), else idle fanout
 if [ -z "${SCENARIOS:-}" ]; then
@@ -64,9 +68,6 @@ IDLE_CLIENTS="${IDLE_CLIENTS:-10000}"
 IDLE_SESSIONS="${IDLE_SESSIONS:-100}"
 SETTLE_SECS="${SETTLE_SECS:-3}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-120}"
-if [ "$QUICK" = 1 ]; then
-  FANOUT_EVENTS=300 FANOUT_RUNS=1 WARMUP_EVENTS=50 IDLE_CLIENTS=2000
-fi
 CLUSTER_RUNS="${CLUSTER_RUNS:-$FANOUT_RUNS}"
 CLUSTER_PRODUCERS="${CLUSTER_PRODUCERS:-$FANOUT_PRODUCERS}"
 CLUSTER_WINDOW="${CLUSTER_WINDOW:-$FANOUT_WINDOW}"
