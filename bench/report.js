@@ -110,13 +110,32 @@ const ratio = (a, b, d = 2) =>
 
 const A = servers[0];
 const B = servers[1];
+// One column per server, then the ratio columns: with two servers A/B (as ever); with more,
+// each herald (herald, herald-before) against node, and herald/herald-before when both ran.
+const ratioPairs = (() => {
+  if (servers.length < 2) return [];
+  if (servers.length === 2) return [[A, B]];
+  const pairs = [];
+  if (servers.includes('node')) for (const s of servers) if (s !== 'node') pairs.push([s, 'node']);
+  if (servers.includes('herald') && servers.includes('herald-before')) pairs.push(['herald', 'herald-before']);
+  return pairs;
+})();
+// the servers the targets are judged on: A and B with two servers, else herald and node
+const [TA, TB] = servers.length === 2 ? [A, B] : servers.length > 2 && servers.includes('herald') && servers.includes('node') ? ['herald', 'node'] : [A, undefined];
 const rows = [];
 function row(label, get, d = 0) {
-  const va = data[A] ? get(data[A]) : undefined;
-  const vb = B && data[B] ? get(data[B]) : undefined;
-  const cells = [label, fmt(va, d)];
-  if (B) cells.push(fmt(vb, d), ratio(va, vb));
+  const v = {};
+  for (const s of servers) v[s] = data[s] ? get(data[s]) : undefined;
+  const cells = [label, ...servers.map((s) => fmt(v[s], d)), ...ratioPairs.map(([a, b]) => ratio(v[a], v[b]))];
   rows.push(`| ${cells.join(' | ')} |`);
+}
+// a row of text cells, one per server (f(s)), the ratio columns left empty
+function textRow(label, f) {
+  rows.push(`| ${[label, ...servers.map(f)].join(' | ')} |${' |'.repeat(ratioPairs.length)}`);
+}
+// a row of "all runs" lists, one per server (f(s)), the ratio columns empty
+function listRow(label, f) {
+  rows.push(`| ${[label, ...servers.map(f), ...ratioPairs.map(() => '')].join(' | ')} |`);
 }
 
 const lines = [];
@@ -130,7 +149,11 @@ const nodeVersion = (pkg) => {
   }
 };
 lines.push(
-  `herald commit ${env.GIT_REV}; Node ${process.version}, socket.io ${nodeVersion('socket.io')}` +
+  `herald commit ${env.GIT_REV}; ` +
+    (servers.includes('herald-before')
+      ? `herald-before ${env.HERALD_BEFORE_REV ? `commit ${env.HERALD_BEFORE_REV}, ` : ''}binary \`${env.HERALD_BEFORE_BIN || 'n/a'}\`; `
+      : '') +
+    `Node ${process.version}, socket.io ${nodeVersion('socket.io')}` +
     (has('cluster')
       ? `, @socket.io/redis-adapter ${nodeVersion('@socket.io/redis-adapter')} (redis ${nodeVersion('redis')}); redis-server ${env.REDIS_VERSION || 'n/a'}.`
       : '.'),
@@ -162,16 +185,13 @@ if (has('cluster')) {
 }
 lines.push(desc.join(' '));
 lines.push('');
-const header = B ? `| metric | ${A} | ${B} | ${A}/${B} |` : `| metric | ${A} |`;
+const header = `| ${['metric', ...servers, ...ratioPairs.map(([a, b]) => `${a}/${b}`)].join(' | ')} |`;
+const separator = `|---|${'---:|'.repeat(servers.length + ratioPairs.length)}`;
 const single = has('fanout') || has('idle');
 if (single) {
-  rows.push(header, B ? '|---|---:|---:|---:|' : '|---|---:|');
+  rows.push(header, separator);
   row('fan-out throughput, msgs/s (median run)', (x) => x.med && x.med.result.msgsPerSec);
-  {
-    const cells = ['fan-out throughput, msgs/s (all runs)', data[A] ? data[A].throughputs.map((v) => fmt(v)).join(' / ') : 'n/a'];
-    if (B) cells.push(data[B] ? data[B].throughputs.map((v) => fmt(v)).join(' / ') : 'n/a', '');
-    rows.push(`| ${cells.join(' | ')} |`);
-  }
+  listRow('fan-out throughput, msgs/s (all runs)', (s) => (data[s] ? data[s].throughputs.map((v) => fmt(v)).join(' / ') : 'n/a'));
   row('latency POST→receipt p50, ms', (x) => x.med && x.med.result.latencyMs.p50, 2);
   row('latency POST→receipt p99, ms', (x) => x.med && x.med.result.latencyMs.p99, 2);
   row('latency POST→receipt max, ms', (x) => x.med && x.med.result.latencyMs.max, 2);
@@ -181,11 +201,11 @@ if (single) {
   row('load generator CPU, % of its core', (x) => x.med && x.med.result.loadgenCpuPct, 0);
   {
     const l = (s) => (data[s] ? `${data[s].loss.missing} / ${data[s].loss.duplicates} / ${data[s].loss.outOfOrder}` : 'n/a');
-    rows.push(B ? `| missing / duplicate / out-of-order (all runs) | ${l(A)} | ${l(B)} | |` : `| missing / duplicate / out-of-order (all runs) | ${l(A)} |`);
+    textRow('missing / duplicate / out-of-order (all runs)', l);
     const p = (s) => (data[s] ? `${data[s].loss.problems} / ${data[s].loss.failedRuns}` : 'n/a');
-    rows.push(B ? `| protocol problems / failed runs | ${p(A)} | ${p(B)} | |` : `| protocol problems / failed runs | ${p(A)} |`);
+    textRow('protocol problems / failed runs', p);
     const w = (s) => (data[s] && data[s].warnings !== undefined ? String(data[s].warnings) : 'n/a');
-    rows.push(B ? `| server log warnings/errors during fan-out | ${w(A)} | ${w(B)} | |` : `| server log warnings/errors during fan-out | ${w(A)} |`);
+    textRow('server log warnings/errors during fan-out', w);
   }
   row('idle: RSS before connecting, KiB', (x) => x.idle && x.idle.rssBeforeKiB);
   row('idle: RSS with all clients subscribed, KiB', (x) => x.idle && x.idle.rssAfterKiB);
@@ -195,7 +215,8 @@ if (single) {
   lines.push('');
 }
 
-if (single && B && data[A] && data[B]) {
+if (single && TB && data[TA] && data[TB]) {
+  const [A, B] = [TA, TB];
   const tA = data[A].med && data[A].med.result.msgsPerSec;
   const tB = data[B].med && data[B].med.result.msgsPerSec;
   const mA = data[A].perConn;
@@ -205,7 +226,7 @@ if (single && B && data[A] && data[B]) {
   lines.push(
     `- fan-out throughput ≥ 3x ${B}: ${ratio(tA, tB)} — ${tA && tB ? ok(tA >= 3 * tB && data[A].loss.missing === 0) : 'n/a'}`,
   );
-  for (const s of [A, B]) {
+  for (const s of servers) {
     const cpu = data[s].med && data[s].med.result.loadgenCpuPct;
     if (cpu > 80) {
       lines.push(
@@ -222,11 +243,11 @@ if (has('cluster')) {
   const crow = (label, get, d = 0) => row(label, (x) => (x.cluster.med ? get(x.cluster.med, x.cluster) : undefined), d);
   lines.push('## Cluster (two nodes through Redis)');
   lines.push('');
-  rows.push(header, B ? '|---|---:|---:|---:|' : '|---|---:|');
+  rows.push(header, separator);
   crow('throughput, msgs/s (median run)', (m) => m.result.msgsPerSec);
   {
     const t = (s) => (data[s] ? data[s].cluster.throughputs.map((v) => fmt(v)).join(' / ') || 'n/a' : 'n/a');
-    rows.push(B ? `| throughput, msgs/s (all runs) | ${t(A)} | ${t(B)} | |` : `| throughput, msgs/s (all runs) | ${t(A)} |`);
+    textRow('throughput, msgs/s (all runs)', t);
   }
   crow('latency POST (node B)→receipt (node A) p50, ms', (m) => m.result.latencyMs.p50, 2);
   crow('latency p99, ms', (m) => m.result.latencyMs.p99, 2);
@@ -245,18 +266,18 @@ if (has('cluster')) {
       const c = data[s] && data[s].cluster;
       return c && c.runs.length ? `${c.loss.missing} / ${c.loss.duplicates} / ${c.loss.outOfOrder}` : 'n/a';
     };
-    rows.push(B ? `| missing / duplicate / out-of-order (all runs) | ${l(A)} | ${l(B)} | |` : `| missing / duplicate / out-of-order (all runs) | ${l(A)} |`);
+    textRow('missing / duplicate / out-of-order (all runs)', l);
     const p = (s) => {
       const c = data[s] && data[s].cluster;
       return c && (c.runs.length || c.loss.failedRuns) ? `${c.loss.problems} / ${c.loss.failedRuns}` : 'n/a';
     };
-    rows.push(B ? `| protocol problems / failed runs | ${p(A)} | ${p(B)} | |` : `| protocol problems / failed runs | ${p(A)} |`);
+    textRow('protocol problems / failed runs', p);
     const w = (s) => (data[s] && data[s].cluster.warnings !== undefined ? String(data[s].cluster.warnings) : 'n/a');
-    rows.push(B ? `| node log warnings/errors (warm-up + runs, both nodes) | ${w(A)} | ${w(B)} | |` : `| node log warnings/errors (warm-up + runs, both nodes) | ${w(A)} |`);
+    textRow('node log warnings/errors (warm-up + runs, both nodes)', w);
   }
   lines.push(...rows);
   lines.push('');
-  for (const s of [A, B].filter(Boolean)) {
+  for (const s of servers) {
     const c = data[s] && data[s].cluster;
     if (c && c.warnSummary) {
       lines.push(`${s} node log, most frequent warnings (count, node, message):`);
@@ -268,7 +289,9 @@ if (has('cluster')) {
     }
   }
   const target = env.CLUSTER_TARGET_SERVER || 'herald';
-  const other = [A, B].find((s) => s && s !== target);
+  // the pair it is judged against: node's when more than two servers ran
+  const other =
+    servers.length > 2 && servers.includes('node') && target !== 'node' ? 'node' : [A, B].find((s) => s && s !== target);
   const t = data[target] && data[target].cluster;
   if (t && t.runs.length) {
     const ok = (c) => (c ? 'met' : 'NOT met');

@@ -3,9 +3,17 @@
 # same load generator (examples/loadgen.rs), same run, same machine.
 #
 #   bash bench/run.sh            # full run (~7–8 min on 2 cores; ~5 without redis-server)
-#   QUICK=1 bash bench/run.sh    # smaller numbers, for a smoke test
+#   QUICK=1 bash bench/run.sh    # smaller numbers, for a smoke test (explicit knobs still win)
 #   SERVERS=herald SCENARIOS=idle bash bench/run.sh   # one server, one scenario
 #   SCENARIOS=cluster bash bench/run.sh               # two nodes through Redis (~2 min)
+#   SERVERS="herald herald-before node" HERALD_BEFORE_BIN=/path/to/old/herald \
+#     HERALD_BEFORE_REV=abc1234 bash bench/run.sh     # before/after: two herald binaries + node
+#
+# Servers (SERVERS, default "herald node"): herald (HERALD_BIN, default the release build),
+# herald-before (HERALD_BEFORE_BIN, required then: an older herald binary, run with exactly
+# the same flags, pinning and cluster arguments as herald; HERALD_BEFORE_REV, optional, is
+# its commit for the report's header) and node (bench/node-reference/). The report has one
+# column per server, X/node ratios for each herald, and herald/herald-before when both ran.
 #
 # Each server runs pinned to one core (SERVER_CPU, default 1); the load generator runs on
 # another (LOADGEN_CPU, default 0). Scenarios, each against a freshly started server:
@@ -28,9 +36,14 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+CALLER_DIR="$PWD" # a relative HERALD_BEFORE_BIN is relative to where the script was started
 cd "$ROOT"
 
 QUICK="${QUICK:-0}"
+if [ "$QUICK" = 1 ]; then # smaller defaults; values set in the environment still win
+  FANOUT_EVENTS="${FANOUT_EVENTS:-300}" FANOUT_RUNS="${FANOUT_RUNS:-1}"
+  WARMUP_EVENTS="${WARMUP_EVENTS:-50}" IDLE_CLIENTS="${IDLE_CLIENTS:-2000}"
+fi
 SERVERS="${SERVERS:-herald node}"
 # default: all three when redis-server is installed (cluster adds ~2.5 min), else idle fanout
 if [ -z "${SCENARIOS:-}" ]; then
@@ -55,9 +68,6 @@ IDLE_CLIENTS="${IDLE_CLIENTS:-10000}"
 IDLE_SESSIONS="${IDLE_SESSIONS:-100}"
 SETTLE_SECS="${SETTLE_SECS:-3}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-120}"
-if [ "$QUICK" = 1 ]; then
-  FANOUT_EVENTS=300 FANOUT_RUNS=1 WARMUP_EVENTS=50 IDLE_CLIENTS=2000
-fi
 CLUSTER_RUNS="${CLUSTER_RUNS:-$FANOUT_RUNS}"
 CLUSTER_PRODUCERS="${CLUSTER_PRODUCERS:-$FANOUT_PRODUCERS}"
 CLUSTER_WINDOW="${CLUSTER_WINDOW:-$FANOUT_WINDOW}"
@@ -83,6 +93,19 @@ command -v taskset >/dev/null || die "taskset (util-linux) is required"
 for sc in $SCENARIOS; do
   case "$sc" in idle | fanout | cluster | paced) ;; *) die "unknown scenario $sc (idle, fanout, cluster, paced)" ;; esac
 done
+for s in $SERVERS; do
+  case "$s" in herald | herald-before | node) ;; *) die "unknown server $s (herald, herald-before, node)" ;; esac
+done
+HERALD_BEFORE_BIN="${HERALD_BEFORE_BIN:-}"
+HERALD_BEFORE_REV="${HERALD_BEFORE_REV:-}"
+case " $SERVERS " in
+  *" herald-before "*)
+    [ -n "$HERALD_BEFORE_BIN" ] || die "SERVERS lists herald-before: set HERALD_BEFORE_BIN to the herald binary to compare against"
+    case "$HERALD_BEFORE_BIN" in /*) ;; *) HERALD_BEFORE_BIN="$CALLER_DIR/$HERALD_BEFORE_BIN" ;; esac
+    [ -f "$HERALD_BEFORE_BIN" ] && [ -x "$HERALD_BEFORE_BIN" ] ||
+      die "HERALD_BEFORE_BIN=$HERALD_BEFORE_BIN is not an executable file"
+    ;;
+esac
 REDIS_VERSION=""
 case " $SCENARIOS " in
   *" cluster "* | *" paced "*)
@@ -139,16 +162,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
-start_server() { # $1 = herald|node, $2 = tag for log files
+start_server() { # $1 = herald|herald-before|node, $2 = tag for log files
   local name="$1" tag="$2" outf="$OUT/$1-$2.stdout" errf="$OUT/$1-$2.stderr"
   case "$name" in
-    herald)
-      [ -x "$HERALD_BIN" ] || die "missing $HERALD_BIN"
+    herald | herald-before)
+      # herald-before: another herald binary (HERALD_BEFORE_BIN), run exactly like herald
+      local bin="$HERALD_BIN"
+      [ "$name" = herald ] || bin="$HERALD_BEFORE_BIN"
+      [ -x "$bin" ] || die "missing $bin"
       local cluster_args=()
       if [ -n "$CLUSTER_REDIS_URL" ]; then
         cluster_args=(--redis-url "$CLUSTER_REDIS_URL" --redis-prefix "$CLUSTER_PREFIX")
       fi
-      taskset -c "$SERVER_CPU" "$HERALD_BIN" serve --port 0 --dev "${cluster_args[@]}" "${HERALD_EXTRA[@]}" \
+      taskset -c "$SERVER_CPU" "$bin" serve --port 0 --dev "${cluster_args[@]}" "${HERALD_EXTRA[@]}" \
         >"$outf" 2>"$errf" &
       ;;
     node)
@@ -410,6 +436,7 @@ MACHINE="$(nproc) CPUs ($(lscpu 2>/dev/null | sed -n 's/^Model name:[[:space:]]*
 export HERALD_ARGS="${HERALD_ARGS:-}" SCENARIOS PACED_RATE PACED_RATE_FROM CLUSTER_RUNS CLUSTER_PRODUCERS CLUSTER_WINDOW REDIS_CPU \
   REDIS_VERSION WARMUP_EVENTS
 export LOADAVG_START LOADAVG_END="$(cut -d' ' -f1-3 /proc/loadavg)"
+export HERALD_BEFORE_BIN HERALD_BEFORE_REV
 export GIT_REV OUT SERVERS MACHINE STAMP FANOUT_CLIENTS FANOUT_SESSIONS FANOUT_EVENTS FANOUT_BATCH \
   FANOUT_PRODUCERS FANOUT_WINDOW FANOUT_RUNS IDLE_CLIENTS IDLE_SESSIONS SETTLE_SECS SERVER_CPU LOADGEN_CPU
 node "$ROOT/bench/report.js" >"$OUT/report.md"
