@@ -64,6 +64,8 @@ catalogue! {
     InvalidJson => "INVALID_JSON", BAD_REQUEST, false;
     /// An ingest item that is not a valid session event.
     InvalidEvent => "INVALID_EVENT", BAD_REQUEST, false;
+    /// A Redis ingest stream entry without a `payload` field.
+    InvalidEntry => "INVALID_ENTRY", BAD_REQUEST, false;
     /// An ingest batch with no events.
     EmptyBatch => "EMPTY_BATCH", BAD_REQUEST, false;
     /// An ingest batch over `--max-batch`.

@@ -21,7 +21,9 @@ use crate::error::ErrorCode;
 use crate::event::{SessionStatus, validate_session_id};
 use crate::hub::{Hub, HubError};
 use crate::intake;
+use crate::log::LogError;
 use crate::orchestrator::{CreateSession, Orchestrator, OrchestratorError};
+use crate::store::StoreError;
 
 /// Largest page of history one request returns.
 pub const MAX_HISTORY_PAGE: usize = 1000;
@@ -45,33 +47,8 @@ pub struct ApiError {
     message: String,
 }
 
-/// How handlers name an error's code. Wire strings are still accepted so that the
-/// `ingest` handler and `parse_batch`, being rewritten on another branch, keep compiling
-/// unchanged; new code passes an [`ErrorCode`].
-pub trait IntoErrorCode {
-    fn into_error_code(self) -> ErrorCode;
-}
-
-impl IntoErrorCode for ErrorCode {
-    fn into_error_code(self) -> ErrorCode {
-        self
-    }
-}
-
-impl IntoErrorCode for &'static str {
-    /// A string outside the catalogue is a bug in herald: it is answered as `INTERNAL`
-    /// (and fails debug builds, so tests catch it).
-    fn into_error_code(self) -> ErrorCode {
-        self.parse().unwrap_or_else(|error| {
-            debug_assert!(false, "{error}");
-            ErrorCode::Internal
-        })
-    }
-}
-
 impl ApiError {
-    pub fn new(code: impl IntoErrorCode, message: impl Into<String>) -> Self {
-        let code = code.into_error_code();
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             status: code.http_status(),
             code,
@@ -88,12 +65,6 @@ impl ApiError {
 
     pub fn code(&self) -> ErrorCode {
         self.code
-    }
-
-    /// Kept for the ingest handler and `parse_batch` (see [`IntoErrorCode`]); every code
-    /// they use has status 400.
-    fn bad_request(code: impl IntoErrorCode, message: impl Into<String>) -> Self {
-        Self::new(code, message)
     }
 
     fn not_found(session_id: &str) -> Self {
@@ -126,9 +97,26 @@ impl From<OrchestratorError> for ApiError {
     }
 }
 
+impl From<intake::IntakeError> for ApiError {
+    fn from(error: intake::IntakeError) -> Self {
+        Self::new(error.code(), error.to_string())
+    }
+}
+
 impl From<HubError> for ApiError {
     fn from(error: HubError) -> Self {
-        Self::new(ErrorCode::Internal, error.to_string())
+        match error {
+            // The backend's own text (addresses, commands) is for the log, not for clients.
+            HubError::Log(LogError::Backend(detail))
+            | HubError::Store(StoreError::Backend(detail)) => {
+                tracing::warn!(detail, "the backend failed a request");
+                Self::new(
+                    ErrorCode::BackendUnavailable,
+                    "the session backend is unavailable; retry (with the same idempotency keys, nothing is logged twice)",
+                )
+            }
+            error => Self::new(ErrorCode::Internal, error.to_string()),
+        }
     }
 }
 
@@ -260,7 +248,7 @@ fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result
 /// Parses a JSON body into `T`, answering 400 `code` with the reason otherwise.
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], code: ErrorCode) -> Result<T, ApiError> {
     let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(code, format!("invalid request body: {e}")))?;
+        .map_err(|e| ApiError::new(code, format!("invalid request body: {e}")))?;
     from_object(value, code, "the request body")
 }
 
@@ -268,17 +256,13 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], code: ErrorCode) -> R
 /// of the fields in order, which no client means.)
 fn from_object<T: serde::de::DeserializeOwned>(
     value: Value,
-    code: impl IntoErrorCode,
+    code: ErrorCode,
     what: &str,
 ) -> Result<T, ApiError> {
-    let code = code.into_error_code();
     if !value.is_object() {
-        return Err(ApiError::bad_request(
-            code,
-            format!("{what} must be a JSON object"),
-        ));
+        return Err(ApiError::new(code, format!("{what} must be a JSON object")));
     }
-    serde_json::from_value(value).map_err(|e| ApiError::bad_request(code, format!("{what}: {e}")))
+    serde_json::from_value(value).map_err(|e| ApiError::new(code, format!("{what}: {e}")))
 }
 
 #[derive(Serialize)]
@@ -298,8 +282,8 @@ async fn ingest(
 ) -> Result<(StatusCode, Json<IngestReply>), ApiError> {
     session_id_from_path(&session_id)?;
     let body = json_body(&headers, body)?;
-    let drafts = intake::parse_body(&session_id, &body, state.max_batch)
-        .map_err(|e| ApiError::bad_request(e.code(), e.to_string()))?;
+    let drafts = intake::parse_body(&session_id, &body, state.max_batch)?;
+    intake::admit(&state.orchestrator, &session_id).await?;
     let published = state.hub.publish(&session_id, drafts).await?;
     Ok((
         StatusCode::ACCEPTED,

@@ -9,9 +9,14 @@
 //! keys, [`ingest_key`]) live in the namespace [`RESERVED_KEY_PREFIX`]. A producer key in
 //! it is refused, so no producer can make herald take one of its own events for a
 //! duplicate (or the other way round).
+//!
+//! **Sessions herald runs.** A session herald's orchestrator is running has one publisher,
+//! its run; [`admit`] refuses producer events for it (`SESSION_RUN_BY_HERALD`), on any node.
 
+use async_trait::async_trait;
 use serde_json::Value;
 
+use crate::error::ErrorCode;
 use crate::event::{EventDraft, IngestItem, validate_item, validate_session_id};
 
 /// Idempotency keys starting with this belong to herald itself.
@@ -36,19 +41,42 @@ pub enum IntakeError {
     ReservedKey { index: usize },
     #[error("{0}")]
     InvalidSessionId(String),
+    #[error("herald runs session `{0}` itself: its events come from its run only")]
+    RunByHerald(String),
+    /// Whether herald runs the session could not be found out; asking again may work.
+    #[error("the cluster backend is unavailable: {0}")]
+    Backend(String),
 }
 
 impl IntakeError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> ErrorCode {
         match self {
-            Self::InvalidJson(_) => "INVALID_JSON",
-            Self::NotABatch | Self::InvalidItem { .. } => "INVALID_EVENT",
-            Self::EmptyBatch => "EMPTY_BATCH",
-            Self::BatchTooLarge { .. } => "BATCH_TOO_LARGE",
-            Self::ReservedKey { .. } => "RESERVED_IDEMPOTENCY_KEY",
-            Self::InvalidSessionId(_) => "INVALID_SESSION_ID",
+            Self::InvalidJson(_) => ErrorCode::InvalidJson,
+            Self::NotABatch | Self::InvalidItem { .. } => ErrorCode::InvalidEvent,
+            Self::EmptyBatch => ErrorCode::EmptyBatch,
+            Self::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
+            Self::ReservedKey { .. } => ErrorCode::ReservedIdempotencyKey,
+            Self::InvalidSessionId(_) => ErrorCode::InvalidSessionId,
+            Self::RunByHerald(_) => ErrorCode::SessionRunByHerald,
+            Self::Backend(_) => ErrorCode::BackendUnavailable,
         }
     }
+}
+
+/// Knows which sessions herald's orchestrator runs (on this node, or on any in a cluster).
+#[async_trait]
+pub trait Runs: Send + Sync + 'static {
+    async fn runs(&self, session_id: &str) -> Result<bool, IntakeError>;
+}
+
+/// Refuses producer events for a session herald runs itself: its run is its only
+/// publisher, so its counts and its last event stay its own. (With auth, an `admin`
+/// credential will be allowed through.)
+pub async fn admit(runs: &dyn Runs, session_id: &str) -> Result<(), IntakeError> {
+    if runs.runs(session_id).await? {
+        return Err(IntakeError::RunByHerald(session_id.to_owned()));
+    }
+    Ok(())
 }
 
 /// Parses a JSON body (bytes) into a validated batch for `session_id`.
@@ -166,7 +194,7 @@ mod tests {
     }
 
     fn code(result: Result<Vec<EventDraft>, IntakeError>) -> &'static str {
-        result.expect_err("refused").code()
+        result.expect_err("refused").code().as_str()
     }
 
     #[test]
@@ -186,7 +214,7 @@ mod tests {
     fn a_bad_item_is_named_by_its_index() {
         let batch = json!([progress(None), {"event": "progress", "data": {}}]);
         let error = parse_batch("s", batch, 5).unwrap_err();
-        assert_eq!(error.code(), "INVALID_EVENT");
+        assert_eq!(error.code(), ErrorCode::InvalidEvent);
         assert!(error.to_string().starts_with("item 1: "), "{error}");
     }
 
@@ -195,7 +223,7 @@ mod tests {
         let batch = json!([progress(Some("job:1")), progress(Some("herald:ingest:1-0"))]);
         let error = parse_batch("s", batch, 5).unwrap_err();
         assert_eq!(error, IntakeError::ReservedKey { index: 1 });
-        assert_eq!(error.code(), "RESERVED_IDEMPOTENCY_KEY");
+        assert_eq!(error.code(), ErrorCode::ReservedIdempotencyKey);
         // Only the prefix is reserved.
         assert!(parse_batch("s", progress(Some("heraldic:1")), 5).is_ok());
     }
@@ -209,7 +237,12 @@ mod tests {
         let batch = json!({"sessionId": "s1", "events": [progress(None), progress(None)]});
         let (_, drafts) = parse_stream_payload(&batch.to_string(), 5).unwrap();
         assert_eq!(drafts.len(), 2);
-        let refused = |payload: &str, max| parse_stream_payload(payload, max).unwrap_err().code();
+        let refused = |payload: &str, max| {
+            parse_stream_payload(payload, max)
+                .unwrap_err()
+                .code()
+                .as_str()
+        };
         assert_eq!(refused(&batch.to_string(), 1), "BATCH_TOO_LARGE");
         assert_eq!(
             refused(r#"{"sessionId":"s1","events":[]}"#, 5),

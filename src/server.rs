@@ -131,7 +131,11 @@ impl Server {
         let cluster_tasks = cluster.map(|(cluster, orchestrator)| {
             [
                 cluster.spawn_listener(hub.clone()),
-                cluster.spawn_ingest(hub.clone(), config.max_batch.max(1)),
+                cluster.spawn_ingest(
+                    hub.clone(),
+                    Arc::new(orchestrator.clone()),
+                    config.max_batch.max(1),
+                ),
                 tokio::spawn(watch_nodes(cluster, orchestrator)),
             ]
         });

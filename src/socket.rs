@@ -18,6 +18,7 @@ use socketioxide::SocketIo;
 use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
 use socketioxide::handler::ConnectHandler;
 
+use crate::error::ErrorCode;
 use crate::event::{InvalidSessionId, now_timestamp, validate_session_id};
 use crate::hub::{Hub, HubError, Resume};
 
@@ -74,12 +75,12 @@ impl Turn {
 #[derive(Debug, Clone)]
 struct Refusal {
     session_id: Option<String>,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
 }
 
 impl Refusal {
-    fn new(code: &'static str, message: impl Into<String>) -> Self {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             session_id: None,
             code,
@@ -99,7 +100,7 @@ struct ErrorEvent<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     session_id: Option<&'a str>,
     error: &'a str,
-    code: &'a str,
+    code: ErrorCode,
     timestamp: String,
 }
 
@@ -155,7 +156,7 @@ fn install(socket: &SocketRef, hub: Hub, limits: SocketLimits) {
                 }
                 let result = match data {
                     Err(_) => Err(Refusal::new(
-                        "INVALID_PAYLOAD",
+                        ErrorCode::InvalidPayload,
                         format!(
                             "`{name}` needs one JSON argument: a session id or {{ sessionId, lastSeq?, epoch? }}"
                         ),
@@ -211,7 +212,7 @@ async fn dispatch(
             Ok(json!({ "ok": true, "sessionId": session_id }))
         }
         other => Err(Refusal::new(
-            "UNKNOWN_EVENT",
+            ErrorCode::UnknownEvent,
             format!("unknown event `{other}`: herald accepts subscribe and unsubscribe"),
         )),
     }
@@ -230,7 +231,7 @@ async fn subscribe(
         if !inner.sessions.contains(&session_id) && inner.sessions.len() >= limits.max_subscriptions
         {
             return Err(Refusal::new(
-                "TOO_MANY_SUBSCRIPTIONS",
+                ErrorCode::TooManySubscriptions,
                 format!(
                     "a socket may follow at most {} sessions at once",
                     limits.max_subscriptions
@@ -261,9 +262,9 @@ async fn subscribe(
                 state.inner.lock().unwrap().sessions.remove(&session_id);
             }
             let code = match error {
-                HubError::SocketGone => "SOCKET_GONE",
-                HubError::SlowConsumer => "SLOW_CONSUMER",
-                HubError::Log(_) | HubError::Store(_) => "INTERNAL",
+                HubError::SocketGone => ErrorCode::SocketGone,
+                HubError::SlowConsumer => ErrorCode::SlowConsumer,
+                HubError::Log(_) | HubError::Store(_) => ErrorCode::BackendUnavailable,
             };
             tracing::error!(session_id, %error, "subscribe failed");
             Err(Refusal::new(code, format!("could not subscribe: {error}"))
@@ -301,7 +302,7 @@ fn take_token(state: &SocketState, limits: SocketLimits) -> Result<(), Refusal> 
     inner.refilled = now;
     if inner.tokens < 1.0 {
         return Err(Refusal::new(
-            "RATE_LIMITED",
+            ErrorCode::RateLimited,
             format!("too many subscribe/unsubscribe requests: at most {rate} per second"),
         ));
     }
@@ -319,7 +320,7 @@ fn parse_subscribe(data: Value) -> Result<(String, Option<Resume>), Refusal> {
         None | Some(Value::Null) => None,
         Some(v) => Some(v.as_u64().ok_or_else(|| {
             Refusal::new(
-                "INVALID_PAYLOAD",
+                ErrorCode::InvalidPayload,
                 "`lastSeq` must be a non-negative integer",
             )
             .for_session(&session_id)
@@ -329,8 +330,10 @@ fn parse_subscribe(data: Value) -> Result<(String, Option<Resume>), Refusal> {
         None | Some(Value::Null) => None,
         Some(Value::String(e)) => Some(e.clone()),
         Some(_) => {
-            return Err(Refusal::new("INVALID_PAYLOAD", "`epoch` must be a string")
-                .for_session(&session_id));
+            return Err(
+                Refusal::new(ErrorCode::InvalidPayload, "`epoch` must be a string")
+                    .for_session(&session_id),
+            );
         }
     };
     let resume = last_seq.map(|last_seq| Resume { last_seq, epoch });
@@ -345,21 +348,26 @@ fn parse_session_ref(data: &Value) -> Result<String, Refusal> {
             Some(Value::String(id)) => id,
             Some(_) => {
                 return Err(Refusal::new(
-                    "INVALID_PAYLOAD",
+                    ErrorCode::InvalidPayload,
                     "`sessionId` must be a string",
                 ));
             }
-            None => return Err(Refusal::new("INVALID_PAYLOAD", "`sessionId` is required")),
+            None => {
+                return Err(Refusal::new(
+                    ErrorCode::InvalidPayload,
+                    "`sessionId` is required",
+                ));
+            }
         },
         _ => {
             return Err(Refusal::new(
-                "INVALID_PAYLOAD",
+                ErrorCode::InvalidPayload,
                 "expected a session id string or { sessionId, lastSeq?, epoch? }",
             ));
         }
     };
     validate_session_id(id).map_err(|e: InvalidSessionId| {
-        let refusal = Refusal::new("INVALID_SESSION_ID", e.to_string());
+        let refusal = Refusal::new(ErrorCode::InvalidSessionId, e.to_string());
         // Echo the id only when it is short enough to be worth echoing.
         if id.len() <= crate::event::MAX_SESSION_ID_LEN {
             refusal.for_session(id)

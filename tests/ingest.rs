@@ -386,3 +386,49 @@ async fn a_holder_retrying_an_entry_keeps_its_lease_and_the_entry() {
     assert_eq!(percents(&a.history("stuck").await.unwrap()), [5, 10]);
     assert_eq!(metric(&b, "herald_ingest_retries_total").await, 0);
 }
+
+/// A session herald's orchestrator runs has one publisher, its run: producer events for it
+/// are refused on the stream and over HTTP, on the node that runs it and on any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_herald_runs_takes_no_producer_events_on_any_node() {
+    let mut s = setup("run-by-herald", 10).await;
+    let other = herald_on(&s._redis, &s.prefix, 10, 0).await;
+    // The simulated model pauses on a clarification, so the run stays alive.
+    let (status, created) = s
+        .app
+        .post_json(
+            "/api/wizard/sessions",
+            &json!({ "prompts": ["Plan it [clarify]"] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let session = created["sessionId"].as_str().unwrap().to_owned();
+
+    for node in [&s.app, &other] {
+        let (status, body) = node.post_events(&session, &progress(99)).await;
+        assert_eq!(status, 409, "{body}");
+        assert_eq!(body["error"]["code"], "SESSION_RUN_BY_HERALD", "{body}");
+    }
+    let mut entry = progress(98);
+    entry["sessionId"] = json!(session);
+    let refused_id = s.publish(&entry).await;
+    let marker = json!({ "sessionId": "after-the-refusal", "event": "progress", "data": { "status": "ACTIVE", "progress": 1 } });
+    s.publish(&marker).await;
+    let app = &s.app;
+    eventually("the entry after the refused one", || async {
+        app.history("after-the-refusal").await.is_some()
+    })
+    .await;
+    let refusals = s.refusals().await;
+    assert_eq!(refusals.len(), 1, "{refusals:?}");
+    assert_eq!(field(&refusals[0], "entry"), refused_id);
+    assert_eq!(field(&refusals[0], "code"), "SESSION_RUN_BY_HERALD");
+    // None of the producer's percentages reached the log.
+    let history = s.app.history(&session).await.unwrap();
+    assert!(
+        history
+            .iter()
+            .all(|e| ![98, 99].contains(&e["data"]["progress"].as_u64().unwrap_or(0))),
+        "{history:?}"
+    );
+}

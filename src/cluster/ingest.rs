@@ -23,14 +23,16 @@
 //! `herald:ingest:<entry id>[:<index>]` ([`crate::intake::ingest_key`]), so an entry handled
 //! twice (by a holder that lost its lease mid-entry, and its successor) is logged once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Value as RedisValue;
 use redis::aio::MultiplexedConnection;
 
+use crate::error::ErrorCode;
 use crate::event::EventDraft;
 use crate::hub::{Hub, HubError};
-use crate::intake::{self, IntakeError};
+use crate::intake::{self, IntakeError, Runs};
 use crate::log::LogError;
 use crate::store::StoreError;
 
@@ -63,6 +65,8 @@ pub struct Ingest {
     /// This node's consumer name (its node id).
     pub consumer: String,
     pub hub: Hub,
+    /// Sessions herald runs take no producer events.
+    pub runs: Arc<dyn Runs>,
     pub max_batch: usize,
     /// How long the lease lasts without renewal, and how long a former holder's entry must
     /// have been idle before it is claimed.
@@ -70,7 +74,7 @@ pub struct Ingest {
 }
 
 /// A refused entry's code and the reason recorded in the errors stream.
-type Refusal = (&'static str, String);
+type Refusal = (ErrorCode, String);
 
 /// Why an entry was not logged.
 enum Failure {
@@ -87,7 +91,7 @@ impl From<HubError> for Failure {
                 Failure::Transient(error)
             }
             // An event that cannot be serialized never will be.
-            other => Failure::Refused(("INVALID_EVENT", other.to_string())),
+            other => Failure::Refused((ErrorCode::InvalidEvent, other.to_string())),
         }
     }
 }
@@ -226,6 +230,24 @@ impl Ingest {
     /// Logs one entry, retrying backend failures with backoff until it is logged or refused
     /// (then acknowledged), or until this node loses the lease (`false`: left pending for
     /// the next holder).
+    /// Logs an entry's events unless herald runs their session itself.
+    async fn log(&self, session_id: &str, drafts: &[EventDraft]) -> Result<(), Failure> {
+        match intake::admit(&*self.runs, session_id).await {
+            Ok(()) => {}
+            Err(IntakeError::Backend(message)) => {
+                return Err(Failure::Transient(HubError::Log(LogError::Backend(
+                    message,
+                ))));
+            }
+            Err(refused) => return Err(Failure::Refused(refusal(refused))),
+        }
+        self.hub
+            .publish(session_id, drafts.to_vec())
+            .await
+            .map(drop)
+            .map_err(Failure::from)
+    }
+
     async fn handle_until_done(
         &self,
         redis: &mut MultiplexedConnection,
@@ -237,12 +259,7 @@ impl Ingest {
         let mut backoff = FIRST_RETRY.min(last_retry);
         loop {
             let outcome = match &parsed {
-                Ok((session_id, drafts)) => self
-                    .hub
-                    .publish(session_id, drafts.clone())
-                    .await
-                    .map(drop)
-                    .map_err(Failure::from),
+                Ok((session_id, drafts)) => self.log(session_id, drafts).await,
                 Err(refused) => Err(Failure::Refused(refused.clone())),
             };
             match outcome {
@@ -251,7 +268,7 @@ impl Ingest {
                     return Ok(true);
                 }
                 Err(Failure::Refused((code, reason))) => {
-                    tracing::warn!(entry = id, code, reason, "refused an ingest entry");
+                    tracing::warn!(entry = id, %code, reason, "refused an ingest entry");
                     self.acknowledge(redis, id, Some((code, &reason))).await?;
                     return Ok(true);
                 }
@@ -274,7 +291,7 @@ impl Ingest {
         &self,
         redis: &mut MultiplexedConnection,
         id: &str,
-        refusal: Option<(&str, &str)>,
+        refusal: Option<(ErrorCode, &str)>,
     ) -> redis::RedisResult<()> {
         let stream = self.stream();
         let mut pipe = redis::pipe();
@@ -286,7 +303,7 @@ impl Ingest {
                 .arg("~")
                 .arg(MAX_ERRORS)
                 .arg("*")
-                .arg(&["entry", id, "code", code, "error", reason])
+                .arg(&["entry", id, "code", code.as_str(), "error", reason])
                 .ignore();
         }
         pipe.cmd("XACK")
@@ -314,7 +331,7 @@ fn parse(
         .find(|(name, _)| name == "payload")
         .map(|(_, value)| value)
         .ok_or((
-            "INVALID_ENTRY",
+            ErrorCode::InvalidEntry,
             "the entry has no `payload` field".to_owned(),
         ))?;
     let (session_id, mut drafts) =

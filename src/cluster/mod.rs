@@ -36,6 +36,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::hub::Hub;
+use crate::intake::Runs;
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const LAST_RETRY: Duration = Duration::from_secs(5);
@@ -204,6 +205,17 @@ impl Cluster {
         Ok(())
     }
 
+    /// The node that runs `session_id`, if any does.
+    pub async fn runner(&self, session_id: &str) -> Result<Option<String>, ClusterError> {
+        let owner: Option<String> = self
+            .inner
+            .redis
+            .clone()
+            .hget(self.key("owners"), session_id)
+            .await?;
+        Ok(owner)
+    }
+
     /// Sends `command` to the node running its session and waits for the reply; `None`
     /// when no other live node runs it.
     pub async fn forward(
@@ -294,12 +306,13 @@ impl Cluster {
 
     /// Consumes the worker ingest stream until the task is aborted; batches hold at most
     /// `max_batch` events.
-    pub fn spawn_ingest(&self, hub: Hub, max_batch: usize) -> JoinHandle<()> {
+    pub fn spawn_ingest(&self, hub: Hub, runs: Arc<dyn Runs>, max_batch: usize) -> JoinHandle<()> {
         let ingest = ingest::Ingest {
             client: self.inner.client.clone(),
             prefix: self.inner.prefix.clone(),
             consumer: self.inner.node_id.clone(),
             hub,
+            runs,
             max_batch,
             lease: self.inner.lease,
         };

@@ -29,6 +29,7 @@ use crate::cluster::{Cluster, CommandHandler, RemoteCommand, RemoteReply};
 use crate::error::ErrorCode;
 use crate::event::{ClarificationStatus, EventDraft, EventKind, validate_session_id};
 use crate::hub::{Hub, HubError};
+use crate::intake::{IntakeError, Runs};
 use crate::providers::{self, Provider};
 use config::{ModelConfig, ModelsFile, OrchestratorSettings};
 use run::{Command, Run};
@@ -480,6 +481,25 @@ enum Logged {
     Once,
     /// An event with the same reserved key was logged before: nothing was.
     Already,
+}
+
+/// The sessions herald's orchestrator runs: on this node, or (cluster mode) on any node,
+/// as the owners hash records.
+#[async_trait::async_trait]
+impl Runs for Orchestrator {
+    async fn runs(&self, session_id: &str) -> Result<bool, IntakeError> {
+        if self.running(session_id).is_some() {
+            return Ok(true);
+        }
+        let Some(cluster) = &self.inner.cluster else {
+            return Ok(false);
+        };
+        let runner = cluster
+            .runner(session_id)
+            .await
+            .map_err(|e| IntakeError::Backend(e.to_string()))?;
+        Ok(runner.is_some())
+    }
 }
 
 /// Commands other nodes forward here run only against sessions running on this node.
