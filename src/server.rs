@@ -10,6 +10,8 @@ use axum::http::{HeaderValue, Method, Uri};
 use socketioxide::SocketIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::trace::TraceLayer;
 
@@ -53,8 +55,9 @@ pub struct Server {
     app: axum::Router,
     hub: Hub,
     config: Config,
+    orchestrator: Orchestrator,
     /// The other nodes, in cluster mode.
-    cluster: Option<(Cluster, Orchestrator)>,
+    cluster: Option<Cluster>,
 }
 
 impl Server {
@@ -105,7 +108,8 @@ impl Server {
             app,
             hub,
             config,
-            cluster: cluster.map(|c| (c, orchestrator)),
+            orchestrator,
+            cluster,
         })
     }
 
@@ -115,8 +119,13 @@ impl Server {
             .expect("a bound listener has an address")
     }
 
-    /// Serves until `shutdown` resolves, then closes every socket and lets in-flight HTTP
-    /// requests finish (bounded by the configured shutdown timeout).
+    /// Serves until `shutdown` resolves, then drains in this order: stop accepting
+    /// connections; end the running sessions (each publishes its last events, which reach
+    /// its subscribers); drop every socket's transport (clients reconnect elsewhere, or here
+    /// once the node is back, and resume by replay); let in-flight HTTP requests finish;
+    /// stop the background work (the ingest consumer between two entries, handing its lease
+    /// back). Each step is bounded by the configured shutdown timeout; nothing is aborted
+    /// in the middle of a write.
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -126,26 +135,42 @@ impl Server {
             app,
             hub,
             config,
+            orchestrator,
             cluster,
         } = self;
-        let cluster_tasks = cluster.map(|(cluster, orchestrator)| {
-            [
-                cluster.spawn_listener(hub.clone()),
-                cluster.spawn_ingest(
-                    hub.clone(),
-                    Arc::new(orchestrator.clone()),
-                    config.max_batch.max(1),
-                ),
-                tokio::spawn(watch_nodes(cluster, orchestrator)),
-            ]
-        });
+        let stop = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(sweep_forever(
+            hub.clone(),
+            config.session_ttl(),
+            stop.clone(),
+        ));
+        if let Some(cluster) = cluster {
+            // Reading and refreshing only: they may stop at any await.
+            tasks.spawn(
+                stop.clone()
+                    .run_until_cancelled_owned(cluster.clone().listen_forever(hub.clone())),
+            );
+            tasks.spawn(
+                stop.clone()
+                    .run_until_cancelled_owned(watch_nodes(cluster.clone(), orchestrator.clone())),
+            );
+            tasks.spawn(cluster.ingest(
+                hub.clone(),
+                Arc::new(orchestrator.clone()),
+                config.max_batch.max(1),
+                stop.clone(),
+            ));
+        }
         let (stop_tx, mut stop_rx) = watch::channel(false);
-        let sweeper = tokio::spawn(sweep_forever(hub.clone(), config.session_ttl()));
         let grace = Duration::from_secs(config.shutdown_timeout_secs);
         let hub_for_close = hub.clone();
         let signal = async move {
             shutdown.await;
-            tracing::info!("shutting down: closing sockets, finishing in-flight requests");
+            tracing::info!(
+                "shutting down: ending runs, closing sockets, finishing in-flight requests"
+            );
+            orchestrator.shutdown(grace).await;
             // Closing sockets first ends long-polling requests, which would otherwise hold
             // the graceful shutdown open until they time out.
             hub_for_close.close().await;
@@ -162,9 +187,10 @@ impl Server {
                 Ok(())
             }
         };
-        sweeper.abort();
-        for task in cluster_tasks.into_iter().flatten() {
-            task.abort();
+        stop.cancel();
+        tasks.close();
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+            tracing::warn!("background work did not stop within the shutdown grace period");
         }
         result
     }
@@ -189,10 +215,14 @@ async fn watch_nodes(cluster: Cluster, orchestrator: Orchestrator) {
     }
 }
 
-async fn sweep_forever(hub: Hub, ttl: Duration) {
+async fn sweep_forever(hub: Hub, ttl: Duration, stop: CancellationToken) {
     let mut tick = tokio::time::interval(sweep_interval(ttl));
     loop {
-        tick.tick().await;
+        // A sweep, once begun, runs to its end: it removes what it took from the store.
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
         match hub.sweep(ttl).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(sessions = n, "dropped ended sessions"),

@@ -243,3 +243,80 @@ async fn a_redis_outage_longer_than_the_lease_loses_no_live_node() {
         assert_eq!(status, "COMPLETED", "{}: {id}: {events:?}", node.name);
     }
 }
+
+/// SIGTERM is a cooperative shutdown: the node ends its runs itself, at once, saying so
+/// (not a lease later through another node), releases them and the ingest lease, and exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_shut_down_ends_its_runs_at_once_and_hands_back_what_it_held() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    // A lease far longer than the test: whatever ends the run, it is not the liveness check.
+    let args = [
+        "--redis-url",
+        url.as_str(),
+        "--redis-prefix",
+        "shutdown",
+        "--cluster-lease-ms",
+        "120000",
+    ];
+    let mut leaving = Node::start("leaving", &args).await;
+    let staying = Node::start("staying", &args).await;
+    let (status, created) = leaving
+        .post_json(
+            "/api/wizard/sessions",
+            &json!({ "prompts": ["A story about [clarify] a fox"], "models": ["sim-fast"] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let session_id = created["sessionId"].as_str().unwrap().to_owned();
+    let mut client = staying.connect().await;
+    let ack = client
+        .call(
+            "subscribe",
+            &json!({ "sessionId": session_id, "lastSeq": 0 }),
+        )
+        .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    client.wait_for("clarification").await;
+
+    let exit = leaving.terminate().await;
+    assert!(exit.success(), "exit {exit:?}: {}", leaving.stderr_tail());
+    // By the time the process is gone, its run has ended in the log.
+    let snapshot = staying.snapshot(&session_id).await.unwrap();
+    assert_eq!(snapshot["status"], "FAILED", "{snapshot}");
+    let error = client.wait_for("error").await;
+    assert_eq!(error["code"], "NODE_LOST", "{error}");
+    assert_eq!(
+        snapshot["clarifications"][0]["status"], "expired",
+        "{snapshot}"
+    );
+
+    let mut raw = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let owners: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("shutdown:owners")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(owners.is_empty(), "no run is left claimed: {owners:?}");
+    // The ingest lease went back (or to the node that stays): never to the one that left.
+    let holder: Option<String> = redis::cmd("GET")
+        .arg("shutdown:ingest:lease")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let stderr = leaving.stderr_tail();
+    assert!(
+        stderr.contains("stopped consuming the ingest stream"),
+        "the consumer stopped between entries: {stderr}"
+    );
+    if let Some(holder) = holder {
+        assert!(
+            !stderr.contains(&holder),
+            "the lease is still the leaving node's: {holder}"
+        );
+    }
+}

@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use redis::Value as RedisValue;
 use redis::aio::MultiplexedConnection;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::ErrorCode;
 use crate::event::EventDraft;
@@ -37,6 +38,13 @@ use crate::log::LogError;
 use crate::store::StoreError;
 
 pub const GROUP: &str = "herald";
+/// Deletes the lease if `ARGV[1]` holds it.
+const RELEASE_LEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
 /// Renews the lease if `ARGV[1]` holds it or nobody does; 1 when it is ours.
 const TAKE_LEASE: &str = r#"
 local holder = redis.call('GET', KEYS[1])
@@ -71,6 +79,8 @@ pub struct Ingest {
     /// How long the lease lasts without renewal, and how long a former holder's entry must
     /// have been idle before it is claimed.
     pub lease: Duration,
+    /// Shutdown: the consumer stops between entries and hands the lease back.
+    pub stop: CancellationToken,
 }
 
 /// A refused entry's code and the reason recorded in the errors stream.
@@ -114,10 +124,13 @@ impl Ingest {
 
     /// Reads and logs the stream until the task is aborted.
     pub async fn consume(self) {
-        loop {
+        while !self.stop.is_cancelled() {
             if let Err(error) = self.consume_until_error().await {
                 tracing::warn!(stream = self.stream(), %error, "ingest stream failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                let _ = self
+                    .stop
+                    .run_until_cancelled(tokio::time::sleep(Duration::from_secs(1)))
+                    .await;
             }
         }
     }
@@ -139,12 +152,31 @@ impl Ingest {
             return Err(error);
         }
         loop {
+            if self.stop.is_cancelled() {
+                return self.release_lease(&mut redis).await;
+            }
             if !self.renew_lease(&mut redis).await? {
-                tokio::time::sleep(BLOCK).await;
+                let _ = self
+                    .stop
+                    .run_until_cancelled(tokio::time::sleep(BLOCK))
+                    .await;
                 continue;
             }
-            let entries = self.next_entries(&mut redis).await?;
+            // Reading may be given up at shutdown: what was read stays pending for this
+            // consumer's successor, which claims it after a lease.
+            let Some(entries) = self
+                .stop
+                .run_until_cancelled(self.next_entries(&mut redis))
+                .await
+                .transpose()?
+            else {
+                continue;
+            };
             for (id, fields) in entries {
+                // An entry is never left half handled: shutdown waits for it, then stops.
+                if self.stop.is_cancelled() {
+                    break;
+                }
                 if !self.renew_lease(&mut redis).await? {
                     tracing::info!("lost the ingest lease; another node goes on");
                     break;
@@ -161,6 +193,17 @@ impl Ingest {
                 }
             }
         }
+    }
+
+    /// Gives the lease back, if this node holds it, so another node goes on at once.
+    async fn release_lease(&self, redis: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+        let _: i64 = redis::Script::new(RELEASE_LEASE)
+            .key(format!("{}:ingest:lease", self.prefix))
+            .arg(&self.consumer)
+            .invoke_async(redis)
+            .await?;
+        tracing::info!("stopped consuming the ingest stream");
+        Ok(())
     }
 
     /// Takes or renews the lease; whether this node holds it.
@@ -277,7 +320,8 @@ impl Ingest {
                     tracing::warn!(entry = id, %error, retry_in = ?backoff, "could not log an ingest entry");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(last_retry);
-                    if !self.renew_lease(redis).await? {
+                    // At shutdown a failing entry stays pending for the next holder.
+                    if self.stop.is_cancelled() || !self.renew_lease(redis).await? {
                         return Ok(false);
                     }
                 }

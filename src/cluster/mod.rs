@@ -33,10 +33,10 @@ use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 use crate::hub::Hub;
 use crate::intake::Runs;
+use tokio_util::sync::CancellationToken;
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 const LAST_RETRY: Duration = Duration::from_secs(5);
@@ -304,9 +304,15 @@ impl Cluster {
         Ok(lost)
     }
 
-    /// Consumes the worker ingest stream until the task is aborted; batches hold at most
-    /// `max_batch` events.
-    pub fn spawn_ingest(&self, hub: Hub, runs: Arc<dyn Runs>, max_batch: usize) -> JoinHandle<()> {
+    /// Consumes the worker ingest stream until `stop`; batches hold at most `max_batch`
+    /// events.
+    pub fn ingest(
+        &self,
+        hub: Hub,
+        runs: Arc<dyn Runs>,
+        max_batch: usize,
+        stop: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let ingest = ingest::Ingest {
             client: self.inner.client.clone(),
             prefix: self.inner.prefix.clone(),
@@ -315,24 +321,23 @@ impl Cluster {
             runs,
             max_batch,
             lease: self.inner.lease,
+            stop,
         };
-        tokio::spawn(ingest.consume())
+        ingest.consume()
     }
 
-    /// Listens for announcements and commands until the task is aborted.
-    pub fn spawn_listener(&self, hub: Hub) -> JoinHandle<()> {
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut retry = FIRST_RETRY;
-            loop {
-                match this.listen(&hub, &mut retry).await {
-                    Ok(()) => tracing::warn!("cluster channels closed; resubscribing"),
-                    Err(error) => tracing::warn!(%error, "cluster channels failed; resubscribing"),
-                }
-                tokio::time::sleep(retry).await;
-                retry = (retry * 2).min(LAST_RETRY);
+    /// Listens for announcements and commands, resubscribing after every failure, until
+    /// dropped (it only reads, so it may stop at any point).
+    pub async fn listen_forever(self, hub: Hub) {
+        let mut retry = FIRST_RETRY;
+        loop {
+            match self.listen(&hub, &mut retry).await {
+                Ok(()) => tracing::warn!("cluster channels closed; resubscribing"),
+                Err(error) => tracing::warn!(%error, "cluster channels failed; resubscribing"),
             }
-        })
+            tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(LAST_RETRY);
+        }
     }
 
     async fn listen(&self, hub: &Hub, retry: &mut Duration) -> redis::RedisResult<()> {

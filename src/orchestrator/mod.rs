@@ -19,11 +19,13 @@ pub mod config;
 mod run;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::task::TaskTracker;
 
 use crate::cluster::{Cluster, CommandHandler, RemoteCommand, RemoteReply};
 use crate::error::ErrorCode;
@@ -173,6 +175,10 @@ struct Inner {
     global: Arc<Semaphore>,
     /// Running sessions' command queues. A std mutex: lookups only, never across an await.
     running: Mutex<HashMap<String, mpsc::Sender<Command>>>,
+    /// Every run's task, so shutdown can wait for them to end.
+    runs: TaskTracker,
+    /// Set at shutdown: no new run starts.
+    stopping: AtomicBool,
 }
 
 impl Orchestrator {
@@ -199,6 +205,8 @@ impl Orchestrator {
                 global: Arc::new(Semaphore::new(file.orchestrator.max_concurrency)),
                 settings: file.orchestrator,
                 running: Mutex::default(),
+                runs: TaskTracker::new(),
+                stopping: AtomicBool::new(false),
             }),
         }
     }
@@ -220,6 +228,11 @@ impl Orchestrator {
     /// Validates the request, logs the session's first `progress` and starts the run in the
     /// background. Returns the new session's id.
     pub async fn create(&self, request: CreateSession) -> Result<String, OrchestratorError> {
+        if self.inner.stopping.load(Ordering::Acquire) {
+            return Err(OrchestratorError::NodeUnavailable(
+                "this node is shutting down; start the session on another".into(),
+            ));
+        }
         let strategy = parse_strategy(request.strategy.as_deref())?;
         let prompts = parse_prompts(request.prompts)?;
         let models = self.select_models(request.models)?;
@@ -256,7 +269,7 @@ impl Orchestrator {
         }
         let this = self.clone();
         let id = session_id.clone();
-        tokio::spawn(async move {
+        self.inner.runs.spawn(async move {
             run.run(tx, rx).await;
             this.inner.running.lock().unwrap().remove(&id);
             if let Some(cluster) = &this.inner.cluster
@@ -266,6 +279,41 @@ impl Orchestrator {
             }
         });
         Ok(session_id)
+    }
+
+    /// Shutdown: starts no new run, ends every running one (each publishes its last events,
+    /// `error { code: "NODE_LOST" }`, and releases its claim), and waits up to `grace` for
+    /// them. Runs are told, never aborted, so none is cut off in the middle of a publish.
+    pub async fn shutdown(&self, grace: std::time::Duration) {
+        self.inner.stopping.store(true, Ordering::Release);
+        let running: Vec<mpsc::Sender<Command>> = self
+            .inner
+            .running
+            .lock()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect();
+        let count = running.len();
+        let stops = running.into_iter().map(|tx| async move {
+            let (reply, done) = oneshot::channel();
+            if tx.send(Command::Stop { reply }).await.is_ok() {
+                let _ = done.await;
+            }
+        });
+        self.inner.runs.close();
+        let all = async {
+            futures_util::future::join_all(stops).await;
+            self.inner.runs.wait().await;
+        };
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!(
+                runs = count,
+                "runs did not all end within the shutdown grace period"
+            );
+        } else if count > 0 {
+            tracing::info!(runs = count, "ended the running sessions");
+        }
     }
 
     fn select_models(

@@ -57,6 +57,10 @@ pub(crate) enum Command {
     Cancel {
         reply: oneshot::Sender<Result<(), OrchestratorError>>,
     },
+    /// This node is shutting down: the run ends now, saying so, rather than dying silently.
+    Stop {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +115,7 @@ enum End {
     AllFailed,
     Cancelled,
     Expired,
+    Stopped,
 }
 
 pub(crate) struct Run {
@@ -416,6 +421,18 @@ impl Run {
                 let _ = reply.send(Ok(()));
                 return Some(End::Cancelled);
             }
+            Command::Stop { reply } => {
+                let mut events = self.close_clarifications();
+                events.push(self.progress(SessionStatus::Failed, None));
+                let error = json!({
+                    "error": "the node running this session shut down; start the session again",
+                    "code": ErrorCode::NodeLost,
+                });
+                events.push(draft(EventKind::Error, error));
+                self.publish(events).await;
+                let _ = reply.send(());
+                return Some(End::Stopped);
+            }
         }
         None
     }
@@ -643,6 +660,7 @@ impl End {
             End::AllFailed => "all prompts failed",
             End::Cancelled => "cancelled",
             End::Expired => "expired",
+            End::Stopped => "stopped at shutdown",
         }
     }
 }

@@ -131,6 +131,15 @@ impl Node {
         let _ = tokio::time::timeout(WAIT, self.child.wait()).await;
     }
 
+    /// Sends SIGTERM (graceful shutdown) and waits for the process; its exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        tokio::time::timeout(WAIT * 3, self.child.wait())
+            .await
+            .expect("the node exits after SIGTERM")
+            .expect("the node's exit status")
+    }
+
     /// Sends `signal` (e.g. `"STOP"`, `"CONT"`) to the node's process.
     pub fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("the node is running");
