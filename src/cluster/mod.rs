@@ -36,6 +36,7 @@ use tokio::sync::oneshot;
 
 use crate::hub::Hub;
 use crate::intake::Runs;
+use crate::log::{Announcement, announcement_channel};
 use tokio_util::sync::CancellationToken;
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
@@ -341,7 +342,7 @@ impl Cluster {
     }
 
     async fn listen(&self, hub: &Hub, retry: &mut Duration) -> redis::RedisResult<()> {
-        let events = self.key("events");
+        let events = announcement_channel(&self.inner.prefix);
         let commands = self.key(&format!("node:{}", self.inner.node_id));
         let replies = self.key(&format!("reply:{}", self.inner.node_id));
         let mut pubsub = self.inner.client.get_async_pubsub().await?;
@@ -371,13 +372,10 @@ impl Cluster {
     }
 
     fn on_announcement(&self, hub: &Hub, payload: &str) {
-        let mut parts = payload.splitn(3, ' ');
-        let (Some(seq), Some(epoch), Some(session_id)) = (parts.next(), parts.next(), parts.next())
-        else {
-            tracing::warn!(payload, "malformed announcement");
-            return;
-        };
-        hub.announce(session_id, epoch, seq.parse().unwrap_or(u64::MAX));
+        match Announcement::parse(payload) {
+            Some(a) => hub.announce(a.session_id, a.epoch, a.last_seq),
+            None => tracing::warn!(payload, "malformed announcement"),
+        }
     }
 
     /// Runs a forwarded command in its own task, so a slow one never holds up delivery.

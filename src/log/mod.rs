@@ -16,7 +16,9 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 pub use memory::MemoryLog;
-pub use redis::{RedisLog, connect as connect_redis, once_more};
+pub use redis::{
+    Announcement, RedisLog, announcement_channel, connect as connect_redis, once_more,
+};
 
 use crate::event::{EventDraft, EventKind};
 

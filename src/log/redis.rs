@@ -107,9 +107,9 @@ impl RedisLog {
         .map_err(backend)
     }
 
-    /// Where appends are announced: `"<last_seq> <epoch> <session id>"`.
+    /// Where appends are announced ([`Announcement`]).
     pub fn channel(&self) -> String {
-        format!("{}:events", self.prefix)
+        announcement_channel(&self.prefix)
     }
 
     /// The keys that make up a session's log, for expiry and removal.
@@ -119,6 +119,34 @@ impl RedisLog {
             self.key("log", session_id),
             self.key("keys", session_id),
         ]
+    }
+}
+
+/// The channel every append under `prefix` is announced on.
+pub fn announcement_channel(prefix: &str) -> String {
+    format!("{prefix}:events")
+}
+
+/// What the append script publishes after logging: `"<last_seq> <epoch> <session id>"`.
+/// The `APPEND` script above encodes it; this is its only decoder.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Announcement<'a> {
+    pub last_seq: u64,
+    pub epoch: &'a str,
+    pub session_id: &'a str,
+}
+
+impl<'a> Announcement<'a> {
+    pub fn parse(payload: &'a str) -> Option<Self> {
+        let mut parts = payload.splitn(3, ' ');
+        let last_seq = parts.next()?.parse().ok()?;
+        let epoch = parts.next().filter(|e| !e.is_empty())?;
+        let session_id = parts.next().filter(|s| !s.is_empty())?;
+        Some(Self {
+            last_seq,
+            epoch,
+            session_id,
+        })
     }
 }
 
@@ -350,4 +378,24 @@ fn parse_entries(entries: RedisValue) -> Result<Vec<Arc<LoggedEvent>>, LogError>
             Ok(Arc::new(LoggedEvent { seq, kind, json }))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Announcement;
+
+    #[test]
+    fn announcements_decode_what_the_append_script_encodes() {
+        assert_eq!(
+            Announcement::parse("42 e1 user:7-a b"),
+            Some(Announcement {
+                last_seq: 42,
+                epoch: "e1",
+                session_id: "user:7-a b",
+            })
+        );
+        for bad in ["", "42", "42 e1", "x e1 s", "42  s", "-1 e1 s"] {
+            assert_eq!(Announcement::parse(bad), None, "{bad:?}");
+        }
+    }
 }
