@@ -107,15 +107,9 @@ fn assert_contiguous(seqs: &[u64], from: u64, what: &str) {
 }
 
 async fn metric(server: &common::TestServer, name: &str) -> u64 {
-    let text = reqwest::get(server.url("/metrics"))
+    server
+        .metric(name)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("{name} is exported"))
 }
 

@@ -95,16 +95,7 @@ impl Setup {
 
 /// A counter of `app`'s `/metrics` (0 when absent).
 async fn metric(app: &TestServer, name: &str) -> u64 {
-    let text = reqwest::get(app.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0)
+    app.metric(name).await.unwrap_or(0)
 }
 
 fn field<'a>(fields: &'a [(String, String)], name: &str) -> &'a str {

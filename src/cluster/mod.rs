@@ -207,13 +207,16 @@ impl Cluster {
     }
 
     /// The node that runs `session_id`, if any does.
+    /// A read, so it is sent once more when it went out on a connection found dead (Redis
+    /// restarted): producers' requests are not refused for a link that was already replaced.
     pub async fn runner(&self, session_id: &str) -> Result<Option<String>, ClusterError> {
-        let owner: Option<String> = self
-            .inner
-            .redis
-            .clone()
-            .hget(self.key("owners"), session_id)
-            .await?;
+        let owners = self.key("owners");
+        let owner: Option<String> = crate::log::once_more(|| {
+            let mut redis = self.inner.redis.clone();
+            let owners = owners.clone();
+            async move { redis.hget(owners, session_id).await }
+        })
+        .await?;
         Ok(owner)
     }
 

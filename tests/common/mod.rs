@@ -116,6 +116,23 @@ impl TestServer {
         (status == 200).then(|| body["events"].as_array().cloned().unwrap_or_default())
     }
 
+    /// The value of one series of `/metrics`, named in full with its labels
+    /// (`herald_http_errors_total{code="INTERNAL"}`); `None` when it is not exported.
+    pub async fn metric(&self, series: &str) -> Option<u64> {
+        let text = self
+            .http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("/metrics answers")
+            .text()
+            .await
+            .expect("/metrics has a body");
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+    }
+
     pub async fn connect(&self) -> Client {
         Client::connect(self.addr).await
     }
