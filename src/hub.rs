@@ -501,7 +501,23 @@ impl Hub {
     /// needs more waits for room without the gate, then takes the gate again for what was
     /// logged meanwhile, and joins the room only once it has everything up to the head. A
     /// socket that cannot take its replay within [`REPLAY_DEADLINE`] is cut off.
+    ///
+    /// On error the socket does not follow the session (it is not in the room), whether
+    /// it did before or not.
     pub async fn subscribe(
+        &self,
+        socket: &SocketRef,
+        session_id: &str,
+        resume: Option<Resume>,
+    ) -> Result<Subscribed, HubError> {
+        let outcome = self.subscribe_and_replay(socket, session_id, resume).await;
+        if outcome.is_err() {
+            socket.leave(session_id.to_owned());
+        }
+        outcome
+    }
+
+    async fn subscribe_and_replay(
         &self,
         socket: &SocketRef,
         session_id: &str,
@@ -541,10 +557,7 @@ impl Hub {
                 return Ok(reply);
             }
             let mut replay = Replay::new(socket, after, head.epoch);
-            replay.queue(slice.events, head.last_seq);
-            if replay.send_what_fits()? && replay.sent == head.last_seq {
-                socket.join(session_id.to_owned());
-                self.inner.metrics.replayed.add(replay.count);
+            if self.join_if_caught_up(session_id, &mut replay, slice.events, head.last_seq)? {
                 return Ok(reply);
             }
             (reply, replay)
@@ -571,13 +584,29 @@ impl Hub {
             self.deliver(session_id, &mut cursor, &head.epoch, head.last_seq, &[])
                 .await?;
             let last_seq = head.last_seq;
-            replay.queue(slice.events, last_seq);
-            if replay.send_what_fits()? && replay.sent == last_seq {
-                socket.join(session_id.to_owned());
-                self.inner.metrics.replayed.add(replay.count);
+            if self.join_if_caught_up(session_id, &mut replay, slice.events, last_seq)? {
                 return Ok(reply);
             }
         }
+    }
+
+    /// Under the gate: sends the replay what its socket takes now of `events` (read after
+    /// what it has) and, when that brings it to `last_seq`, the room's position, joins it to
+    /// the room. True when it joined.
+    fn join_if_caught_up(
+        &self,
+        session_id: &str,
+        replay: &mut Replay<'_>,
+        events: Vec<Arc<LoggedEvent>>,
+        last_seq: u64,
+    ) -> Result<bool, HubError> {
+        replay.queue(events, last_seq);
+        if !(replay.send_what_fits()? && replay.sent == last_seq) {
+            return Ok(false);
+        }
+        replay.socket.join(session_id.to_owned());
+        self.inner.metrics.replayed.add(replay.count);
+        Ok(true)
     }
 
     /// Drops one socket's connection because it cannot keep up; it reconnects and resumes.

@@ -258,17 +258,26 @@ async fn subscribe(
             Ok(ack)
         }
         Err(error) => {
-            if newly_added {
-                state.inner.lock().unwrap().sessions.remove(&session_id);
+            // A failed subscribe leaves the socket out of the room (`Hub::subscribe`), also
+            // when it followed the session before: its count must say so.
+            state.inner.lock().unwrap().sessions.remove(&session_id);
+            if !newly_added {
+                hub.metrics().subscriptions.dec();
             }
-            let code = match error {
-                HubError::SocketGone => ErrorCode::SocketGone,
-                HubError::SlowConsumer => ErrorCode::SlowConsumer,
-                HubError::Log(_) | HubError::Store(_) => ErrorCode::BackendUnavailable,
+            let (code, message) = match error {
+                HubError::SocketGone => (ErrorCode::SocketGone, error.to_string()),
+                HubError::SlowConsumer => (ErrorCode::SlowConsumer, error.to_string()),
+                // The backend's own text is for the log, not for clients.
+                HubError::Log(_) | HubError::Store(_) => (
+                    ErrorCode::BackendUnavailable,
+                    "the session backend is unavailable; subscribe again".to_owned(),
+                ),
             };
-            tracing::error!(session_id, %error, "subscribe failed");
-            Err(Refusal::new(code, format!("could not subscribe: {error}"))
-                .for_session(&session_id))
+            tracing::warn!(session_id, %error, "subscribe failed");
+            Err(
+                Refusal::new(code, format!("could not subscribe: {message}"))
+                    .for_session(&session_id),
+            )
         }
     }
 }

@@ -298,3 +298,57 @@ async fn one_sockets_requests_run_in_the_order_it_sent_them() {
     }
     server.shutdown().await;
 }
+
+/// With Redis stopped, a subscribe (here: a socket resubscribing to a session it follows)
+/// is refused with `BACKEND_UNAVAILABLE` and no backend text, and leaves the socket not
+/// following the session, as the refusal says; once Redis is back a subscribe works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_refused_while_redis_is_down_leaves_nothing_half_subscribed() {
+    let mut redis = common::redis::RedisServer::start().await;
+    let url = redis.url();
+    let server = spawn_app_with(move |c| {
+        c.redis_url = Some(url);
+        c.redis_prefix = "half-subscribed".into();
+    })
+    .await;
+    let mut client = server.connect().await;
+    client.subscribe("outage-a").await;
+    assert_eq!(metric(&server, "herald_subscriptions").await, 1);
+
+    redis.stop();
+    let ack = client
+        .call(
+            "subscribe",
+            &json!({ "sessionId": "outage-a", "lastSeq": 0 }),
+        )
+        .await;
+    assert_eq!(ack["ok"], false, "{ack}");
+    assert_eq!(ack["error"]["code"], "BACKEND_UNAVAILABLE", "{ack}");
+    let message = ack["error"]["message"].as_str().unwrap();
+    assert!(!message.contains("127.0.0.1"), "no backend text: {message}");
+    assert_eq!(
+        metric(&server, "herald_subscriptions").await,
+        0,
+        "the refused socket is counted as following nothing"
+    );
+
+    redis.restart().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let ack = client.call("subscribe", &json!("outage-a")).await;
+        if ack["ok"] == true {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still refused: {ack}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(&server, "herald_subscriptions").await, 1);
+    let (status, body) = server.post_events("outage-a", &batch(1, 1)).await;
+    assert_eq!(status, 202, "{body}");
+    let event = client.wait_for("progress").await;
+    assert_eq!(event["seq"], 1);
+    server.shutdown().await;
+}
