@@ -115,9 +115,78 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(500..=600_000))]
     pub cluster_lease_ms: u64,
 
+    /// HS256 secret for JWTs. Setting it (or a public key, or an API key) turns auth on.
+    #[arg(
+        long,
+        env = "HERALD_JWT_SECRET",
+        hide_env_values = true,
+        help_heading = "Auth"
+    )]
+    pub jwt_secret: Option<Secret>,
+
+    /// PEM file with the RS256 or ES256 public key that verifies JWTs.
+    #[arg(long, env = "HERALD_JWT_PUBLIC_KEY", help_heading = "Auth")]
+    pub jwt_public_key: Option<std::path::PathBuf>,
+
+    /// Audience a JWT's `aud` must name (unchecked when unset).
+    #[arg(long, env = "HERALD_JWT_AUDIENCE", help_heading = "Auth")]
+    pub jwt_audience: Option<String>,
+
+    /// Issuer a JWT's `iss` must be (unchecked when unset).
+    #[arg(long, env = "HERALD_JWT_ISSUER", help_heading = "Auth")]
+    pub jwt_issuer: Option<String>,
+
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    #[arg(
+        long,
+        env = "HERALD_JWT_LEEWAY_SECS",
+        default_value_t = 30,
+        help_heading = "Auth"
+    )]
+    pub jwt_leeway_secs: u64,
+
+    /// API keys, comma separated, each `name:secret:scope+scope` (e.g.
+    /// `ocr-worker:s3cr3t:publish,ops:0ps:admin`).
+    #[arg(
+        long,
+        env = "HERALD_API_KEYS",
+        hide_env_values = true,
+        value_delimiter = ',',
+        help_heading = "Auth"
+    )]
+    pub api_keys: Vec<Secret>,
+
     /// Seconds to wait for in-flight requests and sockets on shutdown.
     #[arg(long, env = "HERALD_SHUTDOWN_TIMEOUT_SECS", default_value_t = 10)]
     pub shutdown_timeout_secs: u64,
+}
+
+/// A configuration value that must never reach a log line or `--help` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(Self(value.to_owned()))
+    }
 }
 
 impl Config {
