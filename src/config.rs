@@ -25,6 +25,8 @@ pub enum Command {
     Serve(Box<Config>),
     /// Create a session on a running herald and print its events live.
     Demo(crate::demo::DemoArgs),
+    /// Print a development token signed with the HS256 secret (`--jwt-secret`).
+    Token(crate::auth::TokenArgs),
 }
 
 /// Everything the server needs to start. Field docs are the `--help` text.
@@ -195,7 +197,7 @@ impl Config {
         let cli = Cli::parse_from(["herald", "serve"]);
         match cli.command {
             Command::Serve(config) => *config,
-            Command::Demo(_) => unreachable!("parsed from `serve`"),
+            Command::Demo(_) | Command::Token(_) => unreachable!("parsed from `serve`"),
         }
     }
 

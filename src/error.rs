@@ -81,6 +81,18 @@ catalogue! {
     /// A body that is not `application/json`.
     UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE", UNSUPPORTED_MEDIA_TYPE, false;
 
+    // Credentials (SPEC §5).
+    /// No credential was presented, or it names no API key.
+    Unauthorized => "UNAUTHORIZED", UNAUTHORIZED, false;
+    /// A token that cannot be trusted: malformed, wrong signature, audience or issuer.
+    InvalidToken => "INVALID_TOKEN", UNAUTHORIZED, false;
+    /// A token past its `exp` (a live socket is disconnected then); get a fresh one.
+    TokenExpired => "TOKEN_EXPIRED", UNAUTHORIZED, false;
+    /// A valid credential that does not allow this on this session.
+    Forbidden => "FORBIDDEN", FORBIDDEN, false;
+    /// A browser page whose origin is not in the allow-list (`--cors-origins`).
+    OriginNotAllowed => "ORIGIN_NOT_ALLOWED", FORBIDDEN, false;
+
     // Things that do not exist.
     /// No such route.
     NotFound => "NOT_FOUND", NOT_FOUND, false;

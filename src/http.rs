@@ -9,7 +9,7 @@
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,6 +17,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::auth::{self, Auth, AuthError, Denied, Principal, Scope};
 use crate::error::ErrorCode;
 use crate::event::{SessionStatus, validate_session_id};
 use crate::hub::{Hub, HubError};
@@ -36,6 +37,7 @@ pub struct ApiState {
     pub dev: bool,
     pub orchestrator: Orchestrator,
     pub max_batch: usize,
+    pub auth: Auth,
 }
 
 /// An HTTP error: its code, the code's status (unless a route knows better) and a
@@ -82,9 +84,56 @@ impl IntoResponse for ApiError {
         }
         let body = json!({ "error": { "code": self.code, "message": self.message } });
         let mut response = (self.status, Json(body)).into_response();
+        if let Some(challenge) = challenge(self.code) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+        }
         // For `count_errors`, which sees only the response.
         response.extensions_mut().insert(self.code);
         response
+    }
+}
+
+/// RFC 6750's challenge for a 401: which scheme to use, and whether the token was bad.
+fn challenge(code: ErrorCode) -> Option<&'static str> {
+    match code {
+        ErrorCode::Unauthorized => Some(r#"Bearer realm="herald""#),
+        ErrorCode::InvalidToken | ErrorCode::TokenExpired => {
+            Some(r#"Bearer realm="herald", error="invalid_token""#)
+        }
+        _ => None,
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        Self::new(error.code(), error.detail())
+    }
+}
+
+impl From<Denied> for ApiError {
+    fn from(denied: Denied) -> Self {
+        match denied {
+            Denied::Forbidden(message) => Self::new(ErrorCode::Forbidden, message),
+            Denied::Backend(error) => error.into(),
+        }
+    }
+}
+
+/// The authenticated caller of a request (anonymous while auth is off). Every route but
+/// the health checks takes one, so a route cannot forget to authenticate.
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<ApiState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
+        let credential = auth::credential(&parts.headers, parts.uri.query());
+        Ok(Caller(state.auth.authenticate(credential.as_deref())?))
     }
 }
 
@@ -181,7 +230,7 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
         .route("/api/wizard/clarifications/respond", post(respond))
         .route(
             "/api/models",
-            get(|State(state): State<ApiState>| async move {
+            get(|State(state): State<ApiState>, _: Caller| async move {
                 Json(json!({ "models": state.orchestrator.models() }))
             }),
         )
@@ -276,14 +325,18 @@ struct IngestReply {
 
 async fn ingest(
     State(state): State<ApiState>,
+    Caller(caller): Caller,
     Path(session_id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<IngestReply>), ApiError> {
     session_id_from_path(&session_id)?;
+    caller
+        .authorize(&state.hub, Scope::Publish, &session_id)
+        .await?;
     let body = json_body(&headers, body)?;
     let drafts = intake::parse_body(&session_id, &body, state.max_batch)?;
-    intake::admit(&state.orchestrator, &session_id).await?;
+    intake::admit(&state.orchestrator, &session_id, &caller).await?;
     let published = state.hub.publish(&session_id, drafts).await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -298,9 +351,11 @@ async fn ingest(
 
 async fn snapshot(
     State(state): State<ApiState>,
+    Caller(caller): Caller,
     Path(session_id): Path<String>,
 ) -> Result<Response, ApiError> {
     session_id_from_path(&session_id)?;
+    caller.authorize(&state.hub, Scope::Read, &session_id).await?;
     Ok(Json(load_snapshot(&state, &session_id).await?).into_response())
 }
 
@@ -317,21 +372,28 @@ async fn load_snapshot(
 
 async fn create_session(
     State(state): State<ApiState>,
+    Caller(caller): Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Response), ApiError> {
+    caller.require(Scope::Create)?;
     let body = json_body(&headers, body)?;
     let request: CreateSession = parse_json(&body, ErrorCode::InvalidRequest)?;
-    let session_id = state.orchestrator.create(request).await?;
+    let owner = caller.subject().map(str::to_owned);
+    let session_id = state.orchestrator.create(request, owner).await?;
     let snapshot = load_snapshot(&state, &session_id).await?;
     Ok((StatusCode::CREATED, Json(snapshot).into_response()))
 }
 
 async fn cancel_session(
     State(state): State<ApiState>,
+    Caller(caller): Caller,
     Path(session_id): Path<String>,
 ) -> Result<(StatusCode, Response), ApiError> {
     session_id_from_path(&session_id)?;
+    caller
+        .authorize(&state.hub, Scope::Cancel, &session_id)
+        .await?;
     state.orchestrator.cancel(&session_id).await?;
     let snapshot = load_snapshot(&state, &session_id).await?;
     Ok((StatusCode::ACCEPTED, Json(snapshot).into_response()))
@@ -347,13 +409,18 @@ struct RespondRequest {
 
 async fn respond(
     State(state): State<ApiState>,
+    Caller(caller): Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    caller.require(Scope::Answer)?;
     let body = json_body(&headers, body)?;
     let request: RespondRequest = parse_json(&body, ErrorCode::InvalidRequest)?;
     validate_session_id(&request.session_id)
         .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("sessionId: {e}")))?;
+    caller
+        .authorize(&state.hub, Scope::Answer, &request.session_id)
+        .await?;
     if request.answer.trim().is_empty() || request.clarification_id.is_empty() {
         return Err(ApiError::new(
             ErrorCode::InvalidRequest,
@@ -384,9 +451,11 @@ struct ListQuery {
 
 async fn list_sessions(
     State(state): State<ApiState>,
+    Caller(caller): Caller,
     Query(query): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let sessions = state.hub.sessions(query.status).await?;
+    let mut sessions = state.hub.sessions(query.status).await?;
+    sessions.retain(|s| caller.may_read(&s.session_id, s.owner.as_deref()));
     Ok(Json(json!({ "sessions": sessions })).into_response())
 }
 
@@ -424,10 +493,12 @@ fn is_truncated(after: u64, first_retained: u64) -> bool {
 
 async fn history(
     State(state): State<ApiState>,
+    Caller(caller): Caller,
     Path(session_id): Path<String>,
     Query(query): Query<HistoryQuery>,
 ) -> Result<Response, ApiError> {
     session_id_from_path(&session_id)?;
+    caller.authorize(&state.hub, Scope::Read, &session_id).await?;
     let (after, limit) = (query.after, query.page()?);
     let slice = state.hub.history(&session_id, after, limit).await?;
     if slice.head.epoch.is_empty() {
@@ -469,25 +540,28 @@ async fn readyz(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
 /// side, so client libraries can test their recovery.
 async fn drop_sockets(
     State(state): State<ApiState>,
+    Caller(caller): Caller,
     Path(session_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     if !state.dev {
         return Err(ApiError::new(ErrorCode::NotFound, "no such route"));
     }
+    caller.require(Scope::Admin)?;
     session_id_from_path(&session_id)?;
     let dropped = state.hub.drop_followers(&session_id).await;
     Ok(Json(json!({ "dropped": dropped })))
 }
 
-async fn metrics(State(state): State<ApiState>) -> Response {
-    (
+async fn metrics(State(state): State<ApiState>, Caller(caller): Caller) -> Result<Response, ApiError> {
+    caller.require(Scope::Admin)?;
+    Ok((
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         state.hub.metrics().render(),
     )
-        .into_response()
+        .into_response())
 }
 
 /// One history entry; `data` is the logged bytes, written out without re-parsing.

@@ -17,7 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use serde_json::Value;
 use socketioxide::extract::SocketRef;
 use socketioxide::{BroadcastError, SocketError, SocketIo};
 
@@ -25,7 +24,7 @@ use crate::event::SessionStatus;
 use crate::event::{EventDraft, now_timestamp};
 use crate::log::{Appended, EventLog, LogError, LogHead, LogSlice, LoggedEvent};
 use crate::metrics::Metrics;
-use crate::store::{SessionStore, SessionSummary, Snapshot, StoreError};
+use crate::store::{Origin, SessionStore, SessionSummary, Snapshot, StoreError};
 
 /// How long a whole replay may take before the socket counts as a slow consumer and is cut
 /// off (it recovers by replay when it reconnects).
@@ -633,9 +632,19 @@ impl Hub {
         Ok(self.inner.store.list(status).await?)
     }
 
-    /// Attaches a creator's metadata to a session's snapshot.
-    pub async fn set_metadata(&self, session_id: &str, metadata: Value) -> Result<(), HubError> {
-        Ok(self.inner.store.set_metadata(session_id, metadata).await?)
+    /// Attaches what a session's creator said (metadata, owner) to its snapshot.
+    pub async fn set_origin(&self, session_id: &str, origin: &Origin) -> Result<(), HubError> {
+        Ok(self.inner.store.set_origin(session_id, origin).await?)
+    }
+
+    /// Who owns a session (SPEC §5): the subject of the token that created it.
+    pub async fn owner(&self, session_id: &str) -> Result<Option<String>, HubError> {
+        Ok(self
+            .inner
+            .store
+            .get(session_id)
+            .await?
+            .and_then(|snapshot| snapshot.summary.owner))
     }
 
     /// Whether the backend can serve requests now (for `/readyz`).

@@ -2,6 +2,7 @@
 //!
 //! See `ARCHITECTURE.md` for the code map and the invariants.
 
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod demo;

@@ -22,6 +22,10 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Serve(config) => serve(*config).await,
+        Command::Token(args) => {
+            println!("{}", herald::auth::mint(&args).context("signing the token")?);
+            Ok(())
+        }
         Command::Demo(args) => {
             let finished = herald::demo::run(args, &mut std::io::stdout()).await?;
             println!(
@@ -37,9 +41,6 @@ async fn serve(config: herald::Config) -> anyhow::Result<()> {
     if config.dev {
         tracing::warn!("development mode: CORS allows every origin");
     }
-    tracing::warn!(
-        "authentication is off: any client may read any session (fine for local development)"
-    );
     let server = Server::bind(config).await.context("starting herald")?;
     let addr = server.local_addr();
     // The one line on stdout: scripts and tests read the port from it.

@@ -76,6 +76,8 @@ pub struct Metrics {
     pub socket_errors: Counter,
     /// HTTP error responses (status 4xx and 5xx), by the code of their body.
     pub http_errors: CountsByCode,
+    /// Socket.IO connections refused at the handshake (bad or missing credentials), by code.
+    pub auth_refusals: CountsByCode,
     pub ingest_retries: Counter,
 }
 
@@ -138,7 +140,18 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
         }
-        self.render_http_errors(&mut out);
+        render_by_code(
+            &mut out,
+            "herald_http_errors_total",
+            "HTTP requests answered with an error (4xx or 5xx), by error code.",
+            &self.http_errors,
+        );
+        render_by_code(
+            &mut out,
+            "herald_connect_refusals_total",
+            "Socket.IO connections refused for their credentials, by error code.",
+            &self.auth_refusals,
+        );
         for (name, help, value) in gauges {
             let _ = writeln!(
                 out,
@@ -148,16 +161,13 @@ impl Metrics {
         out
     }
 
-    /// `herald_http_errors_total{code="SESSION_NOT_FOUND"} 3`, one line per code.
-    fn render_http_errors(&self, out: &mut String) {
-        let name = "herald_http_errors_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} HTTP requests answered with an error (4xx or 5xx), by error code.\n# TYPE {name} counter"
-        );
-        for code in ErrorCode::ALL {
-            let value = self.http_errors.get(*code);
-            let _ = writeln!(out, "{name}{{code=\"{code}\"}} {value}");
-        }
+}
+
+/// `name{code="SESSION_NOT_FOUND"} 3`, one line per code.
+fn render_by_code(out: &mut String, name: &str, help: &str, counts: &CountsByCode) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for code in ErrorCode::ALL {
+        let value = counts.get(*code);
+        let _ = writeln!(out, "{name}{{code=\"{code}\"}} {value}");
     }
 }

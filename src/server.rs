@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{OriginalUri, Request};
+use axum::response::IntoResponse;
 use axum::http::{HeaderValue, Method, Uri};
 use socketioxide::SocketIo;
 use tokio::net::TcpListener;
@@ -15,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::auth::{Auth, AuthConfigError, OriginPolicy};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::http::{ApiState, router};
@@ -43,6 +45,8 @@ pub enum ServerError {
     CorsOrigin(String),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Auth(#[from] AuthConfigError),
     #[error("cannot use Redis at {url}: {message}")]
     Redis { url: String, message: String },
     #[error("server failed: {0}")]
@@ -77,6 +81,8 @@ impl Server {
             // The same inbound limit on both transports (engineioxide's websocket default is 64 MiB).
             .ws_max_message_size(usize::try_from(config.max_payload).unwrap_or(usize::MAX))
             .build_layer();
+        let auth = Auth::from_config(&config)?;
+        announce_auth(&auth);
         let (log, store, cluster) = backends(&config).await?;
         let hub = Hub::new(log, store, io.clone(), metrics);
         socket::register(
@@ -86,6 +92,7 @@ impl Server {
                 max_subscriptions: config.max_subscriptions,
                 requests_per_sec: config.subscribe_rate.max(1),
             },
+            auth.clone(),
         );
         let models = ModelsFile::load(config.config_file.as_deref())?;
         let orchestrator = Orchestrator::new(hub.clone(), models, cluster.clone());
@@ -97,10 +104,13 @@ impl Server {
             dev: config.dev,
             orchestrator: orchestrator.clone(),
             max_batch: config.max_batch.max(1),
+            auth,
         };
+        let origins = OriginPolicy::new(config.dev, &config.cors_origins);
         let app = router(api, config.max_body)
             .layer(io_layer)
             .layer(axum::middleware::map_request(detach_handshake_head))
+            .layer(axum::middleware::from_fn_with_state(origins, check_origin))
             .layer(cors(&config)?)
             .layer(TraceLayer::new_for_http());
         Ok(Self {
@@ -229,6 +239,33 @@ async fn sweep_forever(hub: Hub, ttl: Duration, stop: CancellationToken) {
             Err(error) => tracing::warn!(%error, "session sweep failed"),
         }
     }
+}
+
+fn announce_auth(auth: &Auth) {
+    if !auth.is_enabled() {
+        tracing::warn!(
+            "auth is off: anyone who can reach this server may read, answer, cancel and create \
+             every session; set --jwt-secret, --jwt-public-key or HERALD_API_KEYS to turn it on"
+        );
+    }
+}
+
+/// Refuses a browser page from another origin on the Socket.IO transports (SPEC §5):
+/// browsers do not apply CORS to websockets, and a polling handshake's answer is readable
+/// by `<script>`-less tricks too, so the allow-list is enforced here for both.
+async fn check_origin(
+    axum::extract::State(origins): axum::extract::State<OriginPolicy>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if request.uri().path().starts_with("/socket.io") && !origins.allows(request.headers()) {
+        return crate::http::ApiError::new(
+            crate::error::ErrorCode::OriginNotAllowed,
+            "this page's origin is not allowed to connect (see --cors-origins)",
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 /// Copies a Socket.IO handshake request's URI and header values out of hyper's read buffer.

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -18,6 +19,7 @@ use socketioxide::SocketIo;
 use socketioxide::extract::{AckSender, Event, SocketRef, TryData};
 use socketioxide::handler::ConnectHandler;
 
+use crate::auth::{self, Auth, AuthError, Denied, Principal, Scope};
 use crate::error::ErrorCode;
 use crate::event::{InvalidSessionId, now_timestamp, validate_session_id};
 use crate::hub::{Hub, HubError, Resume};
@@ -32,6 +34,10 @@ pub struct SocketLimits {
 
 /// Per-socket state, owned by the socket's handlers.
 struct SocketState {
+    /// Who connected: every request is checked against it.
+    principal: Principal,
+    /// Cancels the token-expiry timer when the socket goes first.
+    expiry: CancellationToken,
     /// A std mutex: touched briefly by this socket's own handlers, never across an await.
     inner: Mutex<StateInner>,
 }
@@ -105,7 +111,7 @@ struct ErrorEvent<'a> {
 }
 
 /// Registers the `/` namespace on `io`.
-pub fn register(io: &SocketIo, hub: Hub, limits: SocketLimits) {
+pub fn register(io: &SocketIo, hub: Hub, limits: SocketLimits, auth: Auth) {
     let on_connect = {
         let hub = hub.clone();
         move |socket: SocketRef| {
@@ -118,18 +124,77 @@ pub fn register(io: &SocketIo, hub: Hub, limits: SocketLimits) {
             }
         }
     };
-    let install_handlers = move |socket: SocketRef| {
+    // Authentication runs here, before CONNECT: a refusal is the client's `connect_error`,
+    // whose message starts with the code (`TOKEN_EXPIRED: ...`).
+    let install_handlers = move |socket: SocketRef, TryData(payload): TryData<Value>| {
         let hub = hub.clone();
+        let auth = auth.clone();
         async move {
-            install(&socket, hub, limits);
-            Ok::<(), std::convert::Infallible>(())
+            let principal = authenticate(&auth, &socket, payload.ok().as_ref()).inspect_err(|error| {
+                hub.metrics().auth_refusals.inc(error.code());
+                tracing::debug!(%error, "socket refused");
+            })?;
+            install(&socket, hub, limits, principal);
+            Ok::<(), AuthError>(())
         }
     };
     io.ns("/", on_connect.with(install_handlers));
 }
 
-fn install(socket: &SocketRef, hub: Hub, limits: SocketLimits) {
+/// The handshake's credential: socket.io's `auth: { token }` first, then the handshake
+/// request's `Authorization`, `X-Api-Key` or `?token=`.
+fn authenticate(
+    auth: &Auth,
+    socket: &SocketRef,
+    payload: Option<&Value>,
+) -> Result<Principal, AuthError> {
+    if !auth.is_enabled() {
+        return Ok(Principal::anonymous());
+    }
+    let from_payload = payload
+        .and_then(|p| p.get("token"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let credential = from_payload.or_else(|| {
+        let parts = socket.req_parts();
+        auth::credential(&parts.headers, parts.uri.query())
+    });
+    auth.authenticate(credential.as_deref())
+}
+
+/// Ends the socket when its token does: it is told why (`TOKEN_EXPIRED`), then
+/// disconnected for good, since reconnecting with the same token cannot succeed. A client
+/// whose `auth` is a callback fetches a fresh token when it connects again.
+fn expire_at(socket: &SocketRef, state: &SocketState) {
+    let Some(until) = state.principal.valid_until() else {
+        return;
+    };
+    let left = until
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    let socket = socket.clone();
+    let cancelled = state.expiry.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            () = cancelled.cancelled() => {}
+            () = tokio::time::sleep(left) => {
+                let event = ErrorEvent {
+                    session_id: None,
+                    error: "the token has expired; connect again with a fresh one",
+                    code: ErrorCode::TokenExpired,
+                    timestamp: now_timestamp(),
+                };
+                socket.emit("error", &event).ok();
+                socket.disconnect().ok();
+            }
+        }
+    });
+}
+
+fn install(socket: &SocketRef, hub: Hub, limits: SocketLimits, principal: Principal) {
     let state = Arc::new(SocketState {
+        principal,
+        expiry: CancellationToken::new(),
         inner: Mutex::new(StateInner {
             sessions: HashSet::new(),
             tokens: f64::from(limits.requests_per_sec) * 2.0,
@@ -173,10 +238,12 @@ fn install(socket: &SocketRef, hub: Hub, limits: SocketLimits) {
         }
     };
     socket.on_fallback(on_event);
+    expire_at(socket, &state);
     socket.on_disconnect(move |_socket: SocketRef| {
         let hub = hub.clone();
         let state = state.clone();
         async move {
+            state.expiry.cancel();
             let count = state.inner.lock().unwrap().sessions.len();
             for _ in 0..count {
                 hub.metrics().subscriptions.dec();
@@ -226,6 +293,7 @@ async fn subscribe(
     session_id: String,
     resume: Option<Resume>,
 ) -> Result<Value, Refusal> {
+    authorize_read(hub, &state.principal, &session_id).await?;
     let newly_added = {
         let mut inner = state.inner.lock().unwrap();
         if !inner.sessions.contains(&session_id) && inner.sessions.len() >= limits.max_subscriptions
@@ -280,6 +348,25 @@ async fn subscribe(
             )
         }
     }
+}
+
+async fn authorize_read(hub: &Hub, principal: &Principal, session_id: &str) -> Result<(), Refusal> {
+    principal
+        .authorize(hub, Scope::Read, session_id)
+        .await
+        .map_err(|denied| {
+            let refusal = match denied {
+                Denied::Forbidden(message) => Refusal::new(ErrorCode::Forbidden, message),
+                Denied::Backend(error) => {
+                    tracing::warn!(session_id, %error, "could not look up a session's owner");
+                    Refusal::new(
+                        ErrorCode::BackendUnavailable,
+                        "the session backend is unavailable; subscribe again",
+                    )
+                }
+            };
+            refusal.for_session(session_id)
+        })
 }
 
 /// How long a handler waits for socketioxide to mark a fresh socket connected.

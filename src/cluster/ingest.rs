@@ -30,6 +30,7 @@ use redis::Value as RedisValue;
 use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Principal;
 use crate::error::ErrorCode;
 use crate::event::EventDraft;
 use crate::hub::{Hub, HubError};
@@ -275,7 +276,7 @@ impl Ingest {
     /// the next holder).
     /// Logs an entry's events unless herald runs their session itself.
     async fn log(&self, session_id: &str, drafts: &[EventDraft]) -> Result<(), Failure> {
-        match intake::admit(&*self.runs, session_id).await {
+        match intake::admit(&*self.runs, session_id, &Principal::anonymous()).await {
             Ok(()) => {}
             Err(IntakeError::Backend(message)) => {
                 return Err(Failure::Transient(HubError::Log(LogError::Backend(

@@ -33,6 +33,7 @@ use crate::event::{ClarificationStatus, EventDraft, EventKind, validate_session_
 use crate::hub::{Hub, HubError};
 use crate::intake::{IntakeError, Runs};
 use crate::providers::{self, Provider};
+use crate::store::Origin;
 use config::{ModelConfig, ModelsFile, OrchestratorSettings};
 use run::{Command, Run};
 
@@ -227,7 +228,12 @@ impl Orchestrator {
 
     /// Validates the request, logs the session's first `progress` and starts the run in the
     /// background. Returns the new session's id.
-    pub async fn create(&self, request: CreateSession) -> Result<String, OrchestratorError> {
+    /// Starts a session for `request`; it is owned by `owner` (a token's subject) when given.
+    pub async fn create(
+        &self,
+        request: CreateSession,
+        owner: Option<String>,
+    ) -> Result<String, OrchestratorError> {
         if self.inner.stopping.load(Ordering::Acquire) {
             return Err(OrchestratorError::NodeUnavailable(
                 "this node is shutting down; start the session on another".into(),
@@ -250,11 +256,12 @@ impl Orchestrator {
             .hub
             .publish(&session_id, vec![run.first_progress()])
             .await?;
-        if let Some(metadata) = request.metadata {
-            self.inner
-                .hub
-                .set_metadata(&session_id, Value::Object(metadata))
-                .await?;
+        let origin = Origin {
+            metadata: request.metadata.map(Value::Object),
+            owner,
+        };
+        if origin.metadata.is_some() || origin.owner.is_some() {
+            self.inner.hub.set_origin(&session_id, &origin).await?;
         }
         let (tx, rx) = mpsc::channel(RUN_QUEUE);
         self.inner

@@ -5,9 +5,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::Value;
 
-use super::{SessionStore, SessionSummary, Snapshot, StoreError};
+use super::{Origin, SessionStore, SessionSummary, Snapshot, StoreError};
 use crate::event::{SessionStatus, now_timestamp};
 use crate::log::Appended;
 
@@ -46,9 +45,9 @@ impl SessionStore for MemoryStore {
         Ok(self.sessions.lock().unwrap().get(session_id).cloned())
     }
 
-    async fn set_metadata(&self, session_id: &str, metadata: Value) -> Result<(), StoreError> {
+    async fn set_origin(&self, session_id: &str, origin: &Origin) -> Result<(), StoreError> {
         if let Some(snapshot) = self.sessions.lock().unwrap().get_mut(session_id) {
-            snapshot.metadata = metadata;
+            origin.apply_to(snapshot);
         }
         Ok(())
     }

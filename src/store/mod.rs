@@ -55,6 +55,9 @@ pub struct SessionSummary {
     pub epoch: String,
     pub created_at: String,
     pub updated_at: String,
+    /// The subject of the token that created the session (SPEC §5), when auth was on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// Everything known about a session, as returned by the HTTP API.
@@ -89,6 +92,7 @@ impl Snapshot {
                 epoch: epoch.to_owned(),
                 created_at: timestamp.clone(),
                 updated_at: timestamp,
+                owner: None,
             },
             clarifications: Vec::new(),
             model_results: Vec::new(),
@@ -104,12 +108,14 @@ impl Snapshot {
         if self.summary.epoch != epoch {
             // The log was recreated under us: the old fold no longer describes it.
             let metadata = std::mem::take(&mut self.metadata);
+            let owner = self.summary.owner.take();
             *self = Snapshot::new(
                 &self.summary.session_id,
                 epoch,
                 self.summary.created_at.clone(),
             );
             self.metadata = metadata;
+            self.summary.owner = owner;
         }
         // Folding is idempotent: events already folded (a retried append) are skipped.
         for appended in events {
@@ -220,6 +226,24 @@ impl Snapshot {
     }
 }
 
+/// What a session's creator attached to it: kept with the snapshot, never folded from events.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub metadata: Option<Value>,
+    pub owner: Option<String>,
+}
+
+impl Origin {
+    fn apply_to(&self, snapshot: &mut Snapshot) {
+        if let Some(metadata) = &self.metadata {
+            snapshot.metadata = metadata.clone();
+        }
+        if let Some(owner) = &self.owner {
+            snapshot.summary.owner = Some(owner.clone());
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("session store backend failed: {0}")]
@@ -238,8 +262,8 @@ pub trait SessionStore: Send + Sync + 'static {
         events: &[Appended],
     ) -> Result<(), StoreError>;
     async fn get(&self, session_id: &str) -> Result<Option<Snapshot>, StoreError>;
-    /// Attaches its creator's metadata to a session that already has events.
-    async fn set_metadata(&self, session_id: &str, metadata: Value) -> Result<(), StoreError>;
+    /// Attaches what its creator said (metadata, owner) to a session that already has events.
+    async fn set_origin(&self, session_id: &str, origin: &Origin) -> Result<(), StoreError>;
     async fn list(&self, status: Option<SessionStatus>) -> Result<Vec<SessionSummary>, StoreError>;
     /// Removes and names the sessions that ended more than `ttl` ago.
     async fn take_expired(&self, ttl: std::time::Duration) -> Result<Vec<String>, StoreError>;

@@ -12,9 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
-use serde_json::Value;
 
-use super::{SessionStore, SessionSummary, Snapshot, StoreError};
+use super::{Origin, SessionStore, SessionSummary, Snapshot, StoreError};
 use crate::event::{SessionStatus, now_timestamp};
 use crate::log::{Appended, EventLog, once_more};
 
@@ -197,13 +196,13 @@ impl SessionStore for RedisStore {
         }
     }
 
-    async fn set_metadata(&self, session_id: &str, metadata: Value) -> Result<(), StoreError> {
+    async fn set_origin(&self, session_id: &str, origin: &Origin) -> Result<(), StoreError> {
         for _ in 0..MAX_TRIES {
             let Some(raw) = self.read_raw(session_id).await? else {
                 return Ok(());
             };
             let mut snapshot: Snapshot = serde_json::from_str(&raw).map_err(backend)?;
-            snapshot.metadata = metadata.clone();
+            origin.apply_to(&mut snapshot);
             if self.write(session_id, Some(&raw), &snapshot).await? {
                 return Ok(());
             }
