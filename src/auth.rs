@@ -272,7 +272,9 @@ impl AuthError {
     /// The explanation, without the code.
     pub fn detail(&self) -> &str {
         match self {
-            AuthError::Unauthorized(m) | AuthError::InvalidToken(m) | AuthError::TokenExpired(m) => m,
+            AuthError::Unauthorized(m)
+            | AuthError::InvalidToken(m)
+            | AuthError::TokenExpired(m) => m,
         }
     }
 }
@@ -585,7 +587,9 @@ fn refusal(kind: ErrorKind, validation: &Validation) -> AuthError {
         }),
         ErrorKind::InvalidIssuer => invalid("wrong issuer (`iss`)".into()),
         ErrorKind::ImmatureSignature => invalid("the token is not valid yet (`nbf`)".into()),
-        ErrorKind::MissingRequiredClaim(claim) => invalid(format!("the `{claim}` claim is required")),
+        ErrorKind::MissingRequiredClaim(claim) => {
+            invalid(format!("the `{claim}` claim is required"))
+        }
         ErrorKind::InvalidAlgorithm => invalid("the token's algorithm is not accepted".into()),
         ErrorKind::Json(error) => invalid(format!("unreadable claims: {error}")),
         other => invalid(format!("{other:?}")),
@@ -701,10 +705,12 @@ pub fn mint(args: &TokenArgs) -> Result<String, jsonwebtoken::errors::Error> {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    let scope = args
-        .scope
-        .as_deref()
-        .map(|s| s.split([',', ' ']).filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" "));
+    let scope = args.scope.as_deref().map(|s| {
+        s.split([',', ' '])
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ")
+    });
     let claims = MintedClaims {
         sub: &args.sub,
         exp: now.saturating_add(args.ttl_secs),
@@ -730,7 +736,10 @@ mod tests {
     const SECRET: &str = "test-secret-test-secret-test-secret";
 
     fn now() -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
     }
 
     fn auth(checks: JwtChecks, keys: &[&str]) -> Auth {
@@ -795,10 +804,16 @@ mod tests {
         let auth = auth(checks, &[]);
         let err = |token: &str| auth.authenticate(Some(token)).unwrap_err();
         assert_eq!(err("garbage").code(), ErrorCode::Unauthorized);
-        assert!(matches!(auth.authenticate(None), Err(AuthError::Unauthorized(_))));
+        assert!(matches!(
+            auth.authenticate(None),
+            Err(AuthError::Unauthorized(_))
+        ));
         assert_eq!(err("a.b.c").code(), ErrorCode::InvalidToken);
         let good = json!({ "sub": "a", "exp": now() + 60, "aud": "herald" });
-        assert_eq!(err(&sign(good.clone(), "another-secret")).code(), ErrorCode::InvalidToken);
+        assert_eq!(
+            err(&sign(good.clone(), "another-secret")).code(),
+            ErrorCode::InvalidToken
+        );
         let expired = json!({ "sub": "a", "exp": now() - 5, "aud": "herald" });
         let e = err(&sign(expired, SECRET));
         assert_eq!(e.code(), ErrorCode::TokenExpired);
@@ -807,9 +822,37 @@ mod tests {
         assert!(err(&sign(wrong_aud, SECRET)).detail().contains("audience"));
         let no_exp = json!({ "sub": "a", "aud": "herald" });
         assert!(err(&sign(no_exp, SECRET)).detail().contains("exp"));
-        let not_yet = json!({ "sub": "a", "exp": now() + 600, "nbf": now() + 300, "aud": "herald" });
+        let not_yet =
+            json!({ "sub": "a", "exp": now() + 600, "nbf": now() + 300, "aud": "herald" });
         assert!(err(&sign(not_yet, SECRET)).detail().contains("nbf"));
         assert!(auth.authenticate(Some(&sign(good, SECRET))).is_ok());
+    }
+
+    #[test]
+    fn public_keys_verify_their_own_algorithm_only() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jwt");
+        let claims = json!({ "sub": "svc", "exp": now() + 60 });
+        for (algorithm, name) in [(Algorithm::RS256, "rs256"), (Algorithm::ES256, "es256")] {
+            let public = fixtures.join(format!("{name}-public.pem"));
+            let auth = Auth::new(None, Some(&public), JwtChecks::default(), Vec::new()).unwrap();
+            let private = std::fs::read(fixtures.join(format!("{name}-private.pem"))).unwrap();
+            let key = match algorithm {
+                Algorithm::RS256 => EncodingKey::from_rsa_pem(&private).unwrap(),
+                _ => EncodingKey::from_ec_pem(&private).unwrap(),
+            };
+            let token = encode(&Header::new(algorithm), &claims, &key).unwrap();
+            assert_eq!(
+                auth.authenticate(Some(&token)).unwrap().subject(),
+                Some("svc")
+            );
+            // An HS256 token "signed" with the public key's bytes must not pass.
+            let pem = std::fs::read_to_string(&public).unwrap();
+            let forged = sign(claims.clone(), &pem);
+            assert_eq!(
+                auth.authenticate(Some(&forged)).unwrap_err().code(),
+                ErrorCode::InvalidToken
+            );
+        }
     }
 
     #[test]
@@ -827,7 +870,10 @@ mod tests {
 
     #[test]
     fn api_keys_carry_their_scopes() {
-        let auth = auth(JwtChecks::default(), &["ocr:s3cr3t:publish", "ops:0ps:admin+read"]);
+        let auth = auth(
+            JwtChecks::default(),
+            &["ocr:s3cr3t:publish", "ops:0ps:admin+read"],
+        );
         let ocr = auth.authenticate(Some("s3cr3t")).unwrap();
         assert_eq!(ocr.subject(), Some("key:ocr"));
         assert!(ocr.has(Scope::Publish) && !ocr.has(Scope::Read));
@@ -842,13 +888,19 @@ mod tests {
         assert!(ApiKey::parse(1, "n::read").is_err());
         assert!(ApiKey::parse(1, "n:s:nothing").is_err());
         // A secret may contain colons after the second one? No: the scopes follow it.
-        assert_eq!(ApiKey::parse(1, "n:s:read+x").unwrap().scopes, Scopes::from_names(["read"]));
+        assert_eq!(
+            ApiKey::parse(1, "n:s:read+x").unwrap().scopes,
+            Scopes::from_names(["read"])
+        );
     }
 
     #[test]
     fn credentials_are_found_in_order() {
         let mut headers = HeaderMap::new();
-        assert_eq!(credential(&headers, Some("a=1&token=t%2B1")), Some("t+1".into()));
+        assert_eq!(
+            credential(&headers, Some("a=1&token=t%2B1")),
+            Some("t+1".into())
+        );
         headers.insert("x-api-key", "k".parse().unwrap());
         assert_eq!(credential(&headers, Some("token=t")), Some("k".into()));
         headers.insert(header::AUTHORIZATION, "Bearer  abc ".parse().unwrap());

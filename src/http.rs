@@ -85,9 +85,10 @@ impl IntoResponse for ApiError {
         let body = json!({ "error": { "code": self.code, "message": self.message } });
         let mut response = (self.status, Json(body)).into_response();
         if let Some(challenge) = challenge(self.code) {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
         }
         // For `count_errors`, which sees only the response.
         response.extensions_mut().insert(self.code);
@@ -355,7 +356,9 @@ async fn snapshot(
     Path(session_id): Path<String>,
 ) -> Result<Response, ApiError> {
     session_id_from_path(&session_id)?;
-    caller.authorize(&state.hub, Scope::Read, &session_id).await?;
+    caller
+        .authorize(&state.hub, Scope::Read, &session_id)
+        .await?;
     Ok(Json(load_snapshot(&state, &session_id).await?).into_response())
 }
 
@@ -498,7 +501,9 @@ async fn history(
     Query(query): Query<HistoryQuery>,
 ) -> Result<Response, ApiError> {
     session_id_from_path(&session_id)?;
-    caller.authorize(&state.hub, Scope::Read, &session_id).await?;
+    caller
+        .authorize(&state.hub, Scope::Read, &session_id)
+        .await?;
     let (after, limit) = (query.after, query.page()?);
     let slice = state.hub.history(&session_id, after, limit).await?;
     if slice.head.epoch.is_empty() {
@@ -552,7 +557,10 @@ async fn drop_sockets(
     Ok(Json(json!({ "dropped": dropped })))
 }
 
-async fn metrics(State(state): State<ApiState>, Caller(caller): Caller) -> Result<Response, ApiError> {
+async fn metrics(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
     Ok((
         [(

@@ -23,7 +23,10 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(config) => serve(*config).await,
         Command::Token(args) => {
-            println!("{}", herald::auth::mint(&args).context("signing the token")?);
+            println!(
+                "{}",
+                herald::auth::mint(&args).context("signing the token")?
+            );
             Ok(())
         }
         Command::Demo(args) => {

@@ -160,7 +160,6 @@ impl Metrics {
         }
         out
     }
-
 }
 
 /// `name{code="SESSION_NOT_FOUND"} 3`, one line per code.

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{OriginalUri, Request};
-use axum::response::IntoResponse;
 use axum::http::{HeaderValue, Method, Uri};
+use axum::response::IntoResponse;
 use socketioxide::SocketIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;

@@ -130,10 +130,11 @@ pub fn register(io: &SocketIo, hub: Hub, limits: SocketLimits, auth: Auth) {
         let hub = hub.clone();
         let auth = auth.clone();
         async move {
-            let principal = authenticate(&auth, &socket, payload.ok().as_ref()).inspect_err(|error| {
-                hub.metrics().auth_refusals.inc(error.code());
-                tracing::debug!(%error, "socket refused");
-            })?;
+            let principal =
+                authenticate(&auth, &socket, payload.ok().as_ref()).inspect_err(|error| {
+                    hub.metrics().auth_refusals.inc(error.code());
+                    tracing::debug!(%error, "socket refused");
+                })?;
             install(&socket, hub, limits, principal);
             Ok::<(), AuthError>(())
         }

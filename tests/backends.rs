@@ -20,7 +20,7 @@ use common::is_timestamp;
 use common::redis::RedisServer;
 use herald::event::{EventDraft, EventKind, SessionStatus};
 use herald::log::{AppendOutcome, Appended, EventLog, LogHead, LoggedEvent, MemoryLog, RedisLog};
-use herald::store::{MemoryStore, RedisStore, SessionStore, Snapshot};
+use herald::store::{MemoryStore, Origin, RedisStore, SessionStore, Snapshot};
 use serde_json::{Map, Value, json};
 
 /// Retention large enough that nothing is trimmed.
@@ -219,6 +219,16 @@ fn comparable(snapshot: &Snapshot) -> Value {
 /// What the store must hold for a session: `Snapshot::apply` over its whole log, in `seq`
 /// order, plus `metadata`.
 async fn folded(log: &dyn EventLog, session_id: &str, metadata: Value) -> Value {
+    folded_owned(log, session_id, metadata, None).await
+}
+
+/// [`folded`], for a session created by `owner`.
+async fn folded_owned(
+    log: &dyn EventLog,
+    session_id: &str,
+    metadata: Value,
+    owner: Option<&str>,
+) -> Value {
     let slice = log.read(session_id, 0, READ_ALL).await.unwrap();
     assert_eq!(
         slice.head.first_seq, 1,
@@ -235,6 +245,7 @@ async fn folded(log: &dyn EventLog, session_id: &str, metadata: Value) -> Value 
     let mut snapshot = Snapshot::new(session_id, &slice.head.epoch, "t0".into());
     snapshot.apply(&events, &slice.head.epoch);
     snapshot.metadata = metadata;
+    snapshot.summary.owner = owner.map(str::to_owned);
     comparable(&snapshot)
 }
 
@@ -752,8 +763,21 @@ async fn store_folds_lists_and_keeps_metadata(
     assert_eq!(comparable(&snap), folded(log, sid, Value::Null).await);
 
     let metadata = json!({ "owner": "ada", "tags": ["x", 1], "big": 9_007_199_254_740_993_u64 });
-    store.set_metadata(sid, metadata.clone()).await.unwrap();
-    assert_eq!(get(store, sid).await.metadata, metadata);
+    let origin = Origin {
+        metadata: Some(metadata.clone()),
+        owner: Some("ada".into()),
+    };
+    store.set_origin(sid, &origin).await.unwrap();
+    let snap = get(store, sid).await;
+    assert_eq!(snap.metadata, metadata);
+    assert_eq!(
+        snap.summary.owner.as_deref(),
+        Some("ada"),
+        "the owner is stored"
+    );
+    let summaries = store.list(None).await.unwrap();
+    let summary = summaries.iter().find(|s| s.session_id == sid).unwrap();
+    assert_eq!(summary.owner.as_deref(), Some("ada"), "and listed");
 
     let model = |prompt: &str, model: &str, status: &str, extra: Value| {
         let mut data = json!({ "promptId": prompt, "modelName": model, "status": status });
@@ -826,7 +850,10 @@ async fn store_folds_lists_and_keeps_metadata(
     assert!(snap.summary.has_clarifications);
     assert_eq!(snap.result, Some(json!({ "partial": true })));
     assert_eq!(snap.metadata, metadata, "metadata survives later events");
-    assert_eq!(comparable(&snap), folded(log, sid, metadata.clone()).await);
+    assert_eq!(
+        comparable(&snap),
+        folded_owned(log, sid, metadata.clone(), Some("ada")).await
+    );
 
     publish(log, store, "s-done", vec![progress(5)]).await;
     publish(
@@ -998,7 +1025,11 @@ async fn store_follows_a_new_epoch(log: Arc<dyn EventLog>, store: Arc<dyn Sessio
         ],
     )
     .await;
-    store.set_metadata(sid, json!({ "k": "v" })).await.unwrap();
+    let origin = Origin {
+        metadata: Some(json!({ "k": "v" })),
+        owner: Some("ada".into()),
+    };
+    store.set_origin(sid, &origin).await.unwrap();
     log.remove(sid).await.unwrap();
     let new = publish(log, store, sid, vec![progress(20)]).await;
     assert_ne!(new.head.epoch, old.head.epoch);
@@ -1010,8 +1041,13 @@ async fn store_follows_a_new_epoch(log: Arc<dyn EventLog>, store: Arc<dyn Sessio
     assert_eq!(snap.summary.clarification_count, 0);
     assert_eq!(snap.metadata, json!({ "k": "v" }), "metadata is kept");
     assert_eq!(
+        snap.summary.owner.as_deref(),
+        Some("ada"),
+        "so is the owner"
+    );
+    assert_eq!(
         comparable(&snap),
-        folded(log, sid, json!({ "k": "v" })).await
+        folded_owned(log, sid, json!({ "k": "v" }), Some("ada")).await
     );
 }
 

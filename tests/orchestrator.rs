@@ -1582,7 +1582,7 @@ async fn cancel_stops_the_session_and_drops_provider_requests() {
     .await;
 
     // No body at all.
-    let response = reqwest::Client::new()
+    let response = common::harness_http()
         .post(app.url(&format!("/api/wizard/session/{id}/cancel")))
         .send()
         .await

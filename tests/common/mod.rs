@@ -32,11 +32,51 @@ pub async fn spawn_app() -> TestServer {
     spawn_app_with(|_| {}).await
 }
 
+/// The HS256 secret of every herald the suite starts with auth on.
+pub const TEST_JWT_SECRET: &str = "herald-test-secret-0123456789abcdef";
+
+/// Whether the suite runs with auth on (`HERALD_TEST_AUTH=1`): then every herald it starts
+/// verifies tokens, and the harness's clients present an admin token.
+pub fn auth_under_test() -> bool {
+    std::env::var("HERALD_TEST_AUTH").is_ok_and(|v| v == "1")
+}
+
+/// Seconds since the epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// An HS256 token with `claims`, signed with `secret`.
+pub fn sign_token(claims: &Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+/// The harness's own credential when auth is under test.
+pub fn harness_token() -> Option<String> {
+    auth_under_test().then(|| {
+        sign_token(
+            &json!({ "sub": "harness", "exp": unix_now() + 3600, "scope": "admin" }),
+            TEST_JWT_SECRET,
+        )
+    })
+}
+
 pub async fn spawn_app_with(tune: impl FnOnce(&mut Config)) -> TestServer {
     let mut config = Config::defaults();
     config.host = "127.0.0.1".parse().unwrap();
     config.port = 0;
     config.dev = true;
+    if auth_under_test() {
+        config.jwt_secret = Some(herald::config::Secret::new(TEST_JWT_SECRET));
+    }
     tune(&mut config);
     let server = Server::bind(config).await.expect("server binds");
     let addr = server.local_addr();
@@ -53,8 +93,24 @@ pub async fn spawn_app_with(tune: impl FnOnce(&mut Config)) -> TestServer {
         addr,
         stop: Some(stop),
         handle: Some(handle),
-        http: reqwest::Client::new(),
+        http: harness_http(),
     }
+}
+
+/// An HTTP client that presents the harness's token when auth is under test.
+pub fn harness_http() -> reqwest::Client {
+    harness_http_builder().build().unwrap()
+}
+
+pub fn harness_http_builder() -> reqwest::ClientBuilder {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = harness_token() {
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+    }
+    reqwest::Client::builder().default_headers(headers)
 }
 
 impl TestServer {
@@ -182,6 +238,19 @@ impl Client {
     /// tightest race a real client (which waits for CONNECT before emitting) can make
     /// against the server's handler registration.
     pub async fn connect_then(addr: SocketAddr, first: &[String]) -> Client {
+        let auth = harness_token().map(|token| json!({ "token": token }));
+        Self::connect_as(addr, auth.as_ref(), first)
+            .await
+            .unwrap_or_else(|refusal| panic!("connection refused: {refusal}"))
+    }
+
+    /// Connects presenting `auth` in the namespace CONNECT (socket.io's `auth` option);
+    /// a CONNECT_ERROR is returned as its payload.
+    pub async fn connect_as(
+        addr: SocketAddr,
+        auth: Option<&Value>,
+        first: &[String],
+    ) -> Result<Client, Value> {
         let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
         let (ws, _) = tokio_tungstenite::connect_async(url)
             .await
@@ -192,7 +261,11 @@ impl Client {
             other => panic!("expected the engine.io open packet, got {other:?}"),
         };
         assert!(open.starts_with('0'), "open packet: {open}");
-        sink.send(Message::text("40")).await.unwrap();
+        let connect = match auth {
+            Some(auth) => format!("40{auth}"),
+            None => "40".to_owned(),
+        };
+        sink.send(Message::text(connect)).await.unwrap();
         let first: Vec<Message> = first.iter().map(|f| Message::text(f.clone())).collect();
         let (out, mut out_rx) = mpsc::unbounded_channel::<Message>();
         let (events_tx, events) = mpsc::unbounded_channel();
@@ -228,7 +301,11 @@ impl Client {
                             .ok()
                             .and_then(|v| v["sid"].as_str().map(str::to_owned));
                         if let Some(tx) = sid_tx.take() {
-                            let _ = tx.send(sid.unwrap_or_default());
+                            let _ = tx.send(Ok(sid.unwrap_or_default()));
+                        }
+                    } else if let Some(rest) = text.strip_prefix("44") {
+                        if let Some(tx) = sid_tx.take() {
+                            let _ = tx.send(Err(serde_json::from_str(rest).unwrap_or(Value::Null)));
                         }
                     } else if let Some(rest) = text.strip_prefix("42") {
                         let value: Value = serde_json::from_str(rest).expect("event frame is JSON");
@@ -254,15 +331,15 @@ impl Client {
         let sid = tokio::time::timeout(WAIT, sid_rx)
             .await
             .expect("CONNECT reply in time")
-            .expect("CONNECT reply");
-        Client {
+            .expect("CONNECT reply")?;
+        Ok(Client {
             sid,
             out,
             events,
             acks,
             next_ack: 0,
             disconnected,
-        }
+        })
     }
 
     pub fn emit(&self, event: &str, data: &Value) {

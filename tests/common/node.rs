@@ -58,6 +58,9 @@ impl Node {
                 command.env_remove(key);
             }
         }
+        if super::auth_under_test() {
+            command.env("HERALD_JWT_SECRET", super::TEST_JWT_SECRET);
+        }
         command.envs(env.iter().copied());
         let mut child = command
             .spawn()
@@ -113,7 +116,7 @@ impl Node {
             addr,
             child,
             stderr,
-            http: reqwest::Client::builder()
+            http: super::harness_http_builder()
                 .no_proxy()
                 .timeout(WAIT)
                 .build()
