@@ -258,6 +258,9 @@ pub enum AuthError {
     InvalidToken(String),
     #[error("TOKEN_EXPIRED: {0}")]
     TokenExpired(String),
+    /// A valid credential that may not use this way in (a publish-only key on a socket).
+    #[error("FORBIDDEN: {0}")]
+    Forbidden(String),
 }
 
 impl AuthError {
@@ -266,6 +269,7 @@ impl AuthError {
             AuthError::Unauthorized(_) => ErrorCode::Unauthorized,
             AuthError::InvalidToken(_) => ErrorCode::InvalidToken,
             AuthError::TokenExpired(_) => ErrorCode::TokenExpired,
+            AuthError::Forbidden(_) => ErrorCode::Forbidden,
         }
     }
 
@@ -274,7 +278,8 @@ impl AuthError {
         match self {
             AuthError::Unauthorized(m)
             | AuthError::InvalidToken(m)
-            | AuthError::TokenExpired(m) => m,
+            | AuthError::TokenExpired(m)
+            | AuthError::Forbidden(m) => m,
         }
     }
 }

@@ -160,7 +160,13 @@ fn authenticate(
         let parts = socket.req_parts();
         auth::credential(&parts.headers, parts.uri.query())
     });
-    auth.authenticate(credential.as_deref())
+    let principal = auth.authenticate(credential.as_deref())?;
+    if !principal.has(Scope::Read) {
+        return Err(AuthError::Forbidden(
+            "this credential lacks the `read` scope a subscriber needs".into(),
+        ));
+    }
+    Ok(principal)
 }
 
 /// Ends the socket when its token does: it is told why (`TOKEN_EXPIRED`), then

@@ -251,7 +251,17 @@ impl Client {
         auth: Option<&Value>,
         first: &[String],
     ) -> Result<Client, Value> {
-        let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
+        Self::connect_with_query(addr, "", auth, first).await
+    }
+
+    /// [`Client::connect_as`] with `query` (`&name=value...`) added to the handshake URL.
+    pub async fn connect_with_query(
+        addr: SocketAddr,
+        query: &str,
+        auth: Option<&Value>,
+        first: &[String],
+    ) -> Result<Client, Value> {
+        let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket{query}");
         let (ws, _) = tokio_tungstenite::connect_async(url)
             .await
             .expect("websocket connects");
