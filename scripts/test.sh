@@ -31,6 +31,8 @@ cargo clippy --all-targets --locked -- -D warnings
 step "Rust unit and integration tests (real server, real websockets)"
 cargo build --locked --bins --examples
 cargo test --locked
+step "end-to-end orchestrator and cluster tests again, with auth on (every client presents a token)"
+HERALD_TEST_AUTH=1 cargo test --locked --test orchestrator --test cluster
 
 export HERALD_BIN="$ROOT/target/debug/herald"
 

@@ -89,12 +89,27 @@ pub async fn spawn_app_with(tune: impl FnOnce(&mut Config)) -> TestServer {
             .await
             .expect("server runs");
     });
-    TestServer {
+    let server = TestServer {
         addr,
         stop: Some(stop),
         handle: Some(handle),
         http: harness_http(),
+    };
+    assert_auth_as_tested(addr).await;
+    server
+}
+
+/// With auth under test, proves the server really refuses a caller without credentials,
+/// so a suite run "with auth on" cannot silently run with it off.
+pub async fn assert_auth_as_tested(addr: SocketAddr) {
+    if !auth_under_test() {
+        return;
     }
+    let status = reqwest::get(format!("http://{addr}/api/wizard/sessions"))
+        .await
+        .expect("herald answers")
+        .status();
+    assert_eq!(status.as_u16(), 401, "auth is under test but herald let an anonymous caller in");
 }
 
 /// An HTTP client that presents the harness's token when auth is under test.

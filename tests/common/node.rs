@@ -111,6 +111,7 @@ impl Node {
         // Keep reading stdout so the process never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = out_lines.next_line().await {} });
 
+        super::assert_auth_as_tested(addr).await;
         Node {
             name: name.to_owned(),
             addr,

@@ -32,14 +32,14 @@ process.on('exit', () => {
 });
 
 /**
- * Start `herald serve --host 127.0.0.1 --port 0 --dev ...extraArgs`, wait for the
+ * Start `herald serve --host 127.0.0.1 --port 0 --dev ...extraArgs` (`dev: false` drops --dev), wait for the
  * `herald listening on http://HOST:PORT` line on stdout.
  * Resolves to { url, host, port, proc, stderr(), stop() }; stop() sends SIGTERM and
  * resolves to { code, signal } (SIGKILL after stopTimeoutMs, then rejects).
  */
-export function spawnHerald(extraArgs = [], { env = {}, readyTimeoutMs = 30000 } = {}) {
+export function spawnHerald(extraArgs = [], { env = {}, readyTimeoutMs = 30000, dev = true } = {}) {
   const bin = heraldBin();
-  const args = ['serve', '--host', '127.0.0.1', '--port', '0', '--dev', ...extraArgs];
+  const args = ['serve', '--host', '127.0.0.1', '--port', '0', ...(dev ? ['--dev'] : []), ...extraArgs];
   const proc = spawn(bin, args, {
     stdio: ['ignore', 'pipe', 'pipe'],
     env: { ...process.env, ...env },
