@@ -6,13 +6,16 @@
 #   QUICK=1 bash bench/run.sh    # smaller numbers, for a smoke test (explicit knobs still win)
 #   SERVERS=herald SCENARIOS=idle bash bench/run.sh   # one server, one scenario
 #   SCENARIOS=cluster bash bench/run.sh               # two nodes through Redis (~2 min)
+#   SERVERS="herald herald-auth node" bash bench/run.sh  # auth on vs off, same binary
 #   SERVERS="herald herald-before node" HERALD_BEFORE_BIN=/path/to/old/herald \
 #     HERALD_BEFORE_REV=abc1234 bash bench/run.sh     # before/after: two herald binaries + node
 #
 # Servers (SERVERS, default "herald node"): herald (HERALD_BIN, default the release build),
 # herald-before (HERALD_BEFORE_BIN, required then: an older herald binary, run with exactly
 # the same flags, pinning and cluster arguments as herald; HERALD_BEFORE_REV, optional, is
-# its commit for the report's header) and node (bench/node-reference/). The report has one
+# its commit for the report's header), herald-auth (the herald binary with auth on: an HS256
+# secret; every loadgen client presents a token in its CONNECT and on its POSTs) and node
+# (bench/node-reference/). The report has one
 # column per server, X/node ratios for each herald, and herald/herald-before when both ran.
 #
 # Each server runs pinned to one core (SERVER_CPU, default 1); the load generator runs on
@@ -94,7 +97,7 @@ for sc in $SCENARIOS; do
   case "$sc" in idle | fanout | cluster | paced) ;; *) die "unknown scenario $sc (idle, fanout, cluster, paced)" ;; esac
 done
 for s in $SERVERS; do
-  case "$s" in herald | herald-before | node) ;; *) die "unknown server $s (herald, herald-before, node)" ;; esac
+  case "$s" in herald | herald-before | herald-auth | node) ;; *) die "unknown server $s (herald, herald-before, herald-auth, node)" ;; esac
 done
 HERALD_BEFORE_BIN="${HERALD_BEFORE_BIN:-}"
 HERALD_BEFORE_REV="${HERALD_BEFORE_REV:-}"
@@ -165,17 +168,19 @@ trap cleanup EXIT
 start_server() { # $1 = herald|herald-before|node, $2 = tag for log files
   local name="$1" tag="$2" outf="$OUT/$1-$2.stdout" errf="$OUT/$1-$2.stderr"
   case "$name" in
-    herald | herald-before)
+    herald | herald-before | herald-auth)
       # herald-before: another herald binary (HERALD_BEFORE_BIN), run exactly like herald
       local bin="$HERALD_BIN"
-      [ "$name" = herald ] || bin="$HERALD_BEFORE_BIN"
+      [ "$name" = herald-before ] && bin="$HERALD_BEFORE_BIN"
       [ -x "$bin" ] || die "missing $bin"
       local cluster_args=()
       if [ -n "$CLUSTER_REDIS_URL" ]; then
         cluster_args=(--redis-url "$CLUSTER_REDIS_URL" --redis-prefix "$CLUSTER_PREFIX")
       fi
-      taskset -c "$SERVER_CPU" "$bin" serve --port 0 --dev "${cluster_args[@]}" "${HERALD_EXTRA[@]}" \
-        >"$outf" 2>"$errf" &
+      local auth_env=()
+      [ "$name" = herald-auth ] && auth_env=(HERALD_JWT_SECRET="$BENCH_JWT_SECRET")
+      env "${auth_env[@]}" taskset -c "$SERVER_CPU" "$bin" serve --port 0 --dev \
+        "${cluster_args[@]}" "${HERALD_EXTRA[@]}" >"$outf" 2>"$errf" &
       ;;
     node)
       # REDIS_URL set (cluster scenario) = @socket.io/redis-adapter; empty = one process
@@ -257,6 +262,14 @@ CLK_TCK="$(getconf CLK_TCK)"
 
 loadgen() { taskset -c "$LOADGEN_CPU" "$LOADGEN" "$@"; }
 
+# herald-auth's clients present a token; every other server gets none.
+BENCH_JWT_SECRET="bench-secret-$(date +%s%N)"
+credential() { # $1 = server name → loadgen flags
+  if [ "$1" = herald-auth ]; then
+    printf -- '--token\n%s\n' "$(HERALD_JWT_SECRET="$BENCH_JWT_SECRET" "$HERALD_BIN" token --sub bench --sessions '*' --scope 'read publish' --ttl-secs 86400)"
+  fi
+}
+
 # ---- scenarios --------------------------------------------------------------------------
 run_idle() { # $1 = server name
   local name="$1"
@@ -265,7 +278,9 @@ run_idle() { # $1 = server name
   local before after fifo="$OUT/$name-idle.fifo" res="$OUT/$name-idle.out"
   before="$(rss_kib "$SERVER_PID")"
   mkfifo "$fifo"
-  loadgen idle --url "http://127.0.0.1:$SERVER_PORT" --clients "$IDLE_CLIENTS" \
+  local auth
+  mapfile -t auth < <(credential "$name")
+  loadgen idle "${auth[@]}" --url "http://127.0.0.1:$SERVER_PORT" --clients "$IDLE_CLIENTS" \
     --sessions "$IDLE_SESSIONS" --hold-secs "$RUN_TIMEOUT" --connect-timeout "$RUN_TIMEOUT" \
     --label "$name" <"$fifo" >"$res" 2>"$OUT/$name-idle.err" &
   LG_PID=$!
@@ -299,7 +314,9 @@ run_fanout() { # $1 = server name
   sleep 0.2
   local log_start
   log_start="$(wc -l <"$OUT/$name-fanout.stderr")"
-  local args=(--url "http://127.0.0.1:$SERVER_PORT" --clients "$FANOUT_CLIENTS"
+  local auth
+  mapfile -t auth < <(credential "$name")
+  local args=("${auth[@]}" --url "http://127.0.0.1:$SERVER_PORT" --clients "$FANOUT_CLIENTS"
     --sessions "$FANOUT_SESSIONS" --batch "$FANOUT_BATCH" --producers "$FANOUT_PRODUCERS"
     --window "$FANOUT_WINDOW" --timeout "$RUN_TIMEOUT" --label "$name")
   log "$name fanout warm-up ($WARMUP_EVENTS events/session)"
@@ -351,7 +368,9 @@ run_cluster() { # $1 = server name, $2 = tag (cluster | paced), $3 = offered loa
   local a_log="$OUT/$name-$tag-a.stderr" b_log="$OUT/$name-$tag-b.stderr" a_start b_start
   a_start="$(wc -l <"$a_log")"
   b_start="$(wc -l <"$b_log")"
-  local args=(--url "http://127.0.0.1:$a_port" --post-url "http://127.0.0.1:$b_port"
+  local auth
+  mapfile -t auth < <(credential "$name")
+  local args=("${auth[@]}" --url "http://127.0.0.1:$a_port" --post-url "http://127.0.0.1:$b_port"
     --clients "$FANOUT_CLIENTS" --sessions "$FANOUT_SESSIONS" --batch "$FANOUT_BATCH"
     --producers "$CLUSTER_PRODUCERS" --window "$CLUSTER_WINDOW" --timeout "$RUN_TIMEOUT"
     --label "$name-$tag" --rate "$rate")

@@ -89,6 +89,23 @@ struct CommonArgs {
     /// Label copied into the RESULT line (e.g. the server's name).
     #[arg(long, default_value = "")]
     label: String,
+    /// Credential for a server with auth on: sent as socket.io `auth: { token }` in every
+    /// CONNECT and as `Authorization: Bearer` on every POST.
+    #[arg(long, env = "LOADGEN_TOKEN")]
+    token: Option<String>,
+}
+
+/// The namespace CONNECT frame every client sends (`40`, or `40{"token":...}`).
+static CONNECT_FRAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn connect_frame() -> &'static str {
+    CONNECT_FRAME.get().map_or("40", String::as_str)
+}
+
+fn remember_token(common: &CommonArgs) {
+    if let Some(token) = &common.token {
+        let _ = CONNECT_FRAME.set(format!("40{}", json!({ "token": token })));
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -165,8 +182,14 @@ fn main() {
     .expect("tokio runtime");
     let code = rt.block_on(async move {
         match cli.cmd {
-            Cmd::Fanout(a) => fanout(a).await,
-            Cmd::Idle(a) => idle(a).await,
+            Cmd::Fanout(a) => {
+                remember_token(&a.common);
+                fanout(a).await
+            }
+            Cmd::Idle(a) => {
+                remember_token(&a.common);
+                idle(a).await
+            }
         }
     });
     let _ = std::io::stdout().flush();
@@ -515,7 +538,7 @@ async fn establish(shared: &Shared, sid: &str) -> Result<(Ws, Option<u64>), BoxE
     }
 
     // Socket.IO CONNECT to "/".
-    ws.send(Message::text("40")).await?;
+    ws.send(Message::text(connect_frame())).await?;
     let mut got_connect = false;
     let mut got_connected = false;
     while !(got_connect && got_connected) {
@@ -1132,7 +1155,15 @@ async fn fanout(a: FanoutArgs) -> i32 {
     for (i, l) in fleet.lives.iter().enumerate() {
         per_session[i % c.sessions].push(l.clone());
     }
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = &c.token {
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().expect("a token is a header value"),
+        );
+    }
     let http = reqwest::Client::builder()
+        .default_headers(headers)
         .pool_max_idle_per_host(a.producers)
         .tcp_nodelay(true)
         .build()
