@@ -1159,7 +1159,9 @@ async fn fanout(a: FanoutArgs) -> i32 {
     if let Some(token) = &c.token {
         headers.insert(
             reqwest::header::AUTHORIZATION,
-            format!("Bearer {token}").parse().expect("a token is a header value"),
+            format!("Bearer {token}")
+                .parse()
+                .expect("a token is a header value"),
         );
     }
     let http = reqwest::Client::builder()

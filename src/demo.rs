@@ -28,6 +28,10 @@ pub struct DemoArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
+    /// Credential for a herald with auth on: a token with `create` (e.g. from `herald token
+    /// --sub me --scope 'read answer create'`) or an API key.
+    #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
+    pub token: Option<crate::config::Secret>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,10 +58,15 @@ pub struct Finished {
 struct Client {
     http: reqwest::Client,
     base: String,
+    token: Option<crate::config::Secret>,
 }
 
 impl Client {
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<Value, DemoError> {
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token.expose()),
+            None => request,
+        };
         let response = request
             .send()
             .await
@@ -89,6 +98,7 @@ pub async fn run(args: DemoArgs, out: &mut (dyn Write + Send)) -> Result<Finishe
     let client = Client {
         http: reqwest::Client::new(),
         base: args.url.trim_end_matches('/').to_owned(),
+        token: args.token.clone(),
     };
     let prompts = if args.prompts.is_empty() {
         vec![

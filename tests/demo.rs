@@ -2,8 +2,38 @@
 
 mod common;
 
+use herald::config::Secret;
 use herald::demo::{DemoArgs, run};
 use herald::orchestrator::config::ModelsFile;
+
+/// The auth-on path of the quick start: `herald token` mints, `herald demo --token` uses it.
+#[tokio::test]
+async fn demo_runs_with_auth_on_given_a_token_from_herald_token() {
+    let secret = "demo-test-secret-0123456789";
+    let app = common::spawn_app_with(|c| c.jwt_secret = Some(Secret::new(secret))).await;
+    let minted = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["token", "--sub", "demo", "--scope", "read answer create"])
+        .env("HERALD_JWT_SECRET", secret)
+        .output()
+        .expect("herald token runs");
+    assert!(minted.status.success(), "{minted:?}");
+    let token = String::from_utf8(minted.stdout).unwrap().trim().to_owned();
+    let args = |token: Option<String>| DemoArgs {
+        url: app.url(""),
+        prompts: vec!["Write about [clarify] the sea.".into()],
+        models: vec!["sim-fast".into()],
+        strategy: "all".into(),
+        answer: "waves".into(),
+        timeout_secs: 30,
+        token: token.map(Secret::new),
+    };
+    let refused = run(args(None), &mut Vec::new()).await.unwrap_err();
+    assert!(refused.to_string().contains("401"), "{refused}");
+    let finished = run(args(Some(token)), &mut Vec::new())
+        .await
+        .expect("the demo completes with a token");
+    assert!(finished.events > 0);
+}
 
 #[tokio::test]
 async fn demo_follows_a_session_answers_its_clarification_and_completes() {
@@ -18,6 +48,7 @@ async fn demo_follows_a_session_answers_its_clarification_and_completes() {
         strategy: "all".into(),
         answer: "waves".into(),
         timeout_secs: 30,
+        token: common::harness_token().map(Secret::new),
     };
     let mut out = Vec::new();
     let finished = run(args, &mut out)
@@ -48,6 +79,7 @@ async fn demo_reports_an_unreachable_server() {
         strategy: "all".into(),
         answer: "y".into(),
         timeout_secs: 5,
+        token: None,
     };
     let error = run(args, &mut Vec::new()).await.unwrap_err();
     assert!(error.to_string().contains("cannot reach herald"), "{error}");

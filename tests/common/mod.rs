@@ -109,7 +109,11 @@ pub async fn assert_auth_as_tested(addr: SocketAddr) {
         .await
         .expect("herald answers")
         .status();
-    assert_eq!(status.as_u16(), 401, "auth is under test but herald let an anonymous caller in");
+    assert_eq!(
+        status.as_u16(),
+        401,
+        "auth is under test but herald let an anonymous caller in"
+    );
 }
 
 /// An HTTP client that presents the harness's token when auth is under test.
