@@ -146,6 +146,13 @@ impl SessionPattern {
     }
 }
 
+/// `[*]`, shared: a connection with auth off allocates nothing for its principal.
+fn every_session() -> Arc<[SessionPattern]> {
+    static ANY: std::sync::LazyLock<Arc<[SessionPattern]>> =
+        std::sync::LazyLock::new(|| Arc::new([SessionPattern::Any]));
+    ANY.clone()
+}
+
 /// An authenticated caller.
 #[derive(Debug, Clone)]
 pub struct Principal {
@@ -163,7 +170,7 @@ impl Principal {
         Self {
             subject: None,
             scopes: Scopes::ALL,
-            sessions: Arc::new([SessionPattern::Any]),
+            sessions: every_session(),
             valid_until: None,
         }
     }
@@ -450,7 +457,7 @@ impl Auth {
                     subject: Some(format!("key:{}", key.name).into()),
                     scopes: key.scopes,
                     sessions: if key.sessions.is_empty() {
-                        Arc::new([SessionPattern::Any])
+                        every_session()
                     } else {
                         key.sessions.into()
                     },
@@ -654,7 +661,7 @@ impl OriginPolicy {
             return false;
         };
         let origin = origin.trim().to_ascii_lowercase();
-        if self.allowed.iter().any(|allowed| *allowed == origin) {
+        if self.allowed.contains(&origin) {
             return true;
         }
         let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());

@@ -36,8 +36,8 @@ pub struct SocketLimits {
 struct SocketState {
     /// Who connected: every request is checked against it.
     principal: Principal,
-    /// Cancels the token-expiry timer when the socket goes first.
-    expiry: CancellationToken,
+    /// Cancels the token-expiry timer when the socket goes first (only tokens expire).
+    expiry: Option<CancellationToken>,
     /// A std mutex: touched briefly by this socket's own handlers, never across an await.
     inner: Mutex<StateInner>,
 }
@@ -179,8 +179,10 @@ fn expire_at(socket: &SocketRef, state: &SocketState) {
     let left = until
         .duration_since(std::time::SystemTime::now())
         .unwrap_or_default();
+    let Some(cancelled) = state.expiry.clone() else {
+        return;
+    };
     let socket = socket.clone();
-    let cancelled = state.expiry.clone();
     tokio::spawn(async move {
         tokio::select! {
             () = cancelled.cancelled() => {}
@@ -199,9 +201,10 @@ fn expire_at(socket: &SocketRef, state: &SocketState) {
 }
 
 fn install(socket: &SocketRef, hub: Hub, limits: SocketLimits, principal: Principal) {
+    let principal_expires = principal.valid_until().is_some();
     let state = Arc::new(SocketState {
         principal,
-        expiry: CancellationToken::new(),
+        expiry: principal_expires.then(CancellationToken::new),
         inner: Mutex::new(StateInner {
             sessions: HashSet::new(),
             tokens: f64::from(limits.requests_per_sec) * 2.0,
@@ -250,7 +253,9 @@ fn install(socket: &SocketRef, hub: Hub, limits: SocketLimits, principal: Princi
         let hub = hub.clone();
         let state = state.clone();
         async move {
-            state.expiry.cancel();
+            if let Some(expiry) = &state.expiry {
+                expiry.cancel();
+            }
             let count = state.inner.lock().unwrap().sessions.len();
             for _ in 0..count {
                 hub.metrics().subscriptions.dec();
