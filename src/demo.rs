@@ -6,7 +6,10 @@
 use std::io::Write;
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+
+use crate::event::{ClarificationStatus, EventKind, SessionStatus};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
@@ -125,29 +128,35 @@ pub async fn run(args: DemoArgs, out: &mut (dyn Write + Send)) -> Result<Finishe
             .await?;
         for item in page["events"].as_array().into_iter().flatten() {
             after = item["seq"].as_u64().unwrap_or(after);
-            let (name, data) = (item["event"].as_str().unwrap_or(""), &item["data"]);
-            writeln!(out, "{}", describe(name, data))?;
-            if name == "clarification" && data["status"] == "pending" {
-                let answer = json!({ "sessionId": session_id, "clarificationId": data["clarificationId"], "answer": args.answer });
-                client
-                    .post("/api/wizard/clarifications/respond", &answer)
-                    .await?;
-                writeln!(out, "      answered: {}", args.answer)?;
-            }
-            match (name, data["status"].as_str()) {
-                ("completed", _) => {
+            let data = &item["data"];
+            // The log holds the five session events only.
+            let Some(kind) = item["event"].as_str().and_then(EventKind::parse) else {
+                continue;
+            };
+            writeln!(out, "{}", describe(kind, data))?;
+            match kind {
+                EventKind::Clarification if status(data) == Some(ClarificationStatus::Pending) => {
+                    let answer = json!({ "sessionId": session_id, "clarificationId": data["clarificationId"], "answer": args.answer });
+                    client
+                        .post("/api/wizard/clarifications/respond", &answer)
+                        .await?;
+                    writeln!(out, "      answered: {}", args.answer)?;
+                }
+                EventKind::Completed => {
                     return Ok(Finished {
                         session_id,
                         events: after,
                     });
                 }
-                ("error", _) => {
+                EventKind::Error => {
                     return Err(DemoError::Ended(format!(
                         "with an error: {}",
                         data["error"]
                     )));
                 }
-                ("progress", Some("EXPIRED")) => return Err(DemoError::Ended("EXPIRED".into())),
+                EventKind::Progress if status(data) == Some(SessionStatus::Expired) => {
+                    return Err(DemoError::Ended(SessionStatus::Expired.to_string()));
+                }
                 _ => {}
             }
         }
@@ -158,12 +167,17 @@ pub async fn run(args: DemoArgs, out: &mut (dyn Write + Send)) -> Result<Finishe
     }
 }
 
+/// An event's `status`, as the status enum of its kind.
+fn status<S: DeserializeOwned>(data: &Value) -> Option<S> {
+    S::deserialize(&data["status"]).ok()
+}
+
 /// One line for one event.
-fn describe(name: &str, data: &Value) -> String {
+fn describe(kind: EventKind, data: &Value) -> String {
     let seq = data["seq"].as_u64().unwrap_or(0);
     let text = |key: &str| data[key].as_str().unwrap_or("").to_owned();
-    let detail = match name {
-        "progress" => format!(
+    let detail = match kind {
+        EventKind::Progress => format!(
             "{} {}% prompts {}/{} done{}",
             text("status"),
             data["progress"],
@@ -175,7 +189,7 @@ fn describe(name: &str, data: &Value) -> String {
                 ""
             }
         ),
-        "model_result" => {
+        EventKind::ModelResult => {
             let result = text("result");
             let shown: String = result.chars().take(70).collect();
             let more = if result.chars().count() > 70 {
@@ -190,9 +204,9 @@ fn describe(name: &str, data: &Value) -> String {
                 text("promptId")
             )
         }
-        "clarification" => format!("{} {}", text("status"), text("question")),
-        "completed" => "the session completed".to_owned(),
-        _ => format!("{} ({})", text("error"), text("code")),
+        EventKind::Clarification => format!("{} {}", text("status"), text("question")),
+        EventKind::Completed => "the session completed".to_owned(),
+        EventKind::Error => format!("{} ({})", text("error"), text("code")),
     };
-    format!("{seq:>4} {name:<13} {detail}")
+    format!("{seq:>4} {:<13} {detail}", kind.as_str())
 }

@@ -2,13 +2,20 @@
 //!
 //! Producers send `{ event, data }`; this module turns that into an [`EventDraft`] or a
 //! precise [`InvalidEvent`]. Validation checks the fields herald itself relies on and
-//! keeps every other field verbatim (SPEC §1: unknown extra fields are kept).
+//! keeps every other field verbatim (SPEC §1: unknown extra fields are kept). The events
+//! herald emits itself are built from the typed payloads of [`payload`].
+
+mod payload;
 
 use std::fmt;
 
 use chrono::{SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+pub use payload::{
+    AskedBy, ClarificationEvent, Completed, ErrorEvent, ModelResult, Payload, Progress,
+};
 
 /// Longest session id accepted (SPEC §1: `^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$`).
 pub const MAX_SESSION_ID_LEN: usize = 128;

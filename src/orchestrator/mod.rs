@@ -23,13 +23,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 use crate::cluster::{Cluster, CommandHandler, RemoteCommand, RemoteReply};
 use crate::error::ErrorCode;
-use crate::event::{ClarificationStatus, EventDraft, EventKind, validate_session_id};
+use crate::event::{
+    ClarificationEvent, ClarificationStatus, ErrorEvent, EventDraft, Payload, validate_session_id,
+};
 use crate::hub::{Hub, HubError};
 use crate::intake::{IntakeError, Runs};
 use crate::providers::{self, Provider};
@@ -398,17 +400,13 @@ impl Orchestrator {
         if snapshot.summary.status.is_terminal() {
             return Ok(());
         }
-        let error = json!({
-            "error": "the node running this session stopped; start the session again",
-            "code": ErrorCode::NodeLost,
-        });
+        let error = ErrorEvent::new(
+            ErrorCode::NodeLost,
+            "the node running this session stopped; start the session again",
+        );
         // Every node that notices the loss may get here; the key lets one error through.
-        self.publish_once(
-            session_id,
-            draft(EventKind::Error, error),
-            keys::LOST.into(),
-        )
-        .await?;
+        self.publish_once(session_id, error.draft(), keys::LOST.into())
+            .await?;
         Ok(())
     }
 
@@ -431,8 +429,7 @@ impl Orchestrator {
         if snapshot.summary.status.is_terminal() {
             return Err(OrchestratorError::SessionEnded(session_id.to_owned()));
         }
-        let error = json!({ "error": "the session was cancelled", "code": ErrorCode::Cancelled });
-        let cancel = draft(EventKind::Error, error);
+        let cancel = ErrorEvent::new(ErrorCode::Cancelled, "the session was cancelled").draft();
         match self
             .publish_once(session_id, cancel, keys::CANCEL.into())
             .await?
@@ -481,13 +478,15 @@ impl Orchestrator {
             ClarificationStatus::Pending => {}
             closed => return Err(OrchestratorError::ClarificationClosed(id(), closed)),
         }
-        let answered = json!({
-            "clarificationId": clarification_id,
-            "question": clarification.question,
-            "status": ClarificationStatus::Answered,
-            "answer": answer,
-        });
-        let answered = draft(EventKind::Clarification, answered);
+        let answered = ClarificationEvent {
+            clarification_id: clarification_id.to_owned(),
+            question: clarification.question.clone(),
+            status: ClarificationStatus::Answered,
+            // The snapshot does not keep who asked.
+            asked_by: None,
+            answer: Some(answer),
+        }
+        .draft();
         match self
             .publish_once(session_id, answered, keys::answer(clarification_id))
             .await?
@@ -597,18 +596,6 @@ fn remote_code(wire: &str) -> ErrorCode {
         tracing::warn!(%error, "another node refused a command with a code unknown here");
         ErrorCode::Internal
     })
-}
-
-/// An event for the log, from a JSON object.
-pub(crate) fn draft(kind: EventKind, data: Value) -> EventDraft {
-    let Value::Object(data) = data else {
-        unreachable!("session events are built as JSON objects")
-    };
-    EventDraft {
-        kind,
-        data,
-        idempotency_key: None,
-    }
 }
 
 fn parse_strategy(strategy: Option<&str>) -> Result<Strategy, OrchestratorError> {

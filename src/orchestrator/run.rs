@@ -7,19 +7,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use serde_json::{Value, json};
+use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::config::OrchestratorSettings;
-use super::{Model, OrchestratorError, Prompt, Strategy, draft, keys};
+use super::{Model, OrchestratorError, Prompt, Strategy, keys};
 use crate::error::ErrorCode;
-use crate::event::{ClarificationStatus, EventDraft, EventKind, ModelStatus, SessionStatus};
+use crate::event::{
+    AskedBy, ClarificationEvent, ClarificationStatus, Completed, ErrorEvent, EventDraft,
+    ModelResult, ModelStatus, Payload, Progress, SessionStatus,
+};
 use crate::hub::Hub;
 use crate::providers::{
     CLARIFICATION_MARKER, ChatMessage, Role, SYSTEM_PROMPT, clarification_question,
 };
+use crate::store::PromptCounts;
 
 /// How long a run keeps trying to log events while the log is unreachable.
 const PUBLISH_RETRY_FOR: Duration = Duration::from_secs(30);
@@ -63,23 +67,14 @@ pub(crate) enum Command {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A prompt's state, as the run's result names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 enum PromptStatus {
     Pending,
     Processing,
     Completed,
     Failed,
-}
-
-impl PromptStatus {
-    fn as_str(self) -> &'static str {
-        match self {
-            PromptStatus::Pending => "pending",
-            PromptStatus::Processing => "processing",
-            PromptStatus::Completed => "completed",
-            PromptStatus::Failed => "failed",
-        }
-    }
 }
 
 /// One model's work on one prompt.
@@ -187,8 +182,8 @@ impl Run {
 
     /// A `progress` event from the current counts. Progress is the share of finished work,
     /// kept below 100 until the run completes.
-    fn progress(&self, status: SessionStatus, result: Option<&Value>) -> EventDraft {
-        let count = |s: PromptStatus| self.prompts.iter().filter(|p| p.status == s).count();
+    fn progress(&self, status: SessionStatus, result: Option<&RunResult<'_>>) -> EventDraft {
+        let count = |s: PromptStatus| self.prompts.iter().filter(|p| p.status == s).count() as u64;
         let pending_clarifications = self
             .clarifications
             .values()
@@ -198,24 +193,22 @@ impl Run {
             Some(_) => 100,
             None => self.done * 99 / self.total_units().max(1),
         };
-        let mut data = json!({
-            "status": status,
-            "progress": progress,
-            "prompts": {
-                "total": self.prompts.len(),
-                "completed": count(PromptStatus::Completed),
-                "processing": count(PromptStatus::Processing),
-                "pending": count(PromptStatus::Pending),
-                "failed": count(PromptStatus::Failed),
+        Progress {
+            status,
+            progress,
+            prompts: PromptCounts {
+                total: self.prompts.len() as u64,
+                completed: count(PromptStatus::Completed),
+                processing: count(PromptStatus::Processing),
+                pending: count(PromptStatus::Pending),
+                failed: count(PromptStatus::Failed),
             },
-            "hasClarifications": pending_clarifications > 0,
-            "clarificationCount": pending_clarifications,
-        });
-        if let Some(result) = result {
-            data["hasResult"] = Value::Bool(true);
-            data["result"] = result.clone();
+            has_clarifications: pending_clarifications > 0,
+            clarification_count: pending_clarifications,
+            has_result: result.map(|_| true),
+            result,
         }
-        draft(EventKind::Progress, data)
+        .draft()
     }
 
     fn model_result(
@@ -223,8 +216,8 @@ impl Run {
         prompt: usize,
         model: usize,
         status: ModelStatus,
-        output: &str,
-        error: Option<&str>,
+        output: String,
+        error: Option<String>,
     ) -> EventDraft {
         let unit = &self.prompts[prompt].units[model];
         let duration = match status {
@@ -232,18 +225,16 @@ impl Run {
             ModelStatus::Completed | ModelStatus::Failed => unit.duration_ms,
         };
         let config = &self.models[model].config;
-        let mut data = json!({
-            "promptId": self.prompts[prompt].prompt.id,
-            "modelName": config.name,
-            "provider": config.provider.as_str(),
-            "duration": duration,
-            "result": output,
-            "status": status,
-        });
-        if let Some(error) = error {
-            data["error"] = Value::String(error.to_owned());
+        ModelResult {
+            prompt_id: self.prompts[prompt].prompt.id.clone(),
+            model_name: config.name.clone(),
+            provider: config.provider.as_str().to_owned(),
+            duration,
+            result: output,
+            status,
+            error,
         }
-        draft(EventKind::ModelResult, data)
+        .draft()
     }
 
     /// Runs the session to its end.
@@ -345,8 +336,9 @@ impl Run {
         match command {
             Command::Started { prompt, model } => {
                 self.prompts[prompt].units[model].started = Some(Instant::now());
+                let started = ModelStatus::Processing;
                 let mut events =
-                    vec![self.model_result(prompt, model, ModelStatus::Processing, "", None)];
+                    vec![self.model_result(prompt, model, started, String::new(), None)];
                 if self.prompts[prompt].status == PromptStatus::Pending {
                     self.prompts[prompt].status = PromptStatus::Processing;
                     events.push(self.progress(SessionStatus::Processing, None));
@@ -358,8 +350,7 @@ impl Run {
                 model,
                 output,
             } => {
-                let event =
-                    self.model_result(prompt, model, ModelStatus::Processing, &output, None);
+                let event = self.model_result(prompt, model, ModelStatus::Processing, output, None);
                 self.publish(vec![event]).await;
             }
             Command::Finished {
@@ -414,9 +405,8 @@ impl Run {
                 // Questions nobody will act on any more are closed, so they cannot be answered.
                 let mut events = self.close_clarifications();
                 events.push(self.progress(SessionStatus::Failed, None));
-                let error =
-                    json!({ "error": "the session was cancelled", "code": ErrorCode::Cancelled });
-                events.push(draft(EventKind::Error, error));
+                let error = ErrorEvent::new(ErrorCode::Cancelled, "the session was cancelled");
+                events.push(error.draft());
                 self.publish(events).await;
                 let _ = reply.send(Ok(()));
                 return Some(End::Cancelled);
@@ -424,11 +414,11 @@ impl Run {
             Command::Stop { reply } => {
                 let mut events = self.close_clarifications();
                 events.push(self.progress(SessionStatus::Failed, None));
-                let error = json!({
-                    "error": "the node running this session shut down; start the session again",
-                    "code": ErrorCode::NodeLost,
-                });
-                events.push(draft(EventKind::Error, error));
+                let error = ErrorEvent::new(
+                    ErrorCode::NodeLost,
+                    "the node running this session shut down; start the session again",
+                );
+                events.push(error.draft());
                 self.publish(events).await;
                 let _ = reply.send(());
                 return Some(End::Stopped);
@@ -469,9 +459,12 @@ impl Run {
                 self.done += 1;
             }
         }
-        match &outcome {
+        match outcome {
             Ok(output) => self.model_result(prompt, model, ModelStatus::Completed, output, None),
-            Err(error) => self.model_result(prompt, model, ModelStatus::Failed, "", Some(error)),
+            Err(error) => {
+                let failed = ModelStatus::Failed;
+                self.model_result(prompt, model, failed, String::new(), Some(error))
+            }
         }
     }
 
@@ -575,17 +568,17 @@ impl Run {
         status: ClarificationStatus,
         answer: Option<&str>,
     ) -> EventDraft {
-        let mut data = json!({
-            "clarificationId": clarification_id,
-            "question": question,
-            "status": status,
-            "promptId": self.prompts[prompt].prompt.id,
-            "modelName": self.models[model].config.name,
-        });
-        if let Some(answer) = answer {
-            data["answer"] = Value::String(answer.to_owned());
+        ClarificationEvent {
+            clarification_id: clarification_id.to_owned(),
+            question: question.to_owned(),
+            status,
+            asked_by: Some(AskedBy {
+                prompt_id: self.prompts[prompt].prompt.id.clone(),
+                model_name: self.models[model].config.name.clone(),
+            }),
+            answer: answer.map(str::to_owned),
         }
-        draft(EventKind::Clarification, data)
+        .draft()
     }
 
     async fn finish(&mut self) -> End {
@@ -595,62 +588,91 @@ impl Run {
             .all(|p| p.status == PromptStatus::Failed)
         {
             let progress = self.progress(SessionStatus::Failed, None);
-            let error = json!({ "error": "every prompt failed on every model", "code": ErrorCode::AllPromptsFailed });
-            self.publish(vec![progress, draft(EventKind::Error, error)])
-                .await;
+            let error = ErrorEvent::new(
+                ErrorCode::AllPromptsFailed,
+                "every prompt failed on every model",
+            );
+            self.publish(vec![progress, error.draft()]).await;
             return End::AllFailed;
         }
         let result = self.result();
         let progress = self.progress(SessionStatus::Completed, Some(&result));
-        let completed = draft(EventKind::Completed, json!({ "result": result }));
+        let completed = Completed { result }.draft();
         self.publish(vec![progress, completed]).await;
         End::Completed
     }
 
     /// Per prompt, each model's output.
-    fn result(&self) -> Value {
-        let prompts: Vec<Value> = self
+    fn result(&self) -> RunResult<'_> {
+        let prompts = self
             .prompts
             .iter()
-            .map(|state| {
-                let outputs: Vec<Value> = state
+            .map(|state| PromptResult {
+                prompt_id: &state.prompt.id,
+                text: &state.prompt.text,
+                status: state.status,
+                outputs: state
                     .units
                     .iter()
                     .zip(&self.models)
                     .filter_map(|(unit, model)| {
                         let outcome = unit.outcome.as_ref()?;
-                        let mut output = json!({
-                            "modelName": model.config.name,
-                            "provider": model.config.provider.as_str(),
-                            "status": match outcome {
+                        Some(ModelOutput {
+                            model_name: &model.config.name,
+                            provider: model.config.provider.as_str(),
+                            status: match outcome {
                                 Ok(_) => ModelStatus::Completed,
                                 Err(_) => ModelStatus::Failed,
                             },
-                            "output": outcome.as_ref().map_or("", String::as_str),
-                            "duration": unit.duration_ms,
-                            "attempts": unit.attempts,
-                        });
-                        if let Err(error) = outcome {
-                            output["error"] = Value::String(error.clone());
-                        }
-                        Some(output)
+                            output: outcome.as_ref().map_or("", String::as_str),
+                            duration: unit.duration_ms,
+                            attempts: unit.attempts,
+                            error: outcome.as_ref().err().map(String::as_str),
+                        })
                     })
-                    .collect();
-                json!({
-                    "promptId": state.prompt.id,
-                    "text": state.prompt.text,
-                    "status": state.status.as_str(),
-                    "outputs": outputs,
-                })
+                    .collect(),
             })
             .collect();
-        let strategy = match self.strategy {
-            Strategy::All => "all",
-            Strategy::Fallback => "fallback",
-        };
-        let models: Vec<&str> = self.models.iter().map(|m| m.config.name.as_str()).collect();
-        json!({ "strategy": strategy, "models": models, "prompts": prompts })
+        RunResult {
+            strategy: self.strategy,
+            models: self.models.iter().map(|m| m.config.name.as_str()).collect(),
+            prompts,
+        }
     }
+}
+
+/// A completed run's result (`completed.result`, and its last `progress`'s): per prompt,
+/// each model's output.
+#[derive(Serialize)]
+struct RunResult<'a> {
+    strategy: Strategy,
+    models: Vec<&'a str>,
+    prompts: Vec<PromptResult<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PromptResult<'a> {
+    prompt_id: &'a str,
+    text: &'a str,
+    status: PromptStatus,
+    /// The models that finished on the prompt, in the session's order.
+    outputs: Vec<ModelOutput<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ModelOutput<'a> {
+    model_name: &'a str,
+    provider: &'static str,
+    status: ModelStatus,
+    /// Empty when the model failed.
+    output: &'a str,
+    /// Milliseconds.
+    duration: u64,
+    attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
 }
 
 impl End {
