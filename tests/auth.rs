@@ -229,12 +229,12 @@ async fn a_session_belongs_to_its_creator() {
     };
     assert_eq!(
         ids(get(&app, "/api/wizard/sessions", Some(&alice)).await),
-        [id.clone()]
+        vec![id.clone()]
     );
     assert!(ids(get(&app, "/api/wizard/sessions", Some(&bob)).await).is_empty());
     assert_eq!(
         ids(get(&app, "/api/wizard/sessions", Some("ops-secret")).await),
-        [id.clone()],
+        vec![id.clone()],
         "an operator sees every session"
     );
 
