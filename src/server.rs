@@ -87,7 +87,10 @@ impl Server {
                 requests_per_sec: config.subscribe_rate.max(1),
             },
         );
-        let models = ModelsFile::load(config.config_file.as_deref())?;
+        let models = match &config.models {
+            Some(models) => models.clone(),
+            None => ModelsFile::load(config.config_file.as_deref())?,
+        };
         let orchestrator = Orchestrator::new(hub.clone(), models, cluster.clone());
         if let Some(cluster) = &cluster {
             cluster.set_handler(Arc::new(orchestrator.clone()));
