@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::{Config, Secret};
+use crate::config::{ApiKeyDigest, Config, Secret};
 use crate::error::ErrorCode;
 use crate::hub::{Hub, HubError};
 
@@ -307,6 +307,8 @@ pub enum AuthConfigError {
     NoScopes { name: String },
     #[error("the JWT secret is empty")]
     EmptySecret,
+    #[error("API key `{name}`: `sha256` is not 64 hex digits")]
+    BadDigest { name: String },
 }
 
 /// An API key, as configured.
@@ -337,6 +339,28 @@ impl ApiKey {
             sessions: Vec::new(),
         };
         key.checked()
+    }
+
+    /// A key from the configuration file, given by its secret's SHA-256 and, optionally,
+    /// the sessions it is limited to.
+    pub fn from_digest(entry: &ApiKeyDigest) -> Result<Self, AuthConfigError> {
+        let mut digest = [0u8; 32];
+        hex::decode_to_slice(&entry.sha256, &mut digest).map_err(|_| {
+            AuthConfigError::BadDigest {
+                name: entry.name.clone(),
+            }
+        })?;
+        Self {
+            name: entry.name.clone(),
+            digest,
+            scopes: Scopes::from_names(entry.scopes.iter().map(String::as_str)),
+            sessions: entry
+                .sessions
+                .iter()
+                .map(|p| SessionPattern::parse(p))
+                .collect(),
+        }
+        .checked()
     }
 
     fn checked(self) -> Result<Self, AuthConfigError> {
@@ -395,13 +419,16 @@ impl Auth {
     }
 
     pub fn from_config(config: &Config) -> Result<Self, AuthConfigError> {
-        let keys = config
+        let mut keys = config
             .api_keys
             .iter()
             .filter(|spec| !spec.expose().trim().is_empty())
             .enumerate()
             .map(|(index, spec)| ApiKey::parse(index + 1, spec.expose()))
             .collect::<Result<Vec<_>, _>>()?;
+        for digest in &config.api_key_digests {
+            keys.push(ApiKey::from_digest(digest)?);
+        }
         Self::new(
             config.jwt_secret.as_ref(),
             config.jwt_public_key.as_deref(),
@@ -892,6 +919,21 @@ mod tests {
         assert!(ocr.covers("any-session"));
         assert!(auth.authenticate(Some("0ps")).unwrap().is_admin());
         assert!(auth.authenticate(Some("s3cr3")).is_err());
+    }
+
+    #[test]
+    fn api_keys_from_the_file_are_digests_limited_to_their_sessions() {
+        let entry = ApiKeyDigest {
+            name: "ocr".into(),
+            sha256: hex::encode(Sha256::digest(b"file-secret")),
+            scopes: vec!["publish".into()],
+            sessions: vec!["ocr-*".into()],
+        };
+        let key = ApiKey::from_digest(&entry).unwrap();
+        let auth = Auth::new(None, None, JwtChecks::default(), vec![key]).unwrap();
+        let ocr = auth.authenticate(Some("file-secret")).unwrap();
+        assert!(ocr.has(Scope::Publish) && ocr.covers("ocr-1") && !ocr.covers("other"));
+        assert!(auth.authenticate(Some("wrong")).is_err());
     }
 
     #[test]

@@ -1,8 +1,7 @@
 use std::io::{IsTerminal, Write};
 
 use anyhow::Context;
-use clap::Parser;
-use herald::config::{Cli, Command};
+use herald::config::{Cli, Command, ConfigCommand, LoadError};
 use herald::server::{Server, shutdown_signal};
 use tracing_subscriber::EnvFilter;
 
@@ -11,7 +10,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let loaded = match Cli::load() {
+        Ok(loaded) => loaded,
+        Err(LoadError::Args(error)) => error.exit(),
+        Err(LoadError::Config(error)) => {
+            eprintln!("error: {error}");
+            std::process::exit(2);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("HERALD_LOG")
@@ -20,13 +26,20 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match cli.command {
+    match loaded.cli.command {
         Command::Serve(config) => serve(*config).await,
         Command::Token(args) => {
             println!(
                 "{}",
                 herald::auth::mint(&args).context("signing the token")?
             );
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Check(_)) => {
+            let effective = loaded.effective.context("`config check` has settings")?;
+            let mut stdout = std::io::stdout();
+            write!(stdout, "{effective}")?;
+            stdout.flush()?;
             Ok(())
         }
         Command::Demo(args) => {
@@ -41,6 +54,9 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: herald::Config) -> anyhow::Result<()> {
+    if let Some(file) = &config.config_file {
+        tracing::info!(file = %file.display(), "configuration file read");
+    }
     if config.dev {
         tracing::warn!("development mode: CORS allows every origin");
     }

@@ -94,7 +94,10 @@ impl Server {
             },
             auth.clone(),
         );
-        let models = ModelsFile::load(config.config_file.as_deref())?;
+        let models = match &config.models {
+            Some(models) => models.clone(),
+            None => ModelsFile::load(config.config_file.as_deref())?,
+        };
         let orchestrator = Orchestrator::new(hub.clone(), models, cluster.clone());
         if let Some(cluster) = &cluster {
             cluster.set_handler(Arc::new(orchestrator.clone()));

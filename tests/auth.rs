@@ -498,3 +498,47 @@ async fn pages_from_other_origins_cannot_open_the_socket_transports() {
         "a websocket from another origin must not open"
     );
 }
+
+/// `[[auth.api_key_digests]]` in the configuration file: a key known only by its digest,
+/// limited to its sessions, on the real binary.
+#[tokio::test]
+async fn api_keys_from_the_configuration_file_are_limited_to_their_sessions() {
+    use sha2::Digest;
+    let dir = std::env::temp_dir().join(format!("herald-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("herald.toml");
+    let digest = hex::encode(sha2::Sha256::digest(b"file-key-secret"));
+    std::fs::write(
+        &file,
+        format!(
+            "[[auth.api_key_digests]]\nname = \"ocr\"\nsha256 = \"{digest}\"\nscopes = [\"publish\"]\nsessions = [\"ocr-*\"]\n"
+        ),
+    )
+    .unwrap();
+    let node = common::node::Node::start("auth-file", &["--config", file.to_str().unwrap()]).await;
+    let post = |session: &str| {
+        let url = node.url(&format!("/api/sessions/{session}/events"));
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .header("x-api-key", "file-key-secret")
+                .json(&progress(1))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(post("ocr-1").await, 202);
+    assert_eq!(post("billing-1").await, 403, "outside the key's sessions");
+    let anonymous = reqwest::get(node.url("/api/wizard/sessions"))
+        .await
+        .unwrap();
+    assert_eq!(
+        anonymous.status().as_u16(),
+        401,
+        "a digest alone turns auth on"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,12 +1,15 @@
-//! Model and orchestrator settings, read from the TOML file given with `--config`.
+//! Model and orchestrator settings: the `[orchestrator]` and `[[models]]` tables of the
+//! configuration file (`crate::config` reads the file, and hands this part over).
 
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+pub use crate::config::ConfigError;
 
 /// The providers herald can talk to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderKind {
     Simulated,
@@ -24,7 +27,7 @@ impl ProviderKind {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     /// The name clients select the model by.
@@ -82,7 +85,7 @@ impl ModelConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OrchestratorSettings {
     /// Model calls in flight across all sessions.
@@ -109,25 +112,11 @@ impl Default for OrchestratorSettings {
     }
 }
 
-/// The whole file.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The model part of the configuration file.
+#[derive(Debug, Clone)]
 pub struct ModelsFile {
-    #[serde(default)]
     pub orchestrator: OrchestratorSettings,
-    #[serde(default)]
     pub models: Vec<ModelConfig>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("invalid configuration in {path}: {message}")]
-    Invalid { path: String, message: String },
 }
 
 impl ModelsFile {
@@ -143,25 +132,29 @@ impl ModelsFile {
         }
     }
 
-    /// Reads the file, or the built-in models when there is none.
+    /// The model part of the configuration file at `path` (the file's other tables are
+    /// `crate::config`'s, which reads the whole file once when loading the command line), or
+    /// the built-in models when there is no file.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let Some(path) = path else {
-            return Ok(Self::builtin());
+        match path {
+            Some(path) => Ok(crate::config::ConfigFile::read(path)?.models),
+            None => Ok(Self::builtin()),
+        }
+    }
+
+    /// Checks the file's `[orchestrator]` and `[[models]]`; no models means the built-in ones.
+    pub(crate) fn new(
+        orchestrator: OrchestratorSettings,
+        models: Vec<ModelConfig>,
+    ) -> Result<Self, String> {
+        let mut file = Self {
+            orchestrator,
+            models,
         };
-        let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: shown.clone(),
-            source,
-        })?;
-        let invalid = |message: String| ConfigError::Invalid {
-            path: shown.clone(),
-            message,
-        };
-        let mut file: ModelsFile = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
         if file.models.is_empty() {
             file.models = Self::builtin().models;
         }
-        file.validate().map_err(invalid)?;
+        file.validate()?;
         Ok(file)
     }
 
