@@ -540,14 +540,20 @@ impl JwtChecks {
         let mut validation = Validation::new(algorithm);
         validation.leeway = self.leeway.as_secs();
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured audience or issuer must be present, not only right when present.
+        let mut required = vec!["exp", "sub"];
         match &self.audience {
-            Some(audience) => validation.set_audience(&[audience]),
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
         if let Some(issuer) = &self.issuer {
             validation.set_issuer(&[issuer]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         JwtKey {
             algorithm,
             key,
@@ -598,13 +604,21 @@ impl Verifier {
             }
         };
         let exp = Duration::try_from_secs_f64(claims.exp.max(0.0)).unwrap_or(Duration::MAX);
+        let valid_until = UNIX_EPOCH
+            .checked_add(exp)
+            .and_then(|t| t.checked_add(self.leeway));
+        // `jsonwebtoken` compares whole seconds and still accepts a token in its `exp`
+        // second; a live socket is cut at `exp` itself, so the handshake must agree with it.
+        if valid_until.is_some_and(|until| until <= SystemTime::now()) {
+            return Err(AuthError::TokenExpired(
+                "the token has expired; get a fresh one".into(),
+            ));
+        }
         Ok(Principal {
             subject: Some(claims.sub.into()),
             scopes,
             sessions,
-            valid_until: UNIX_EPOCH
-                .checked_add(exp)
-                .and_then(|t| t.checked_add(self.leeway)),
+            valid_until,
         })
     }
 }
@@ -859,6 +873,16 @@ mod tests {
         assert!(e.to_string().starts_with("TOKEN_EXPIRED: "));
         let wrong_aud = json!({ "sub": "a", "exp": now() + 60, "aud": "other" });
         assert!(err(&sign(wrong_aud, SECRET)).detail().contains("audience"));
+        let no_aud = json!({ "sub": "a", "exp": now() + 60 });
+        assert!(
+            err(&sign(no_aud, SECRET)).detail().contains("aud"),
+            "a configured audience is required"
+        );
+        let in_its_last_second = json!({ "sub": "a", "exp": now(), "aud": "herald" });
+        assert_eq!(
+            err(&sign(in_its_last_second, SECRET)).code(),
+            ErrorCode::TokenExpired
+        );
         let no_exp = json!({ "sub": "a", "aud": "herald" });
         assert!(err(&sign(no_exp, SECRET)).detail().contains("exp"));
         let not_yet =

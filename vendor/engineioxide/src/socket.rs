@@ -363,7 +363,12 @@ where
         #[cfg(feature = "tracing")]
         tracing::debug!(sid = ?self.id, "heartbeat sender routine started");
 
-        let mut interval_tick = tokio::time::interval(interval);
+        // herald: the first ping goes out one interval after the session opens, as the
+        // reference engine.io server does (upstream's first tick fires at once). A ping sent
+        // at once races a refused client's last polling requests: python-engineio drops the
+        // CLOSE it is waiting for while its PONG is in flight, and hangs a whole interval.
+        let mut interval_tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         interval_tick.tick().await;
         // Some clients send the pong packet in first. If that happens, we should consume it.
         heartbeat_rx.try_recv().ok();
