@@ -8,6 +8,9 @@ wait is on a threading/asyncio primitive with a timeout.
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -160,18 +163,18 @@ class HeraldServer:
 # --------------------------------------------------------------------------
 
 
-def post_events(base: str, sid: str, body, timeout: float = WAIT) -> requests.Response:
+def post_events(base: str, sid: str, body, timeout: float = WAIT, headers=None) -> requests.Response:
     # serialise by hand: requests' json=None would send no body at all
     return requests.post(
         f"{base}/api/sessions/{sid}/events",
         data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **(headers or {})},
         timeout=timeout,
     )
 
 
-def post_ok(base: str, sid: str, body) -> dict:
-    r = post_events(base, sid, body)
+def post_ok(base: str, sid: str, body, headers=None) -> dict:
+    r = post_events(base, sid, body, headers=headers)
     assert r.status_code == 202, f"POST events {body!r} -> {r.status_code} {r.text}"
     return r.json()
 
@@ -260,6 +263,30 @@ def assert_session_event(name: str, payload, sid: str, seq: int, item: dict):
 
 
 # --------------------------------------------------------------------------
+# tokens
+# --------------------------------------------------------------------------
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def mint_token(secret: str, sub: str = "py-tester", ttl: float = 60, exp: int | None = None, **claims) -> str:
+    """An HS256 JWT as herald (`--jwt-secret SECRET`) verifies it: `sub`, `exp` (now + ttl
+    unless given, whole seconds), `iat`, plus any claims (`sessions`, `scope`, `aud`...)."""
+    now = int(time.time())
+    body = {"sub": sub, "iat": now, "exp": int(now + ttl) if exp is None else exp, **claims}
+    header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    payload = _b64url(json.dumps(body).encode())
+    signature = hmac.new(secret.encode(), f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{header}.{payload}.{_b64url(signature)}"
+
+
+def bearer(credential: str) -> dict:
+    return {"Authorization": f"Bearer {credential}"}
+
+
+# --------------------------------------------------------------------------
 # socket.io collectors
 # --------------------------------------------------------------------------
 
@@ -298,9 +325,10 @@ class SyncCollector:
         self.events: list[tuple[str, object]] = []
         self.wire: list[tuple[str, object]] = []
         self.disconnected = threading.Event()
-        for name in SERVER_EVENTS:
+        self.disconnect_reasons: list[object] = []
+        for name in SERVER_EVENTS + ("connect", "connect_error"):
             self.sio.on(name, self._make_handler(name))
-        self.sio.on("disconnect", lambda *a: self._on_disconnect())
+        self.sio.on("disconnect", self._on_disconnect)
         eio = self.sio.eio
         orig = eio._receive_packet
 
@@ -316,9 +344,10 @@ class SyncCollector:
 
         eio._receive_packet = tap
 
-    def _on_disconnect(self):
-        self.disconnected.set()
+    def _on_disconnect(self, reason=None):
         with self.cond:
+            self.disconnect_reasons.append(reason)
+            self.disconnected.set()
             self.cond.notify_all()
 
     def _make_handler(self, name):
@@ -405,9 +434,11 @@ class AsyncCollector:
         client_kwargs.setdefault("reconnection", False)
         self.sio = socketio.AsyncClient(**client_kwargs)
         self.events: list[tuple[str, object]] = []
+        self.disconnect_reasons: list[object] = []
         self._changed = asyncio.Event()
-        for name in SERVER_EVENTS:
+        for name in SERVER_EVENTS + ("connect", "connect_error"):
             self.sio.on(name, self._make_handler(name))
+        self.sio.on("disconnect", self._on_disconnect)
 
     def _make_handler(self, name):
         def handler(*args):
@@ -416,6 +447,10 @@ class AsyncCollector:
             self._changed.set()
 
         return handler
+
+    def _on_disconnect(self, reason=None):
+        self.disconnect_reasons.append(reason)
+        self._changed.set()
 
     async def connect(self, url, transports, **kw):
         kw.setdefault("wait_timeout", WAIT)

@@ -19,19 +19,69 @@ import {
 export class HeraldError extends Error {
   readonly status: number;
   readonly code: string;
-  constructor(status: number, code: string, message: string) {
+  constructor(status: number, code: string, message: string, options?: { cause?: unknown }) {
     super(message);
     this.name = 'HeraldError';
+    // ES2022's Error `cause` (set by hand: the library targets ES2020)
+    if (options && 'cause' in options) Object.defineProperty(this, 'cause', { value: options.cause, configurable: true });
     this.status = status;
     this.code = code;
   }
 }
+
+/** The codes of a refused credential (SPEC §5). */
+export type AuthErrorCode = 'UNAUTHORIZED' | 'INVALID_TOKEN' | 'TOKEN_EXPIRED' | 'FORBIDDEN';
+export const AUTH_ERROR_CODES: readonly AuthErrorCode[] = ['UNAUTHORIZED', 'INVALID_TOKEN', 'TOKEN_EXPIRED', 'FORBIDDEN'];
+
+function isAuthCode(code: unknown): code is AuthErrorCode {
+  return typeof code === 'string' && (AUTH_ERROR_CODES as readonly string[]).includes(code);
+}
+
+/**
+ * herald refused the credential, or what it allows: `UNAUTHORIZED` (none, or unknown),
+ * `INVALID_TOKEN` (signature, audience, issuer, format…), `TOKEN_EXPIRED` (get a fresh
+ * token) or `FORBIDDEN` (valid, but not for this session or action). `status` is the HTTP
+ * status (401, 403) for an HTTP call, 0 for a Socket.IO refusal.
+ */
+export class HeraldAuthError extends HeraldError {
+  declare readonly code: AuthErrorCode;
+  constructor(code: AuthErrorCode, message: string, status = 0, options?: { cause?: unknown }) {
+    super(status, code, message, options);
+    this.name = 'HeraldAuthError';
+  }
+}
+
+/** The refusal a Socket.IO `connect_error` carries: herald's message starts with the code. */
+export function authErrorFromMessage(message: string): HeraldAuthError | null {
+  const m = /^([A-Z_]+): ([\s\S]*)$/.exec(message);
+  return m && isAuthCode(m[1]) ? new HeraldAuthError(m[1], m[2]) : null;
+}
+
+/**
+ * A token or API key, or a function returning a fresh one. The function is called on every
+ * (re)connect and before every HTTP call, so it should return a cached token until that
+ * is close to expiry.
+ */
+export type TokenSource = string | (() => string | Promise<string>);
 
 export interface HeraldClientOptions extends Partial<ManagerOptions & SocketOptions> {
   /** Base URL of herald's HTTP API; defaults to the origin of the socket URL. */
   httpUrl?: string;
   /** Extra headers sent with every HTTP request. */
   headers?: Record<string, string>;
+  /**
+   * A JWT or API key, or a function returning a fresh one: sent as socket.io's
+   * `auth: { token }` on every (re)connect (the function is called each time) and as
+   * `Authorization: Bearer` on every HTTP call. With a function, the client also
+   * reconnects by itself after herald expires the socket's token, and retries a refused
+   * handshake with backoff. (Do not combine with socket.io's own `auth` option.)
+   */
+  token?: TokenSource;
+  /**
+   * Auth failures no call of yours can throw: a refused handshake (also on reconnects),
+   * herald expiring the live socket's token (`TOKEN_EXPIRED`).
+   */
+  onAuthError?: (error: HeraldAuthError) => void;
   /**
    * socket.io-client does not reconnect after the server disconnects a socket
    * (`io server disconnect`). herald drops the transport instead when it cuts a socket off
@@ -66,7 +116,10 @@ export interface SessionHandlers {
   onResync?: (snapshot: SessionSnapshot) => void;
   /** Every successful (re)subscribe. */
   onSubscribed?: (ack: { sessionId: string; lastSeq: number; epoch: string; recovered?: boolean }) => void;
-  /** A refused subscribe, or a failed snapshot fetch during a resync. */
+  /**
+   * A refused subscribe (`FORBIDDEN` comes as a `HeraldAuthError`), or a failed snapshot
+   * fetch during a resync.
+   */
   onSubscribeError?: (error: SubscribeError) => void;
 }
 
@@ -150,7 +203,8 @@ export class Subscription {
         }
         if (!ack || ack.ok !== true) {
           const e = ack && ack.ok === false ? ack.error : { code: 'INTERNAL', message: 'bad subscribe ack' };
-          this.handlers.onSubscribeError?.(e);
+          // FORBIDDEN (the credential may not read the session) as a typed error
+          this.handlers.onSubscribeError?.(isAuthCode(e.code) ? new HeraldAuthError(e.code, e.message) : e);
           return;
         }
         if (ack.epoch) this._epoch = ack.epoch;
@@ -249,39 +303,110 @@ export class HeraldClient {
   /** @internal */ readonly _subscribeTimeoutMs: number;
   /** @internal */ readonly _gapTimeoutMs: number;
   private readonly headers: Record<string, string>;
+  private readonly token: TokenSource | undefined;
+  private readonly onAuthError: ((error: HeraldAuthError) => void) | undefined;
   private readonly subs = new Map<string, Set<Subscription>>();
   private closed = false;
   private readonly detach: Array<() => void> = [];
   private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
+  /** herald said the socket's token expired (it disconnects the socket next). */
+  private tokenExpired = false;
+  /** What the token function threw for the handshake under way. */
+  private tokenFailure: unknown = undefined;
+  private authRetries = 0;
 
   constructor(url: string, options: HeraldClientOptions = {}) {
-    const { httpUrl, headers, reconnectOnServerDisconnect, subscribeTimeoutMs, gapTimeoutMs, ...ioOptions } = options;
+    const {
+      httpUrl,
+      headers,
+      reconnectOnServerDisconnect,
+      subscribeTimeoutMs,
+      gapTimeoutMs,
+      token,
+      onAuthError,
+      ...ioOptions
+    } = options;
     this.httpUrl = (httpUrl ?? new URL(url).origin).replace(/\/+$/, '');
     this.headers = headers ?? {};
     this._subscribeTimeoutMs = subscribeTimeoutMs ?? 10000;
     this._gapTimeoutMs = gapTimeoutMs ?? 2000;
+    this.onAuthError = onAuthError;
+    if (token !== undefined && token !== '') {
+      if (ioOptions.auth !== undefined) throw new Error('HeraldClient: give either `token` or `auth`, not both');
+      if (typeof token !== 'string' && typeof token !== 'function') {
+        throw new TypeError('HeraldClient: `token` must be a string or a function returning one');
+      }
+      this.token = token;
+      // A callback, so that socket.io-client asks for the token on every (re)connect.
+      ioOptions.auth = (cb: (data: object) => void) => {
+        this.currentToken().then(
+          (t) => cb({ token: t }),
+          (err) => {
+            // Connect without: herald refuses (UNAUTHORIZED), reported with this cause.
+            this.tokenFailure = err;
+            cb({});
+          },
+        );
+      };
+    }
     this.socket = io(url, ioOptions);
+    const refreshable = typeof this.token === 'function';
+    const reconnection = ioOptions.reconnection !== false;
 
     const on = (name: string, fn: (...args: any[]) => void) => {
       this.socket.on(name, fn);
       this.detach.push(() => this.socket.off(name, fn));
     };
+    const reconnectIn = (delay: number) => {
+      if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
+      this.reconnectTimer = setTimeout(() => {
+        this.reconnectTimer = null;
+        if (!this.closed && !this.socket.connected && !this.socket.active) this.socket.connect();
+      }, delay);
+    };
     on('connect', () => {
+      this.tokenExpired = false;
+      this.authRetries = 0;
       for (const set of this.subs.values()) for (const sub of set) sub._sendSubscribe();
     });
+    on('connect_error', (err: Error) => {
+      let refusal = authErrorFromMessage(err?.message ?? '');
+      if (!refusal) return; // a network failure: socket.io-client retries by itself
+      if (this.tokenFailure !== undefined) {
+        const cause = this.tokenFailure;
+        refusal = new HeraldAuthError(
+          'UNAUTHORIZED',
+          `the token function failed: ${(cause as Error)?.message ?? String(cause)}`,
+          0,
+          { cause },
+        );
+      }
+      this.tokenFailure = undefined;
+      this.reportAuthError(refusal);
+      // socket.io-client never retries a handshake the server refused; a token function may
+      // do better next time, the same string cannot.
+      if (refreshable && reconnection && !this.closed) {
+        const base = ioOptions.reconnectionDelay ?? 1000;
+        const max = ioOptions.reconnectionDelayMax ?? 5000;
+        reconnectIn(Math.min(base * 2 ** this.authRetries, max));
+        this.authRetries += 1;
+      }
+    });
     on('disconnect', (reason: string) => {
-      if (
-        reason === 'io server disconnect' &&
-        !this.closed &&
-        reconnectOnServerDisconnect !== false &&
-        ioOptions.reconnection !== false
-      ) {
-        const delay = Math.min(ioOptions.reconnectionDelay ?? 1000, 1000);
-        if (this.reconnectTimer) clearTimeout(this.reconnectTimer);
-        this.reconnectTimer = setTimeout(() => {
-          this.reconnectTimer = null;
-          if (!this.closed && !this.socket.connected) this.socket.connect();
-        }, delay);
+      if (reason !== 'io server disconnect' || this.closed || !reconnection) return;
+      if (this.tokenExpired) {
+        // herald ended the socket because its token expired: a token function gets a fresh one
+        if (refreshable) reconnectIn(0);
+        return;
+      }
+      if (reconnectOnServerDisconnect !== false) reconnectIn(Math.min(ioOptions.reconnectionDelay ?? 1000, 1000));
+    });
+    on('error', (data: unknown) => {
+      const e = data as { code?: unknown; error?: unknown; sessionId?: unknown; seq?: unknown } | null;
+      if (!e || typeof e !== 'object' || typeof e.seq === 'number' || e.sessionId !== undefined) return;
+      if (e.code === 'TOKEN_EXPIRED') {
+        this.tokenExpired = true;
+        this.reportAuthError(new HeraldAuthError('TOKEN_EXPIRED', String(e.error ?? 'the token has expired')));
       }
     });
     for (const name of SESSION_EVENTS) {
@@ -344,6 +469,28 @@ export class HeraldClient {
     return this.request('POST', `/api/wizard/session/${encodeURIComponent(sessionId)}/cancel`, {});
   }
 
+  private reportAuthError(error: HeraldAuthError): void {
+    if (!this.onAuthError) return;
+    try {
+      this.onAuthError(error);
+    } catch (err) {
+      queueMicrotask(() => {
+        throw err;
+      });
+    }
+  }
+
+  /** The credential to send now (the token function's answer, if it is one). */
+  private async currentToken(): Promise<string | undefined> {
+    const source = this.token;
+    if (source === undefined || typeof source === 'string') return source;
+    const value = await source();
+    if (typeof value !== 'string' || value === '') {
+      throw new TypeError(`the token function returned ${JSON.stringify(value)}; it must return a non-empty string`);
+    }
+    return value;
+  }
+
   /** Unsubscribe everything and disconnect. */
   close(): void {
     if (this.closed) return;
@@ -358,6 +505,8 @@ export class HeraldClient {
   private async request<T>(method: string, path: string, body?: unknown): Promise<T> {
     const headers: Record<string, string> = { accept: 'application/json', ...this.headers };
     if (body !== undefined) headers['content-type'] = 'application/json';
+    const token = await this.currentToken();
+    if (token !== undefined) headers.authorization = `Bearer ${token}`;
     let res: Response;
     try {
       res = await fetch(this.httpUrl + path, {
@@ -377,11 +526,14 @@ export class HeraldClient {
     }
     if (!res.ok) {
       const e = parsed && parsed.error;
-      throw new HeraldError(
-        res.status,
-        (e && typeof e.code === 'string' && e.code) || `HTTP_${res.status}`,
-        (e && typeof e.message === 'string' && e.message) || text || res.statusText,
-      );
+      const code: string = (e && typeof e.code === 'string' && e.code) || `HTTP_${res.status}`;
+      const message: string = (e && typeof e.message === 'string' && e.message) || text || res.statusText;
+      if (isAuthCode(code)) throw new HeraldAuthError(code, message, res.status);
+      if (res.status === 401 || res.status === 403) {
+        // not herald's answer (a gateway, say): the status still says what it is
+        throw new HeraldAuthError(res.status === 401 ? 'UNAUTHORIZED' : 'FORBIDDEN', message, res.status);
+      }
+      throw new HeraldError(res.status, code, message);
     }
     return parsed as T;
   }

@@ -8,13 +8,14 @@
   into a herald cluster instead.
 """
 
-from .errors import HeraldError
+from .errors import AUTH_CODES, HeraldAuthError, HeraldError
 from .events import Clarification, Completed, Error, Event, ModelResult, Progress, PromptCounts, SessionEvent, parse_event
 from ._core import Subscription
 from .redis_publisher import RedisPublisher
 
 __all__ = [
-    "AsyncHeraldClient", "Clarification", "Completed", "Error", "Event", "HeraldClient", "HeraldError",
+    "AUTH_CODES", "AsyncHeraldClient", "Clarification", "Completed", "Error", "Event", "HeraldAuthError",
+    "HeraldClient", "HeraldError",
     "HeraldPublisher", "ModelResult", "Progress", "PromptCounts", "RedisPublisher", "SessionEvent",
     "Subscription", "parse_event",
 ]

@@ -12,7 +12,7 @@ import logging
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .errors import HeraldError
+from .errors import HeraldAuthError, HeraldError, make_error
 from .events import EVENT_NAMES, Event, parse_event
 
 log = logging.getLogger("herald_client")
@@ -49,17 +49,23 @@ class Subscription:
         return f"Subscription({self.session_id!r}, last_seq={self.last_seq}, epoch={self.epoch!r})"
 
 
-Action = Tuple[str, Subscription, Any]  # ("event", sub, Event) | ("resync", sub, head)
+# ("event", sub, Event) | ("resync", sub, head) | ("protocol_error", None, payload)
+# | ("auth_error", sub or None, HeraldAuthError)
+Action = Tuple[str, Subscription, Any]
 
 
 class _Core:
     def __init__(self, enqueue: Callable[[Action], None],
-                 on_protocol_error: Optional[Callable[[Dict[str, Any]], Any]]) -> None:
+                 on_protocol_error: Optional[Callable[[Dict[str, Any]], Any]],
+                 on_auth_error: Optional[Callable[[HeraldAuthError], Any]] = None) -> None:
         self._lock = threading.RLock()
         self._subs: Dict[str, Subscription] = {}
         self._connected = False
         self._enqueue = enqueue
         self._on_protocol_error = on_protocol_error
+        self._on_auth_error = on_auth_error
+        # herald said the socket's token expired (it disconnects it next); cleared on connect
+        self._token_expired = False
 
     # -- outgoing -------------------------------------------------------------------
     def _payload(self, sub: Subscription) -> Tuple[Dict[str, Any], int]:
@@ -77,6 +83,7 @@ class _Core:
     def _on_connected(self) -> List[Tuple[Subscription, Dict[str, Any], int]]:
         with self._lock:
             self._connected = True
+            self._token_expired = False
             return [(s, *self._payload(s)) for s in self._subs.values() if s.active]
 
     def _on_disconnected(self) -> None:
@@ -98,9 +105,15 @@ class _Core:
                 return
             if not isinstance(ack, dict) or not ack.get("ok"):
                 err = ack.get("error", {}) if isinstance(ack, dict) else {}
-                sub.error = HeraldError(None, str(err.get("code", "SUBSCRIBE_FAILED")), str(err.get("message", ack)))
+                if not isinstance(err, dict):
+                    err = {}
+                sub.error = make_error(None, str(err.get("code", "SUBSCRIBE_FAILED")), str(err.get("message", ack)))
                 sub.active = False
                 self._subs.pop(sub.session_id, None)
+                if sub.acked.is_set() and isinstance(sub.error, HeraldAuthError):
+                    # a re-subscribe after a reconnect (no subscribe() call waits for it): the
+                    # new token does not cover the session any more
+                    self._enqueue(("auth_error", sub, sub.error))
                 sub.acked.set()
                 return
             head = int(ack.get("lastSeq") or 0)
@@ -120,6 +133,10 @@ class _Core:
         if not isinstance(data, dict):
             return
         if data.get("seq") is None:
+            if name == "error" and data.get("code") == "TOKEN_EXPIRED" and not data.get("sessionId"):
+                # the socket's token expired: herald disconnects it next
+                self._token_expired = True
+                self._enqueue(("auth_error", None, HeraldAuthError("TOKEN_EXPIRED", str(data.get("error") or ""))))
             if name == "error" and self._on_protocol_error is not None:
                 self._enqueue(("protocol_error", None, data))  # type: ignore[arg-type]
             elif name == "error":
@@ -167,6 +184,13 @@ class _Core:
                 old.active = False
             self._subs[session_id] = sub
             return sub, (self._payload(sub) if self._connected else None)
+
+    def _forget(self, sub: Subscription) -> None:
+        """Drops a subscription whose subscribe() failed before it was sent."""
+        with self._lock:
+            sub.active = False
+            if self._subs.get(sub.session_id) is sub:
+                del self._subs[sub.session_id]
 
     def _unregister(self, session_id: str) -> bool:
         with self._lock:

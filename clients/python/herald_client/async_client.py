@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 import aiohttp
 import socketio
 
-from . import _http
+from . import _auth, _http
 from ._core import Action, EventCallback, ResyncCallback, Subscription, _Core, targets
-from .errors import HeraldError
+from .errors import HeraldAuthError, HeraldError, from_connect_error
 from .events import EVENT_NAMES
 
 log = logging.getLogger("herald_client")
@@ -28,15 +28,18 @@ class AsyncHeraldClient(_Core):
     """The asyncio twin of :class:`HeraldClient` (same options and methods, awaited).
 
     Callbacks may be plain functions or coroutine functions; they run one at a time, in
-    ``seq`` order, on the client's dispatcher task. Create it inside a running loop.
+    ``seq`` order, on the client's dispatcher task. ``token`` may also be a coroutine
+    function (or any callable returning an awaitable). Create it inside a running loop.
     """
 
     def __init__(self, url: str, *, transports: Optional[List[str]] = None, request_timeout: float = 10.0,
                  connect_timeout: float = 10.0, reconnection_delay: float = 0.2, reconnection_delay_max: float = 5.0,
                  headers: Optional[Mapping[str, str]] = None, api_key: Optional[str] = None,
-                 on_protocol_error: Optional[Any] = None) -> None:
+                 token: Optional[_auth.AsyncTokenSource] = None, on_protocol_error: Optional[Any] = None,
+                 on_auth_error: Optional[Callable[[HeraldAuthError], Any]] = None) -> None:
         self._queue: "asyncio.Queue[Optional[Action]]" = asyncio.Queue()
-        super().__init__(self._queue.put_nowait, on_protocol_error)
+        super().__init__(self._queue.put_nowait, on_protocol_error, on_auth_error)
+        self._token = _auth.credential_source(token, api_key)
         self.url = url.rstrip("/")
         self._transports = transports
         self._timeout = request_timeout
@@ -44,16 +47,18 @@ class AsyncHeraldClient(_Core):
         self._delay = reconnection_delay
         self._delay_max = reconnection_delay_max
         self._headers = dict(headers or {})
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
         self._http: Optional[aiohttp.ClientSession] = None
         self._closed = False
         self._connect_lock = asyncio.Lock()
         self._reconnect_task: Optional[asyncio.Task] = None
+        self._connecting = False
+        self._refusal: Optional[HeraldError] = None
+        self._token_failure: Optional[BaseException] = None
         self._sio = socketio.AsyncClient(reconnection=True, reconnection_delay=reconnection_delay,
                                          reconnection_delay_max=reconnection_delay_max, logger=False,
                                          engineio_logger=False)
         self._sio.on("connect", self._on_connect)
+        self._sio.on("connect_error", self._on_connect_error)
         self._sio.on("disconnect", self._on_disconnect)
         for name in EVENT_NAMES:
             self._sio.on(name, self._make_handler(name))
@@ -64,16 +69,46 @@ class AsyncHeraldClient(_Core):
         return self._sio.connected
 
     async def connect(self) -> None:
+        """See :meth:`HeraldClient.connect`."""
         async with self._connect_lock:
             if self._sio.connected:
                 return
-            kwargs: Dict[str, Any] = {"wait_timeout": self._connect_timeout, "headers": self._headers}
+            kwargs: Dict[str, Any] = {"wait_timeout": self._connect_timeout, "headers": self._headers,
+                                      "auth": self._socket_auth}
             if self._transports:
                 kwargs["transports"] = self._transports
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._connect_timeout
+            while self._sio.eio.state != "disconnected" and loop.time() < deadline:
+                await asyncio.sleep(0.01)  # see HeraldClient.connect
+            self._refusal = None
+            self._token_failure = None
+            self._connecting = True
             try:
                 await self._sio.connect(self.url, **kwargs)
-            except socketio.exceptions.ConnectionError as e:
+            except (socketio.exceptions.ConnectionError, ValueError) as e:
+                if self._token_failure is not None:
+                    raise self._token_failure
+                if self._refusal is not None:
+                    raise self._refusal from e
                 raise HeraldError(None, "CONNECTION_FAILED", str(e)) from e
+            finally:
+                self._connecting = False
+
+    async def _socket_auth(self) -> Dict[str, str]:
+        """socket.io's ``auth``; python-socketio awaits it on every (re)connect."""
+        try:
+            token = await _auth.resolve_async(self._token)
+        except Exception as e:
+            self._token_failure = e
+            log.warning("the token callable failed: %r", e)
+            return {}
+        return {"token": token} if token else {}
+
+    async def _on_connect_error(self, data: Any = None, *_: Any) -> None:
+        self._refusal = from_connect_error(data)
+        if not self._connecting and isinstance(self._refusal, HeraldAuthError):
+            self._queue.put_nowait(("auth_error", None, self._refusal))
 
     async def _on_connect(self) -> None:
         for sub, payload, gen in self._on_connected():
@@ -83,6 +118,9 @@ class AsyncHeraldClient(_Core):
         self._on_disconnected()
         if reason == socketio.AsyncClient.reason.SERVER_DISCONNECT and not self._closed and (
                 self._reconnect_task is None or self._reconnect_task.done()):
+            if self._token_expired and not callable(self._token):
+                log.warning("herald disconnected the socket: its token expired (pass token= a callable to refresh)")
+                return
             self._reconnect_task = asyncio.get_running_loop().create_task(self._reconnect_loop())
 
     async def _reconnect_loop(self) -> None:
@@ -91,12 +129,19 @@ class AsyncHeraldClient(_Core):
             await asyncio.sleep(delay)
             if self._closed or self._sio.connected:
                 return
+            if self._token_expired and not callable(self._token):
+                return
             try:
                 await self.connect()
                 return
+            except HeraldAuthError as e:
+                self._queue.put_nowait(("auth_error", None, e))
+                if not callable(self._token):
+                    return
+                log.debug("reconnect refused: %s", e)
             except Exception as e:
                 log.debug("reconnect failed: %s", e)
-                delay = min(delay * 2, self._delay_max)
+            delay = min(delay * 2, self._delay_max)
 
     def _make_handler(self, name: str):
         async def handler(data: Any = None, *_: Any) -> None:
@@ -117,7 +162,11 @@ class AsyncHeraldClient(_Core):
         if send is not None:
             await self._sio.emit("subscribe", send[0], callback=self._ack_callback(sub, send[1]))
         else:
-            await self.connect()
+            try:
+                await self.connect()
+            except Exception:
+                self._forget(sub)
+                raise
         deadline = asyncio.get_running_loop().time() + (timeout or self._timeout)
         while not sub.acked.is_set():
             if asyncio.get_running_loop().time() > deadline:
@@ -146,6 +195,11 @@ class AsyncHeraldClient(_Core):
                         await _call(sub.on_resync, await self.get_session(sub.session_id))
                 elif kind == "protocol_error" and self._on_protocol_error is not None:
                     await _call(self._on_protocol_error, arg)
+                elif kind == "auth_error":
+                    if self._on_auth_error is not None:
+                        await _call(self._on_auth_error, arg)
+                    else:
+                        log.warning("herald: %s", arg)
             except Exception:
                 log.exception("herald callback failed")
 
@@ -154,8 +208,9 @@ class AsyncHeraldClient(_Core):
         if self._http is None:
             self._http = aiohttp.ClientSession(headers=self._headers,
                                                timeout=aiohttp.ClientTimeout(total=self._timeout))
+        headers = _auth.bearer(await _auth.resolve_async(self._token))
         try:
-            async with self._http.request(method, self.url + path, **kwargs) as r:
+            async with self._http.request(method, self.url + path, headers=headers or None, **kwargs) as r:
                 text = await r.text()
                 status = r.status
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:

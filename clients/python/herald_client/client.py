@@ -6,14 +6,14 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 import requests
 import socketio
 
-from . import _http
+from . import _auth, _http
 from ._core import Action, EventCallback, ResyncCallback, Subscription, _Core, targets
-from .errors import HeraldError
+from .errors import HeraldAuthError, HeraldError, from_connect_error
 from .events import EVENT_NAMES
 
 log = logging.getLogger("herald_client")
@@ -24,8 +24,12 @@ class HeraldClient(_Core):
 
     Options: ``transports`` (e.g. ``["websocket"]``), ``request_timeout`` (s, HTTP),
     ``connect_timeout`` (s), ``reconnection_delay`` / ``reconnection_delay_max`` (s),
-    ``headers`` (extra HTTP/handshake headers), ``api_key`` (sent as a Bearer token),
-    ``on_protocol_error`` (called with refused-request ``error`` payloads, which have no seq).
+    ``headers`` (extra HTTP/handshake headers), ``token`` (a JWT or API key, or a callable
+    returning a fresh one: called on every (re)connect and before every HTTP call),
+    ``api_key`` (the same as a static ``token``), ``on_protocol_error`` (called with
+    refused-request ``error`` payloads, which have no seq), ``on_auth_error`` (called with
+    a :class:`HeraldAuthError` for auth failures no call of yours raises: a token expiring
+    on the live socket, a refused reconnect or re-subscribe).
 
     Callbacks run one at a time, in ``seq`` order, on the client's dispatcher thread.
     """
@@ -33,9 +37,11 @@ class HeraldClient(_Core):
     def __init__(self, url: str, *, transports: Optional[List[str]] = None, request_timeout: float = 10.0,
                  connect_timeout: float = 10.0, reconnection_delay: float = 0.2, reconnection_delay_max: float = 5.0,
                  headers: Optional[Mapping[str, str]] = None, api_key: Optional[str] = None,
-                 on_protocol_error: Optional[Any] = None) -> None:
+                 token: Optional[_auth.TokenSource] = None, on_protocol_error: Optional[Any] = None,
+                 on_auth_error: Optional[Callable[[HeraldAuthError], Any]] = None) -> None:
         self._queue: "queue.Queue[Optional[Action]]" = queue.Queue()
-        super().__init__(self._queue.put, on_protocol_error)
+        super().__init__(self._queue.put, on_protocol_error, on_auth_error)
+        self._token = _auth.credential_source(token, api_key)
         self.url = url.rstrip("/")
         self._transports = transports
         self._timeout = request_timeout
@@ -43,16 +49,18 @@ class HeraldClient(_Core):
         self._delay = reconnection_delay
         self._delay_max = reconnection_delay_max
         self._headers = dict(headers or {})
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
         self._http = requests.Session()
         self._http.headers.update(self._headers)
         self._closed = False
         self._connect_lock = threading.Lock()
         self._reconnecting = False
+        self._connecting = False
+        self._refusal: Optional[HeraldError] = None  # the last connect_error, as an error
+        self._token_failure: Optional[BaseException] = None  # the token callable raised
         self._sio = socketio.Client(reconnection=True, reconnection_delay=reconnection_delay,
                                     reconnection_delay_max=reconnection_delay_max, logger=False, engineio_logger=False)
         self._sio.on("connect", self._on_connect)
+        self._sio.on("connect_error", self._on_connect_error)
         self._sio.on("disconnect", self._on_disconnect)
         for name in EVENT_NAMES:
             self._sio.on(name, self._make_handler(name))
@@ -65,17 +73,50 @@ class HeraldClient(_Core):
         return self._sio.connected
 
     def connect(self) -> None:
-        """Connects (subscribe() does this by itself). Reconnects happen automatically."""
+        """Connects (subscribe() does this by itself). Reconnects happen automatically.
+
+        Raises :class:`HeraldAuthError` when herald refuses the credential, or what the
+        token callable raised."""
         with self._connect_lock:
             if self._sio.connected:
                 return
-            kwargs: Dict[str, Any] = {"wait_timeout": self._connect_timeout, "headers": self._headers}
+            kwargs: Dict[str, Any] = {"wait_timeout": self._connect_timeout, "headers": self._headers,
+                                      "auth": self._socket_auth}
             if self._transports:
                 kwargs["transports"] = self._transports
+            # python-socketio reports a disconnect before its Engine.IO client has closed,
+            # and refuses to connect until it has
+            deadline = time.monotonic() + self._connect_timeout
+            while self._sio.eio.state != "disconnected" and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self._refusal = None
+            self._token_failure = None
+            self._connecting = True
             try:
                 self._sio.connect(self.url, **kwargs)
-            except socketio.exceptions.ConnectionError as e:
+            except (socketio.exceptions.ConnectionError, ValueError) as e:
+                if self._token_failure is not None:
+                    raise self._token_failure
+                if self._refusal is not None:
+                    raise self._refusal from e
                 raise HeraldError(None, "CONNECTION_FAILED", str(e)) from e
+            finally:
+                self._connecting = False
+
+    def _socket_auth(self) -> Dict[str, str]:
+        """socket.io's ``auth``, fetched on every (re)connect python-socketio makes."""
+        try:
+            token = _auth.resolve(self._token)
+        except Exception as e:
+            self._token_failure = e
+            log.warning("the token callable failed: %r", e)
+            return {}
+        return {"token": token} if token else {}
+
+    def _on_connect_error(self, data: Any = None, *_: Any) -> None:
+        self._refusal = from_connect_error(data)
+        if not self._connecting and isinstance(self._refusal, HeraldAuthError):
+            self._queue.put(("auth_error", None, self._refusal))  # python-socketio's own reconnect
 
     def _on_connect(self) -> None:
         for sub, payload, gen in self._on_connected():
@@ -83,8 +124,12 @@ class HeraldClient(_Core):
 
     def _on_disconnect(self, reason: Any = None) -> None:
         self._on_disconnected()
-        # A server-side disconnect (e.g. a node draining) is not retried by python-socketio.
+        # A server-side disconnect (a token expiring, a node draining) is not retried by
+        # python-socketio. Reconnecting with a static token that expired cannot succeed.
         if reason == socketio.Client.reason.SERVER_DISCONNECT and not self._closed and not self._reconnecting:
+            if self._token_expired and not callable(self._token):
+                log.warning("herald disconnected the socket: its token expired (pass token= a callable to refresh)")
+                return
             self._reconnecting = True
             threading.Thread(target=self._reconnect_loop, name="herald-reconnect", daemon=True).start()
 
@@ -95,12 +140,19 @@ class HeraldClient(_Core):
                 time.sleep(delay)
                 if self._closed or self._sio.connected:
                     return
+                if self._token_expired and not callable(self._token):
+                    return
                 try:
                     self.connect()
                     return
+                except HeraldAuthError as e:
+                    self._queue.put(("auth_error", None, e))
+                    if not callable(self._token):
+                        return  # the same credential again cannot do better
+                    log.debug("reconnect refused: %s", e)
                 except Exception as e:  # keep trying until closed
                     log.debug("reconnect failed: %s", e)
-                    delay = min(delay * 2, self._delay_max)
+                delay = min(delay * 2, self._delay_max)
         finally:
             self._reconnecting = False
 
@@ -129,7 +181,11 @@ class HeraldClient(_Core):
         if send is not None:
             self._sio.emit("subscribe", send[0], callback=self._ack_callback(sub, send[1]))
         else:
-            self.connect()
+            try:
+                self.connect()
+            except Exception:
+                self._forget(sub)
+                raise
         if not sub.acked.wait(timeout or self._timeout):
             raise HeraldError(None, "TIMEOUT", f"no answer to subscribe {session_id!r}")
         if sub.error is not None:
@@ -155,13 +211,19 @@ class HeraldClient(_Core):
                         sub.on_resync(self.get_session(sub.session_id))
                 elif kind == "protocol_error" and self._on_protocol_error is not None:
                     self._on_protocol_error(arg)
+                elif kind == "auth_error":
+                    if self._on_auth_error is not None:
+                        self._on_auth_error(arg)
+                    else:
+                        log.warning("herald: %s", arg)
             except Exception:
                 log.exception("herald callback failed")
 
     # -- HTTP API --------------------------------------------------------------------
     def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        headers = _auth.bearer(_auth.resolve(self._token))
         try:
-            r = self._http.request(method, self.url + path, timeout=self._timeout, **kwargs)
+            r = self._http.request(method, self.url + path, timeout=self._timeout, headers=headers or None, **kwargs)
         except requests.RequestException as e:
             raise HeraldError(None, "CONNECTION_FAILED", str(e)) from e
         try:

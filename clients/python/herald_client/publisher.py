@@ -8,7 +8,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import requests
 
-from . import _http
+from . import _auth, _http
 from .errors import HeraldError
 from .events import EVENT_NAMES
 
@@ -25,17 +25,22 @@ class HeraldPublisher:
     Returns herald's answer: ``{"accepted", "duplicates", "lastSeq", "seqs"}``.
     Field names may be given in snake_case (``has_clarifications=True``): top-level keys
     are sent in camelCase.
+
+    Credentials: ``api_key`` (a key with the ``publish`` scope) or ``token`` (a JWT with
+    ``publish`` whose ``sessions`` cover the session, or a callable returning a fresh one,
+    called before every attempt), sent as ``Authorization: Bearer``. A refusal (401, 403)
+    raises :class:`HeraldAuthError` at once, without retries.
     """
 
-    def __init__(self, url: str, api_key: Optional[str] = None, *, retries: int = 3, backoff: float = 0.2,
-                 timeout: float = 10.0, session: Optional[requests.Session] = None) -> None:
+    def __init__(self, url: str, api_key: Optional[str] = None, *, token: Optional[_auth.TokenSource] = None,
+                 retries: int = 3, backoff: float = 0.2, timeout: float = 10.0,
+                 session: Optional[requests.Session] = None) -> None:
         self.url = url.rstrip("/")
         self.retries = retries
         self.backoff = backoff
         self.timeout = timeout
         self._http = session or requests.Session()
-        if api_key:
-            self._http.headers["Authorization"] = f"Bearer {api_key}"
+        self._token = _auth.credential_source(token, api_key)
 
     # -- one call per event type -------------------------------------------------------
     def progress(self, session_id: str, *, idempotency_key: Optional[str] = None, **fields: Any) -> Dict[str, Any]:
@@ -86,8 +91,9 @@ class HeraldPublisher:
         url = f"{self.url}/api/sessions/{_http.session_path(session_id)}/events"
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
+            headers = _auth.bearer(_auth.resolve(self._token))
             try:
-                r = self._http.post(url, json=body, timeout=self.timeout)
+                r = self._http.post(url, json=body, timeout=self.timeout, headers=headers or None)
             except requests.RequestException as e:
                 if last:
                     raise HeraldError(None, "CONNECTION_FAILED", str(e)) from e
