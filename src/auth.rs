@@ -640,6 +640,9 @@ fn refusal(kind: ErrorKind, validation: &Validation) -> AuthError {
         }),
         ErrorKind::InvalidIssuer => invalid("wrong issuer (`iss`)".into()),
         ErrorKind::ImmatureSignature => invalid("the token is not valid yet (`nbf`)".into()),
+        ErrorKind::MissingRequiredClaim(claim) if claim == "aud" => {
+            invalid("the `aud` claim is required: tokens must name this server's audience".into())
+        }
         ErrorKind::MissingRequiredClaim(claim) => {
             invalid(format!("the `{claim}` claim is required"))
         }
