@@ -376,7 +376,7 @@ impl Cluster {
 
     fn on_announcement(&self, hub: &Hub, payload: &str) {
         match Announcement::parse(payload) {
-            Some(a) => hub.announce(a.session_id, a.epoch, a.last_seq),
+            Some(a) => hub.announce(a.session_id, &a.epoch, a.last_seq),
             None => tracing::warn!(payload, "malformed announcement"),
         }
     }

@@ -17,7 +17,7 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, Value as RedisValue};
 use serde_json::value::RawValue;
 
-use super::{AppendOutcome, Appended, EventLog, LogError, LogHead, LogSlice, LoggedEvent};
+use super::{AppendOutcome, Appended, Epoch, EventLog, LogError, LogHead, LogSlice, LoggedEvent};
 use crate::event::{EventDraft, EventKind, finalize_body, with_identity};
 
 /// Idempotency keys remembered per session; the oldest are forgotten first.
@@ -132,7 +132,7 @@ pub fn announcement_channel(prefix: &str) -> String {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Announcement<'a> {
     pub last_seq: u64,
-    pub epoch: &'a str,
+    pub epoch: Epoch,
     pub session_id: &'a str,
 }
 
@@ -140,7 +140,7 @@ impl<'a> Announcement<'a> {
     pub fn parse(payload: &'a str) -> Option<Self> {
         let mut parts = payload.splitn(3, ' ');
         let last_seq = parts.next()?.parse().ok()?;
-        let epoch = parts.next().filter(|e| !e.is_empty())?;
+        let epoch = Epoch::parse(parts.next()?)?;
         let session_id = parts.next().filter(|s| !s.is_empty())?;
         Some(Self {
             last_seq,
@@ -222,7 +222,7 @@ impl EventLog for RedisLog {
             .key(&keys_key)
             .arg(self.max_events)
             .arg(MAX_KEYS_PER_SESSION)
-            .arg(uuid::Uuid::new_v4().simple().to_string())
+            .arg(Epoch::fresh().as_str())
             .arg(self.channel())
             .arg(session_id);
         let mut bodies = Vec::with_capacity(drafts.len());
@@ -240,6 +240,8 @@ impl EventLog for RedisLog {
             .invoke_async(&mut self.redis.clone())
             .await
             .map_err(backend)?;
+        let epoch = Epoch::parse(&epoch)
+            .ok_or_else(|| LogError::Backend("the append script returned no epoch".into()))?;
         let mut seqs = Vec::with_capacity(raw_seqs.len());
         let mut appended = Vec::new();
         for ((kind, body, before, after), raw) in bodies.into_iter().zip(raw_seqs) {
@@ -255,16 +257,13 @@ impl EventLog for RedisLog {
             });
         }
         let duplicates = seqs.len() - appended.len();
-        let head = LogHead {
-            last_seq,
-            first_seq: first_retained(last_seq, retained),
-            epoch,
-        };
         Ok(AppendOutcome {
             appended,
             seqs,
             duplicates,
-            head,
+            epoch,
+            last_seq,
+            first_seq: first_retained(last_seq, retained),
         })
     }
 
@@ -296,7 +295,8 @@ impl EventLog for RedisLog {
             .arg(limit);
         let (fields, retained, entries): (HeadFields, u64, RedisValue) = self.query(&pipe).await?;
         let head = to_head((fields, retained));
-        let events = if head.epoch.is_empty() {
+        // Entries without a head are an earlier incarnation's leftovers.
+        let events = if head.epoch.is_none() {
             Vec::new()
         } else {
             parse_entries(entries)?
@@ -341,7 +341,7 @@ fn to_head(((seq, epoch), retained): (HeadFields, u64)) -> LogHead {
     LogHead {
         last_seq,
         first_seq: first_retained(last_seq, retained),
-        epoch: epoch.unwrap_or_default(),
+        epoch: epoch.as_deref().and_then(Epoch::parse),
     }
 }
 
@@ -382,7 +382,7 @@ fn parse_entries(entries: RedisValue) -> Result<Vec<Arc<LoggedEvent>>, LogError>
 
 #[cfg(test)]
 mod tests {
-    use super::Announcement;
+    use super::{Announcement, Epoch};
 
     #[test]
     fn announcements_decode_what_the_append_script_encodes() {
@@ -390,7 +390,7 @@ mod tests {
             Announcement::parse("42 e1 user:7-a b"),
             Some(Announcement {
                 last_seq: 42,
-                epoch: "e1",
+                epoch: Epoch::parse("e1").unwrap(),
                 session_id: "user:7-a b",
             })
         );

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{SessionStore, SessionSummary, Snapshot, StoreError};
 use crate::event::{SessionStatus, now_timestamp};
-use crate::log::Appended;
+use crate::log::{Appended, Epoch};
 
 /// A std mutex: the critical sections fold a few fields and never await.
 #[derive(Default)]
@@ -28,7 +28,7 @@ impl SessionStore for MemoryStore {
     async fn apply(
         &self,
         session_id: &str,
-        epoch: &str,
+        epoch: &Epoch,
         events: &[Appended],
     ) -> Result<(), StoreError> {
         if events.is_empty() {

@@ -17,7 +17,7 @@ pub use memory::MemoryStore;
 pub use redis::RedisStore;
 
 use crate::event::{ClarificationStatus, EventKind, SessionStatus};
-use crate::log::Appended;
+use crate::log::{Appended, Epoch};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PromptCounts {
@@ -52,7 +52,7 @@ pub struct SessionSummary {
     pub has_clarifications: bool,
     pub clarification_count: usize,
     pub last_seq: u64,
-    pub epoch: String,
+    pub epoch: Epoch,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -76,7 +76,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn new(session_id: &str, epoch: &str, timestamp: String) -> Self {
+    pub fn new(session_id: &str, epoch: &Epoch, timestamp: String) -> Self {
         Self {
             summary: SessionSummary {
                 session_id: session_id.to_owned(),
@@ -86,7 +86,7 @@ impl Snapshot {
                 has_clarifications: false,
                 clarification_count: 0,
                 last_seq: 0,
-                epoch: epoch.to_owned(),
+                epoch: epoch.clone(),
                 created_at: timestamp.clone(),
                 updated_at: timestamp,
             },
@@ -100,8 +100,8 @@ impl Snapshot {
     }
 
     /// Folds logged events into the snapshot.
-    pub fn apply(&mut self, events: &[Appended], epoch: &str) {
-        if self.summary.epoch != epoch {
+    pub fn apply(&mut self, events: &[Appended], epoch: &Epoch) {
+        if self.summary.epoch != *epoch {
             // The log was recreated under us: the old fold no longer describes it.
             let metadata = std::mem::take(&mut self.metadata);
             *self = Snapshot::new(
@@ -234,7 +234,7 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn apply(
         &self,
         session_id: &str,
-        epoch: &str,
+        epoch: &Epoch,
         events: &[Appended],
     ) -> Result<(), StoreError>;
     async fn get(&self, session_id: &str) -> Result<Option<Snapshot>, StoreError>;

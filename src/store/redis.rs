@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::{SessionStore, SessionSummary, Snapshot, StoreError};
 use crate::event::{SessionStatus, now_timestamp};
-use crate::log::{Appended, EventLog, once_more};
+use crate::log::{Appended, Epoch, EventLog, once_more};
 
 /// KEYS: snapshot, sessions index, ended index. ARGV: the JSON read (`""` if none), the
 /// JSON to write, session id, created (ms), ended (ms, or `""` while running).
@@ -149,7 +149,7 @@ impl SessionStore for RedisStore {
     async fn apply(
         &self,
         session_id: &str,
-        epoch: &str,
+        epoch: &Epoch,
         events: &[Appended],
     ) -> Result<(), StoreError> {
         let (Some(first), Some(last)) = (events.first(), events.last()) else {
@@ -162,7 +162,7 @@ impl SessionStore for RedisStore {
                 Some(json) => serde_json::from_str::<Snapshot>(json).map_err(backend)?,
                 None => Snapshot::new(session_id, epoch, now_timestamp()),
             };
-            let same_log = snapshot.summary.epoch == epoch;
+            let same_log = snapshot.summary.epoch == *epoch;
             if !same_log {
                 // The log was recreated: start the fold over (metadata is kept).
                 snapshot.apply(&[], epoch);
