@@ -19,10 +19,9 @@ use std::time::{Duration, Instant};
 use common::is_timestamp;
 use common::redis::RedisServer;
 use herald::event::{EventDraft, EventKind, SessionStatus};
-use herald::log::{
-    AppendOutcome, Appended, Epoch, EventLog, LogHead, LoggedEvent, MemoryLog, RedisLog,
-};
-use herald::store::{MemoryStore, RedisStore, SessionStore, Snapshot};
+use herald::log::{AppendOutcome, Appended, Epoch, EventLog, LogHead, LoggedEvent, MemoryLog};
+use herald::redis::{Announcement, Keys, RedisLog, RedisStore};
+use herald::store::{MemoryStore, SessionStore, Snapshot};
 use serde_json::{Map, Value, json};
 
 /// Retention large enough that nothing is trimmed.
@@ -1293,7 +1292,7 @@ async fn redis_log_starts_a_new_incarnation_when_the_head_hash_is_lost() {
     let client = redis::Client::open(server.url()).unwrap();
     let mut raw = client.get_multiplexed_async_connection().await.unwrap();
     let deleted: i64 = redis::cmd("DEL")
-        .arg(format!("{prefix}:head:{sid}"))
+        .arg(Keys::new(&prefix).head(sid))
         .query_async(&mut raw)
         .await
         .unwrap();
@@ -1314,4 +1313,46 @@ async fn redis_log_starts_a_new_incarnation_when_the_head_hash_is_lost() {
     // And it goes on from there.
     let next = append(&*log, sid, vec![progress(4)]).await;
     assert_eq!(next.seqs, [Some(2)]);
+}
+
+/// What the append script publishes is what `Announcement::parse` reads: one announcement
+/// per append that logged something (the session's new head and epoch), none for a batch of
+/// duplicates only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_log_announces_each_append_in_the_format_nodes_decode() {
+    use futures_util::StreamExt;
+
+    let server = RedisServer::start().await;
+    let prefix = prefix("announce");
+    let log = redis_log(&server, &prefix, KEEP_ALL).await;
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .subscribe(Keys::new(&prefix).announcements())
+        .await
+        .unwrap();
+    let mut messages = pubsub.on_message();
+    let sid = "s-announce:1";
+
+    let first = append(&*log, sid, vec![keyed("k", progress(1)), progress(2)]).await;
+    let duplicate = append(&*log, sid, vec![keyed("k", progress(1))]).await;
+    assert!(duplicate.appended.is_empty());
+    let second = append(&*log, sid, vec![progress(3)]).await;
+
+    for out in [&first, &second] {
+        let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .expect("an append is announced")
+            .unwrap();
+        let payload: String = message.get_payload().unwrap();
+        assert_eq!(
+            Announcement::parse(&payload),
+            Some(Announcement {
+                last_seq: out.last_seq,
+                epoch: out.epoch.clone(),
+                session_id: sid,
+            }),
+            "{payload:?}"
+        );
+    }
 }

@@ -1,4 +1,5 @@
-//! The per-session event log: the only place that assigns `seq`.
+//! The per-session event log behind [`EventLog`]: the only place that assigns `seq`
+//! ([`MemoryLog`] here; [`crate::redis::RedisLog`] in Redis).
 //!
 //! Each session's log numbers its events 1, 2, 3, … with no gaps, keeps the newest
 //! `max_events` of them for replay and history, remembers accepted idempotency keys, and
@@ -8,7 +9,6 @@
 
 mod epoch;
 mod memory;
-mod redis;
 
 use std::sync::Arc;
 
@@ -18,9 +18,6 @@ use serde_json::{Map, Value};
 
 pub use epoch::Epoch;
 pub use memory::MemoryLog;
-pub use redis::{
-    Announcement, RedisLog, announcement_channel, connect as connect_redis, once_more,
-};
 
 use crate::event::{EventDraft, EventKind};
 

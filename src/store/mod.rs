@@ -2,10 +2,10 @@
 //!
 //! The snapshot is what `GET /api/wizard/session/{id}` returns and what a client refetches
 //! when it cannot be brought up to date by replay. It is derived from the log only, so the
-//! fold ([`Snapshot::apply`]) is shared by every backend.
+//! fold ([`Snapshot::apply`]) is shared by every backend ([`MemoryStore`] here;
+//! [`crate::redis::RedisStore`] in Redis).
 
 mod memory;
-mod redis;
 
 use std::time::Instant;
 
@@ -14,7 +14,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use memory::MemoryStore;
-pub use redis::RedisStore;
 
 use crate::event::{ClarificationStatus, EventKind, SessionStatus};
 use crate::log::{Appended, Epoch};
