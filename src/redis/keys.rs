@@ -4,6 +4,11 @@ use std::sync::Arc;
 
 /// Every key and channel name under one prefix (`--redis-prefix`); nothing else in herald
 /// spells one. Nodes with the same prefix on the same Redis form one cluster.
+///
+/// A session's keys hold its id in a Redis Cluster hash tag (`{<session>}`), so they all
+/// hash to one slot and the scripts and transactions that use several of them stay on one
+/// shard. (Session ids never contain braces; a prefix should not either, or its own braces
+/// would be taken for the tag.)
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: Arc<str>,
@@ -20,14 +25,14 @@ impl Keys {
     }
 
     fn session(&self, kind: &str, session_id: &str) -> String {
-        format!("{}:{kind}:{session_id}", self.prefix)
+        format!("{}:{kind}:{{{session_id}}}", self.prefix)
     }
 
     fn shared(&self, name: &str) -> String {
         format!("{}:{name}", self.prefix)
     }
 
-    // Per session.
+    // Per session (hash-tagged).
 
     /// Hash of the session's log head (`seq`, `epoch`): the log's incarnation.
     pub fn head(&self, session_id: &str) -> String {
@@ -111,10 +116,10 @@ mod tests {
     fn names() {
         let keys = Keys::new("herald");
         let session = "user:7.a-b";
-        assert_eq!(keys.head(session), "herald:head:user:7.a-b");
-        assert_eq!(keys.log(session), "herald:log:user:7.a-b");
-        assert_eq!(keys.idempotency_keys(session), "herald:keys:user:7.a-b");
-        assert_eq!(keys.snapshot(session), "herald:snap:user:7.a-b");
+        assert_eq!(keys.head(session), "herald:head:{user:7.a-b}");
+        assert_eq!(keys.log(session), "herald:log:{user:7.a-b}");
+        assert_eq!(keys.idempotency_keys(session), "herald:keys:{user:7.a-b}");
+        assert_eq!(keys.snapshot(session), "herald:snap:{user:7.a-b}");
         assert_eq!(keys.sessions(), "herald:sessions");
         assert_eq!(keys.ended(), "herald:ended");
         assert_eq!(keys.announcements(), "herald:events");
@@ -125,5 +130,30 @@ mod tests {
         assert_eq!(keys.ingest(), "herald:ingest");
         assert_eq!(keys.ingest_errors(), "herald:ingest:errors");
         assert_eq!(keys.ingest_lease(), "herald:ingest:lease");
+    }
+
+    /// Redis Cluster hashes only what is between the first `{` and the next `}`.
+    fn hash_tag(key: &str) -> &str {
+        let Some(open) = key.find('{') else {
+            return key;
+        };
+        match key[open + 1..].find('}') {
+            Some(len) if len > 0 => &key[open + 1..open + 1 + len],
+            _ => key,
+        }
+    }
+
+    #[test]
+    fn a_sessions_keys_share_one_hash_slot() {
+        let keys = Keys::new("herald-test:x");
+        let session = "s-1";
+        for key in [
+            keys.head(session),
+            keys.log(session),
+            keys.idempotency_keys(session),
+            keys.snapshot(session),
+        ] {
+            assert_eq!(hash_tag(&key), session, "{key}");
+        }
     }
 }
