@@ -506,9 +506,9 @@ async fn history(
         .await?;
     let (after, limit) = (query.after, query.page()?);
     let slice = state.hub.history(&session_id, after, limit).await?;
-    if slice.head.epoch.is_empty() {
+    let Some(epoch) = &slice.head.epoch else {
         return Err(ApiError::not_found(&session_id));
-    }
+    };
     let events: Vec<HistoryItem> = slice
         .events
         .iter()
@@ -521,7 +521,7 @@ async fn history(
     let next_after = slice.events.last().map_or(after, |e| e.seq);
     Ok(Json(json!({
         "sessionId": session_id,
-        "epoch": slice.head.epoch,
+        "epoch": epoch,
         "lastSeq": slice.head.last_seq,
         "firstSeq": slice.head.first_seq,
         "truncated": is_truncated(after, slice.head.first_seq),

@@ -22,7 +22,7 @@ use socketioxide::{BroadcastError, SocketError, SocketIo};
 
 use crate::event::SessionStatus;
 use crate::event::{EventDraft, now_timestamp};
-use crate::log::{Appended, EventLog, LogError, LogHead, LogSlice, LoggedEvent};
+use crate::log::{Appended, Epoch, EventLog, LogError, LogHead, LogSlice, LoggedEvent};
 use crate::metrics::Metrics;
 use crate::store::{Origin, SessionStore, SessionSummary, Snapshot, StoreError};
 
@@ -62,7 +62,7 @@ pub struct Published {
 #[derive(Debug, Clone, Default)]
 pub struct Resume {
     pub last_seq: u64,
-    pub epoch: Option<String>,
+    pub epoch: Option<Epoch>,
 }
 
 /// The reply to a subscribe.
@@ -72,7 +72,9 @@ pub struct Subscribed {
     pub session_id: String,
     pub timestamp: String,
     pub last_seq: u64,
-    pub epoch: String,
+    /// `""` on the wire while the session has no log.
+    #[serde(serialize_with = "Epoch::serialize_wire")]
+    pub epoch: Option<Epoch>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub recovered: Option<bool>,
 }
@@ -83,8 +85,8 @@ struct Cursor {
     /// Every local room member has every event up to here and gets later ones live.
     delivered: u64,
     /// The log incarnation `delivered` counts in: `None` until the cursor is first used,
-    /// `Some("")` when a socket followed the session before its log existed.
-    epoch: Option<String>,
+    /// `Some(None)` when a socket followed the session before its log existed.
+    epoch: Option<Option<Epoch>>,
 }
 
 type Gate = Arc<tokio::sync::Mutex<Cursor>>;
@@ -92,14 +94,17 @@ type Gate = Arc<tokio::sync::Mutex<Cursor>>;
 /// The newest append another node announced for a session: its log incarnation and `seq`.
 #[derive(Debug)]
 struct Announced {
-    epoch: String,
+    epoch: Epoch,
     seq: u64,
 }
 
 impl Cursor {
     /// Whether this node has delivered what `announced` says was logged.
     fn covers(&self, announced: &Announced) -> bool {
-        self.epoch.as_deref() == Some(announced.epoch.as_str()) && announced.seq <= self.delivered
+        self.epoch
+            .as_ref()
+            .is_some_and(|e| e.as_ref() == Some(&announced.epoch))
+            && announced.seq <= self.delivered
     }
 }
 
@@ -113,13 +118,13 @@ struct Replay<'a> {
     socket: &'a SocketRef,
     /// The socket has every event up to here.
     sent: u64,
-    epoch: String,
+    epoch: Option<Epoch>,
     pending: std::collections::VecDeque<Arc<LoggedEvent>>,
     count: u64,
 }
 
 impl<'a> Replay<'a> {
-    fn new(socket: &'a SocketRef, after: u64, epoch: String) -> Self {
+    fn new(socket: &'a SocketRef, after: u64, epoch: Option<Epoch>) -> Self {
         Self {
             socket,
             sent: after,
@@ -239,18 +244,18 @@ impl Hub {
         };
         self.inner
             .store
-            .apply(session_id, &outcome.head.epoch, &to_fold)
+            .apply(session_id, &outcome.epoch, &to_fold)
             .await?;
         let fresh: Vec<Arc<LoggedEvent>> = to_fold.iter().map(|a| a.event.clone()).collect();
-        let upto = fresh.last().map_or(outcome.head.last_seq, |e| e.seq);
-        self.deliver(session_id, &mut cursor, &outcome.head.epoch, upto, &fresh)
+        let upto = fresh.last().map_or(outcome.last_seq, |e| e.seq);
+        self.deliver(session_id, &mut cursor, Some(&outcome.epoch), upto, &fresh)
             .await?;
         self.inner.metrics.events_logged.add(accepted as u64);
         Ok(Published {
             accepted,
             duplicates: outcome.duplicates,
             seqs: outcome.seqs,
-            last_seq: outcome.head.last_seq,
+            last_seq: outcome.last_seq,
         })
     }
 
@@ -287,14 +292,14 @@ impl Hub {
     /// delivered that far, a catch-up is started in its own task, so sessions catch up
     /// concurrently and the announcement listener never waits on Redis. A burst of
     /// announcements for one session costs one catch-up.
-    pub fn announce(&self, session_id: &str, epoch: &str, announced: u64) {
+    pub fn announce(&self, session_id: &str, epoch: &Epoch, announced: u64) {
         // Every followed session has a gate: `subscribe` makes one and `sweep` keeps it
         // while the room has members.
         let Some(gate) = self.inner.gates.lock().unwrap().get(session_id).cloned() else {
             return;
         };
         let announced = Announced {
-            epoch: epoch.to_owned(),
+            epoch: epoch.clone(),
             seq: announced,
         };
         if gate
@@ -340,9 +345,7 @@ impl Hub {
         if cursor.epoch.is_none() {
             // Nobody here followed the session yet: only where the log stands matters.
             let head = self.inner.log.head(session_id).await?;
-            return self
-                .deliver(session_id, cursor, &head.epoch, head.last_seq, &[])
-                .await;
+            return self.deliver_to_head(session_id, cursor, &head).await;
         }
         loop {
             let before = (cursor.epoch.clone(), cursor.delivered);
@@ -357,13 +360,24 @@ impl Hub {
                 .events
                 .last()
                 .map_or(head.last_seq, |e| e.seq.min(head.last_seq));
-            self.deliver(session_id, cursor, &head.epoch, upto, &slice.events)
+            self.deliver(session_id, cursor, head.epoch.as_ref(), upto, &slice.events)
                 .await?;
             let stuck = (cursor.epoch.clone(), cursor.delivered) == before;
             if cursor.delivered >= head.last_seq || stuck {
                 return Ok(());
             }
         }
+    }
+
+    /// Brings the local room up to `head`, reading from the log what it lacks.
+    async fn deliver_to_head(
+        &self,
+        session_id: &str,
+        cursor: &mut Cursor,
+        head: &LogHead,
+    ) -> Result<(), HubError> {
+        self.deliver(session_id, cursor, head.epoch.as_ref(), head.last_seq, &[])
+            .await
     }
 
     /// Broadcasts, in order, every event after `cursor.delivered` up to `upto`: `fresh`
@@ -373,25 +387,25 @@ impl Hub {
         &self,
         session_id: &str,
         cursor: &mut Cursor,
-        epoch: &str,
+        epoch: Option<&Epoch>,
         upto: u64,
         fresh: &[Arc<LoggedEvent>],
     ) -> Result<(), HubError> {
-        match cursor.epoch.as_deref() {
-            Some(known) if known == epoch => {}
+        match &cursor.epoch {
+            Some(known) if known.as_ref() == epoch => {}
             Some(_) => {
                 // The log is new (or was recreated): its events all count from seq 1.
-                cursor.epoch = Some(epoch.to_owned());
+                cursor.epoch = Some(epoch.cloned());
                 cursor.delivered = 0;
             }
             None => {
                 // First use: no local socket follows the session yet (see `sweep`), so only
                 // what is being delivered now matters.
-                cursor.epoch = Some(epoch.to_owned());
+                cursor.epoch = Some(epoch.cloned());
                 cursor.delivered = fresh.first().map_or(upto, |e| e.seq - 1);
             }
         }
-        if epoch.is_empty() {
+        if epoch.is_none() {
             return Ok(());
         }
         if upto <= cursor.delivered {
@@ -535,10 +549,9 @@ impl Hub {
             let slice = self.inner.log.read(session_id, after, limit).await?;
             let head = slice.head.clone();
             // The room must be at the head before this socket joins it at the head.
-            self.deliver(session_id, &mut cursor, &head.epoch, head.last_seq, &[])
-                .await?;
+            self.deliver_to_head(session_id, &mut cursor, &head).await?;
             let recovered = resume.as_ref().map(|r| {
-                head.can_resume(r.last_seq, r.epoch.as_deref())
+                head.can_resume(r.last_seq, r.epoch.as_ref())
                     && continues(&slice.events, r.last_seq, head.last_seq)
             });
             let reply = Subscribed {
@@ -580,8 +593,7 @@ impl Hub {
                 self.cut_off(socket, "fell behind the retained log during its replay");
                 return Err(HubError::SlowConsumer);
             }
-            self.deliver(session_id, &mut cursor, &head.epoch, head.last_seq, &[])
-                .await?;
+            self.deliver_to_head(session_id, &mut cursor, head).await?;
             let last_seq = head.last_seq;
             if self.join_if_caught_up(session_id, &mut replay, slice.events, last_seq)? {
                 return Ok(reply);

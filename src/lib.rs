@@ -15,6 +15,7 @@ pub mod log;
 pub mod metrics;
 pub mod orchestrator;
 pub mod providers;
+pub mod redis;
 pub mod server;
 pub mod socket;
 pub mod store;

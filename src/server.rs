@@ -21,12 +21,13 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::http::{ApiState, router};
 use crate::hub::Hub;
-use crate::log::{EventLog, MemoryLog, RedisLog};
+use crate::log::{EventLog, MemoryLog};
 use crate::metrics::Metrics;
 use crate::orchestrator::Orchestrator;
 use crate::orchestrator::config::{ConfigError, ModelsFile};
+use crate::redis::{RedisLog, RedisStore};
 use crate::socket::{self, SocketLimits};
-use crate::store::{MemoryStore, RedisStore, SessionStore};
+use crate::store::{MemoryStore, SessionStore};
 
 /// How often ended sessions and idle gates are swept: often enough that a session outlives
 /// its TTL by at most half of it (and never by more than five seconds).

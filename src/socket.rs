@@ -23,6 +23,7 @@ use crate::auth::{self, Auth, AuthError, Denied, Principal, Scope};
 use crate::error::ErrorCode;
 use crate::event::{InvalidSessionId, now_timestamp, validate_session_id};
 use crate::hub::{Hub, HubError, Resume};
+use crate::log::Epoch;
 
 /// Limits applied to each socket.
 #[derive(Debug, Clone, Copy)]
@@ -330,7 +331,7 @@ async fn subscribe(
                 "ok": true,
                 "sessionId": reply.session_id,
                 "lastSeq": reply.last_seq,
-                "epoch": reply.epoch,
+                "epoch": Epoch::wire(reply.epoch.as_ref()),
             });
             if let Some(recovered) = reply.recovered {
                 ack["recovered"] = Value::Bool(recovered);
@@ -436,7 +437,7 @@ fn parse_subscribe(data: Value) -> Result<(String, Option<Resume>), Refusal> {
     };
     let epoch = match fields.get("epoch") {
         None | Some(Value::Null) => None,
-        Some(Value::String(e)) => Some(e.clone()),
+        Some(Value::String(e)) => Epoch::parse(e),
         Some(_) => {
             return Err(
                 Refusal::new(ErrorCode::InvalidPayload, "`epoch` must be a string")

@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use common::is_timestamp;
 use common::redis::RedisServer;
 use herald::event::{EventDraft, EventKind, SessionStatus};
-use herald::log::{AppendOutcome, Appended, EventLog, LogHead, LoggedEvent, MemoryLog, RedisLog};
-use herald::store::{MemoryStore, Origin, RedisStore, SessionStore, Snapshot};
+use herald::log::{AppendOutcome, Appended, Epoch, EventLog, LogHead, LoggedEvent, MemoryLog};
+use herald::redis::{Announcement, Keys, RedisLog, RedisStore};
+use herald::store::{MemoryStore, Origin, SessionStore, Snapshot};
 use serde_json::{Map, Value, json};
 
 /// Retention large enough that nothing is trimmed.
@@ -168,11 +169,7 @@ fn appended_seqs(out: &AppendOutcome) -> Vec<u64> {
 }
 
 fn unknown_head() -> LogHead {
-    LogHead {
-        last_seq: 0,
-        first_seq: 1,
-        epoch: String::new(),
-    }
+    LogHead::unwritten()
 }
 
 async fn append(log: &dyn EventLog, session_id: &str, drafts: Vec<EventDraft>) -> AppendOutcome {
@@ -195,7 +192,7 @@ async fn publish(
 ) -> AppendOutcome {
     let out = append(log, session_id, drafts).await;
     store
-        .apply(session_id, &out.head.epoch, &out.appended)
+        .apply(session_id, &out.epoch, &out.appended)
         .await
         .unwrap_or_else(|e| panic!("apply to {session_id}: {e}"));
     out
@@ -242,8 +239,9 @@ async fn folded_owned(
             data: parse(e),
         })
         .collect();
-    let mut snapshot = Snapshot::new(session_id, &slice.head.epoch, "t0".into());
-    snapshot.apply(&events, &slice.head.epoch);
+    let epoch = slice.head.epoch.expect("a written log has an epoch");
+    let mut snapshot = Snapshot::new(session_id, &epoch, "t0".into());
+    snapshot.apply(&events, &epoch);
     snapshot.metadata = metadata;
     snapshot.summary.owner = owner.map(str::to_owned);
     comparable(&snapshot)
@@ -321,10 +319,9 @@ async fn append_numbers_and_serializes_once(log: Arc<dyn EventLog>) {
         );
         assert_eq!(appended_seqs(out), expected);
         assert_eq!(out.duplicates, 0);
-        assert_eq!(out.head.last_seq, *expected.last().unwrap());
-        assert_eq!(out.head.first_seq, 1);
-        assert!(!out.head.epoch.is_empty(), "an appended log has an epoch");
-        assert_eq!(*epoch.get_or_insert(&out.head.epoch), &out.head.epoch);
+        assert_eq!(out.last_seq, *expected.last().unwrap());
+        assert_eq!(out.first_seq, 1);
+        assert_eq!(*epoch.get_or_insert(&out.epoch), &out.epoch);
     }
 
     let appended: Vec<&Appended> = first.appended.iter().chain(&second.appended).collect();
@@ -375,7 +372,7 @@ async fn append_numbers_and_serializes_once(log: Arc<dyn EventLog>) {
     }
 
     let slice = log.read(sid, 0, READ_ALL).await.unwrap();
-    assert_eq!(slice.head, second.head);
+    assert_eq!(slice.head, second.head());
     assert_eq!(seqs_of(&slice.events), [1, 2, 3, 4, 5]);
     for (read, a) in slice.events.iter().zip(&appended) {
         assert_eq!(read.kind, a.event.kind, "seq {}: kind as read", read.seq);
@@ -386,7 +383,7 @@ async fn append_numbers_and_serializes_once(log: Arc<dyn EventLog>) {
             read.seq
         );
     }
-    assert_eq!(log.head(sid).await.unwrap(), second.head);
+    assert_eq!(log.head(sid).await.unwrap(), second.head());
 }
 
 log_suite!(heads_and_epochs, KEEP_ALL);
@@ -400,24 +397,20 @@ async fn heads_and_epochs(log: Arc<dyn EventLog>) {
     assert!(slice.events.is_empty());
 
     let first = append(&*log, sid, vec![progress(1)]).await;
-    let epoch = first.head.epoch.clone();
-    assert!(!epoch.is_empty());
+    let epoch = first.epoch.clone();
     assert_eq!(
-        first.head,
+        first.head(),
         LogHead {
             last_seq: 1,
             first_seq: 1,
-            epoch: epoch.clone()
+            epoch: Some(epoch.clone())
         }
     );
-    assert_eq!(log.head(sid).await.unwrap(), first.head);
+    assert_eq!(log.head(sid).await.unwrap(), first.head());
     let second = append(&*log, sid, progresses(2..=3)).await;
-    assert_eq!(
-        second.head.epoch, epoch,
-        "the epoch is stable across appends"
-    );
-    assert_eq!(second.head.last_seq, 3);
-    assert_eq!(log.head(sid).await.unwrap(), second.head);
+    assert_eq!(second.epoch, epoch, "the epoch is stable across appends");
+    assert_eq!(second.last_seq, 3);
+    assert_eq!(log.head(sid).await.unwrap(), second.head());
 
     let other = append(&*log, "s-other", vec![progress(1)]).await;
     assert_eq!(other.seqs, [Some(1)], "each session has its own numbering");
@@ -433,14 +426,13 @@ async fn heads_and_epochs(log: Arc<dyn EventLog>) {
     let again = append(&*log, sid, vec![progress(7)]).await;
     assert_eq!(again.seqs, [Some(1)], "seq restarts after remove");
     assert_eq!(parse(&again.appended[0].event)["seq"], 1);
-    assert!(!again.head.epoch.is_empty());
-    assert_ne!(again.head.epoch, epoch, "a recreated log has a new epoch");
+    assert_ne!(again.epoch, epoch, "a recreated log has a new epoch");
     assert_eq!(
-        again.head,
+        again.head(),
         LogHead {
             last_seq: 1,
             first_seq: 1,
-            epoch: again.head.epoch.clone()
+            epoch: Some(again.epoch.clone())
         }
     );
     let slice = log.read(sid, 0, 10).await.unwrap();
@@ -453,7 +445,7 @@ async fn heads_and_epochs(log: Arc<dyn EventLog>) {
 
     assert_eq!(
         log.head("s-other").await.unwrap(),
-        other.head,
+        other.head(),
         "remove touches one session only"
     );
 }
@@ -464,19 +456,19 @@ log_suite!(retention_keeps_the_newest, 5);
 async fn retention_keeps_the_newest(log: Arc<dyn EventLog>) {
     let sid = "s-retain";
     let out = append(&*log, sid, progresses(1..=3)).await;
-    assert_eq!((out.head.first_seq, out.head.last_seq), (1, 3));
-    assert!(out.head.can_resume(0, None));
+    assert_eq!((out.first_seq, out.last_seq), (1, 3));
+    assert!(out.head().can_resume(0, None));
     let out = append(&*log, sid, progresses(4..=8)).await;
-    assert_eq!((out.head.first_seq, out.head.last_seq), (4, 8));
+    assert_eq!((out.first_seq, out.last_seq), (4, 8));
     let out = append(&*log, sid, progresses(9..=12)).await;
     assert_eq!(appended_seqs(&out), [9, 10, 11, 12]);
-    let epoch = out.head.epoch.clone();
+    let epoch = out.epoch.clone();
     let head = LogHead {
         last_seq: 12,
         first_seq: 8,
-        epoch: epoch.clone(),
+        epoch: Some(epoch.clone()),
     };
-    assert_eq!(out.head, head);
+    assert_eq!(out.head(), head);
     assert_eq!(log.head(sid).await.unwrap(), head);
 
     let slice = log.read(sid, 0, READ_ALL).await.unwrap();
@@ -502,7 +494,7 @@ async fn retention_keeps_the_newest(log: Arc<dyn EventLog>) {
     assert!(!head.can_resume(6, Some(&epoch)), "seq 7 is gone");
     assert!(!head.can_resume(0, None), "seq 1 is gone");
     assert!(!head.can_resume(13, Some(&epoch)), "ahead of the log");
-    assert!(!head.can_resume(10, Some("another-epoch")));
+    assert!(!head.can_resume(10, Some(&Epoch::fresh())));
 
     for after in 0..=14u64 {
         for limit in 0..=6usize {
@@ -520,7 +512,7 @@ async fn retention_keeps_the_newest(log: Arc<dyn EventLog>) {
     // One batch larger than the retention: every event is reported, the newest 5 kept.
     let big = append(&*log, "s-retain-big", progresses(1..=7)).await;
     assert_eq!(appended_seqs(&big), [1, 2, 3, 4, 5, 6, 7]);
-    assert_eq!((big.head.first_seq, big.head.last_seq), (3, 7));
+    assert_eq!((big.first_seq, big.last_seq), (3, 7));
     assert_eq!(
         read(&*log, "s-retain-big", 0, READ_ALL).await,
         [3, 4, 5, 6, 7]
@@ -563,7 +555,7 @@ async fn idempotency_keys(log: Arc<dyn EventLog>) {
     assert_eq!(out.duplicates, 2);
     assert_eq!(appended_seqs(&out), [4]);
     assert_eq!(parse(&out.appended[0].event)["n"], 4);
-    assert_eq!(out.head.last_seq, 4);
+    assert_eq!(out.last_seq, 4);
 
     let out = append(
         &*log,
@@ -583,7 +575,7 @@ async fn idempotency_keys(log: Arc<dyn EventLog>) {
     assert_eq!(out.duplicates, 1);
     assert_eq!(appended_seqs(&out), [5, 6]);
 
-    let epoch = out.head.epoch.clone();
+    let epoch = out.epoch.clone();
     let out = append(&*log, sid, vec![keyed("k1", progress(201))]).await;
     assert_eq!(out.seqs, [Some(1)]);
     assert_eq!(out.duplicates, 1);
@@ -592,11 +584,11 @@ async fn idempotency_keys(log: Arc<dyn EventLog>) {
         "an all-duplicate batch logs nothing"
     );
     assert_eq!(
-        out.head,
+        out.head(),
         LogHead {
             last_seq: 6,
             first_seq: 1,
-            epoch
+            epoch: Some(epoch)
         }
     );
 
@@ -679,9 +671,9 @@ async fn concurrent_appends(logs: Vec<Arc<dyn EventLog>>) {
                 first > previous,
                 "task {task}: batch {batch} after the one before"
             );
-            assert!(out.head.last_seq >= first + PER_BATCH - 1);
+            assert!(out.last_seq >= first + PER_BATCH - 1);
             previous = first;
-            epochs.insert(out.head.epoch.clone());
+            epochs.insert(out.epoch.clone());
             for (i, a) in out.appended.iter().enumerate() {
                 let json = parse(&a.event);
                 assert_eq!(
@@ -707,7 +699,7 @@ async fn concurrent_appends(logs: Vec<Arc<dyn EventLog>>) {
             LogHead {
                 last_seq: total,
                 first_seq: 1,
-                epoch: epoch.clone()
+                epoch: Some(epoch.clone())
             }
         );
         assert_eq!(seqs_of(&slice.events), (1..=total).collect::<Vec<_>>());
@@ -757,7 +749,7 @@ async fn store_folds_lists_and_keeps_metadata(
         (3, 2)
     );
     assert_eq!(snap.summary.last_seq, 1);
-    assert_eq!(snap.summary.epoch, out.head.epoch);
+    assert_eq!(snap.summary.epoch, out.epoch);
     assert!(is_timestamp(&json!(snap.summary.created_at)));
     assert_eq!(snap.metadata, Value::Null);
     assert_eq!(comparable(&snap), folded(log, sid, Value::Null).await);
@@ -888,7 +880,7 @@ async fn store_folds_lists_and_keeps_metadata(
         folded(log, "s-failed", Value::Null).await
     );
 
-    store.apply("s-empty", "e", &[]).await.unwrap();
+    store.apply("s-empty", &Epoch::fresh(), &[]).await.unwrap();
     assert!(
         store.get("s-empty").await.unwrap().is_none(),
         "no events, no snapshot"
@@ -1032,9 +1024,9 @@ async fn store_follows_a_new_epoch(log: Arc<dyn EventLog>, store: Arc<dyn Sessio
     store.set_origin(sid, &origin).await.unwrap();
     log.remove(sid).await.unwrap();
     let new = publish(log, store, sid, vec![progress(20)]).await;
-    assert_ne!(new.head.epoch, old.head.epoch);
+    assert_ne!(new.epoch, old.epoch);
     let snap = get(store, sid).await;
-    assert_eq!(snap.summary.epoch, new.head.epoch);
+    assert_eq!(snap.summary.epoch, new.epoch);
     assert_eq!(snap.summary.last_seq, 1);
     assert_eq!(snap.summary.progress, 20.0);
     assert!(snap.clarifications.is_empty() && snap.model_results.is_empty());
@@ -1066,7 +1058,7 @@ async fn store_folds_each_event_once(log: Arc<dyn EventLog>, store: Arc<dyn Sess
     )
     .await;
     store
-        .apply(sid, &first.head.epoch, &first.appended)
+        .apply(sid, &first.epoch, &first.appended)
         .await
         .unwrap();
     let snap = get(store, sid).await;
@@ -1141,7 +1133,7 @@ async fn stores_race(logs: [Arc<dyn EventLog>; 2], stores: [Arc<dyn SessionStore
     .await;
     assert_eq!(appended_seqs(&late), [4, 5]);
     stores[1]
-        .apply(sid, &late.head.epoch, &late.appended)
+        .apply(sid, &late.epoch, &late.appended)
         .await
         .unwrap();
     let want = folded(&*logs[0], sid, Value::Null).await;
@@ -1151,7 +1143,7 @@ async fn stores_race(logs: [Arc<dyn EventLog>; 2], stores: [Arc<dyn SessionStore
         "applying seqs 4..5 first folds the missing 1..3 from the log"
     );
     stores[0]
-        .apply(sid, &early.head.epoch, &early.appended)
+        .apply(sid, &early.epoch, &early.appended)
         .await
         .unwrap();
     for store in &stores {
@@ -1201,7 +1193,7 @@ async fn stores_race(logs: [Arc<dyn EventLog>; 2], stores: [Arc<dyn SessionStore
                         .wrapping_add(1_442_695_040_888_963_407);
                     tokio::time::sleep(Duration::from_micros((jitter >> 33) % 3000)).await;
                     store
-                        .apply(sid, &out.head.epoch, &out.appended)
+                        .apply(sid, &out.epoch, &out.appended)
                         .await
                         .unwrap();
                 }
@@ -1234,13 +1226,13 @@ async fn stores_race(logs: [Arc<dyn EventLog>; 2], stores: [Arc<dyn SessionStore
     )
     .await;
     stores[1]
-        .apply(sid, &last.head.epoch, &last.appended)
+        .apply(sid, &last.epoch, &last.appended)
         .await
         .unwrap();
     let want = folded(&*logs[1], sid, Value::Null).await;
     for (node, store) in stores.iter().enumerate() {
         let snap = get(&**store, sid).await;
-        assert_eq!(snap.summary.last_seq, last.head.last_seq, "node {node}");
+        assert_eq!(snap.summary.last_seq, last.last_seq, "node {node}");
         assert_eq!(snap.summary.status, SessionStatus::Completed, "node {node}");
         assert_eq!(
             comparable(&snap),
@@ -1315,8 +1307,8 @@ async fn redis_log_starts_a_new_epoch_after_redis_lost_its_data() {
         }
     };
     assert_eq!(after.seqs, [Some(1)]);
-    assert_ne!(after.head.epoch, before.head.epoch);
-    assert!(!after.head.can_resume(3, Some(&before.head.epoch)));
+    assert_ne!(after.epoch, before.epoch);
+    assert!(!after.head().can_resume(3, Some(&before.epoch)));
     assert_eq!(read(&*log, sid, 0, READ_ALL).await, [1]);
 }
 
@@ -1331,12 +1323,12 @@ async fn redis_log_starts_a_new_incarnation_when_the_head_hash_is_lost() {
     let log = redis_log(&server, &prefix, KEEP_ALL).await;
     let sid = "s-lost-head";
     let before = append(&*log, sid, vec![keyed("k-1", progress(1)), progress(2)]).await;
-    assert_eq!(before.head.last_seq, 2);
+    assert_eq!(before.last_seq, 2);
 
     let client = redis::Client::open(server.url()).unwrap();
     let mut raw = client.get_multiplexed_async_connection().await.unwrap();
     let deleted: i64 = redis::cmd("DEL")
-        .arg(format!("{prefix}:head:{sid}"))
+        .arg(Keys::new(&prefix).head(sid))
         .query_async(&mut raw)
         .await
         .unwrap();
@@ -1348,8 +1340,8 @@ async fn redis_log_starts_a_new_incarnation_when_the_head_hash_is_lost() {
         .expect("an append after the head was lost succeeds");
     assert_eq!(after.seqs, [Some(1)], "a new incarnation starts at seq 1");
     assert_eq!(after.duplicates, 0, "the old incarnation's keys are gone");
-    assert_ne!(after.head.epoch, before.head.epoch);
-    assert!(!after.head.can_resume(2, Some(&before.head.epoch)));
+    assert_ne!(after.epoch, before.epoch);
+    assert!(!after.head().can_resume(2, Some(&before.epoch)));
     let slice = log.read(sid, 0, READ_ALL).await.unwrap();
     assert_eq!(seqs_of(&slice.events), [1]);
     assert_eq!(parse(&slice.events[0])["n"], 3);
@@ -1357,4 +1349,46 @@ async fn redis_log_starts_a_new_incarnation_when_the_head_hash_is_lost() {
     // And it goes on from there.
     let next = append(&*log, sid, vec![progress(4)]).await;
     assert_eq!(next.seqs, [Some(2)]);
+}
+
+/// What the append script publishes is what `Announcement::parse` reads: one announcement
+/// per append that logged something (the session's new head and epoch), none for a batch of
+/// duplicates only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_log_announces_each_append_in_the_format_nodes_decode() {
+    use futures_util::StreamExt;
+
+    let server = RedisServer::start().await;
+    let prefix = prefix("announce");
+    let log = redis_log(&server, &prefix, KEEP_ALL).await;
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .subscribe(Keys::new(&prefix).announcements())
+        .await
+        .unwrap();
+    let mut messages = pubsub.on_message();
+    let sid = "s-announce:1";
+
+    let first = append(&*log, sid, vec![keyed("k", progress(1)), progress(2)]).await;
+    let duplicate = append(&*log, sid, vec![keyed("k", progress(1))]).await;
+    assert!(duplicate.appended.is_empty());
+    let second = append(&*log, sid, vec![progress(3)]).await;
+
+    for out in [&first, &second] {
+        let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .expect("an append is announced")
+            .unwrap();
+        let payload: String = message.get_payload().unwrap();
+        assert_eq!(
+            Announcement::parse(&payload),
+            Some(Announcement {
+                last_seq: out.last_seq,
+                epoch: out.epoch.clone(),
+                session_id: sid,
+            }),
+            "{payload:?}"
+        );
+    }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::redis::RedisServer;
 use common::{TestServer, WAIT, spawn_app_with};
+use herald::redis::Keys;
 use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
 
@@ -136,7 +137,7 @@ async fn an_entry_that_fails_for_a_backend_error_is_retried_in_order_and_never_l
     // Make logging to `stuck` fail inside Redis: its idempotency-key set is not a sorted set.
     let (status, reply) = s.app.post_events("stuck", &progress(5)).await;
     assert_eq!(status, 202, "{reply}");
-    let keys = format!("{}:keys:stuck", s.prefix);
+    let keys = Keys::new(&s.prefix).idempotency_keys("stuck");
     let _: () = redis::cmd("SET")
         .arg(&keys)
         .arg("not a sorted set")
@@ -321,7 +322,7 @@ async fn a_holder_retrying_an_entry_keeps_its_lease_and_the_entry() {
     let a = herald_on(&redis, prefix, 100, LEASE.as_millis() as u64).await;
     let (status, reply) = a.post_events("stuck", &progress(5)).await;
     assert_eq!(status, 202, "{reply}");
-    let keys = format!("{prefix}:keys:stuck");
+    let keys = Keys::new(prefix).idempotency_keys("stuck");
     let _: () = redis::cmd("SET")
         .arg(&keys)
         .arg("not a sorted set")

@@ -1,14 +1,14 @@
 //! Cluster glue, with Redis configured.
 //!
-//! - **Delivery.** Every node hears which sessions other nodes logged events for (`"<seq>
-//!   <epoch> <session id>"` on `{prefix}:events`) and brings its own sockets up to date from the
-//!   shared log. The announcement only says where the log ends; the events are read from the
+//! - **Delivery.** Every node hears which sessions other nodes logged events for
+//!   ([`Announcement`]s on [`Keys::announcements`]) and brings its own sockets up to date from
+//!   the shared log. The announcement only says where the log ends; the events are read from the
 //!   log, in order, by the hub, so a lost or late announcement costs latency, never an
 //!   event: after every (re)subscription the node catches up every session it follows.
 //! - **Commands.** A cancel or clarification answer posted to a node that does not run the
-//!   session is forwarded to the node that does (`{prefix}:node:{id}`, reply on
-//!   `{prefix}:reply:{id}`), found in the `{prefix}:owners` hash.
-//! - **Liveness.** Each node refreshes `{prefix}:alive:{id}` (a key with a TTL of one lease,
+//!   session is forwarded to the node that does ([`Keys::node`], reply on [`Keys::reply`]),
+//!   found in the [`Keys::owners`] hash.
+//! - **Liveness.** Each node refreshes [`Keys::alive`] (a key with a TTL of one lease,
 //!   `--cluster-lease-ms`, 10 s). Sessions whose owner stopped refreshing are ended `FAILED`
 //!   with `code: NODE_LOST` by whichever node notices first (see `docs/deployment.md` for
 //!   why they are not taken over). A missing key is evidence only if its node could have
@@ -17,11 +17,9 @@
 //!   heartbeats have succeeded for [`JUDGE_AFTER`] leases, time enough for the others to
 //!   reconnect and refresh theirs.
 //!
-//! - **Worker ingest** through the `{prefix}:ingest` stream ([`ingest`]).
+//! - **Worker ingest** through the [`Keys::ingest`] stream ([`crate::redis::Ingest`]).
 //!
 //! The subscriber reconnects by itself when Redis restarts or its connection is killed.
-
-pub mod ingest;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -36,7 +34,7 @@ use tokio::sync::oneshot;
 
 use crate::hub::Hub;
 use crate::intake::Runs;
-use crate::log::{Announcement, announcement_channel};
+use crate::redis::{Announcement, Ingest, Keys, connect, once_more};
 use tokio_util::sync::CancellationToken;
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
@@ -102,7 +100,7 @@ pub struct Cluster {
 struct Inner {
     client: redis::Client,
     redis: ConnectionManager,
-    prefix: String,
+    keys: Keys,
     node_id: String,
     /// Forwarded commands awaiting their reply. A std mutex: inserts and removals only.
     pending: Mutex<HashMap<String, oneshot::Sender<RemoteReply>>>,
@@ -152,12 +150,12 @@ pub enum ClusterError {
 
 impl Cluster {
     pub async fn connect(url: &str, prefix: &str, lease: Duration) -> Result<Self, ClusterError> {
-        let (client, redis) = crate::log::connect_redis(url).await?;
+        let (client, redis) = connect(url).await?;
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
                 redis,
-                prefix: prefix.to_owned(),
+                keys: Keys::new(prefix),
                 node_id: uuid::Uuid::new_v4().simple().to_string(),
                 pending: Mutex::default(),
                 handler: OnceLock::new(),
@@ -180,8 +178,8 @@ impl Cluster {
         let _ = self.inner.handler.set(handler);
     }
 
-    fn key(&self, name: &str) -> String {
-        format!("{}:{name}", self.inner.prefix)
+    fn keys(&self) -> &Keys {
+        &self.inner.keys
     }
 
     /// Records that this node runs `session_id`.
@@ -190,7 +188,7 @@ impl Cluster {
             .inner
             .redis
             .clone()
-            .hset(self.key("owners"), session_id, &self.inner.node_id)
+            .hset(self.keys().owners(), session_id, &self.inner.node_id)
             .await?;
         Ok(())
     }
@@ -201,7 +199,7 @@ impl Cluster {
             .inner
             .redis
             .clone()
-            .hdel(self.key("owners"), session_id)
+            .hdel(self.keys().owners(), session_id)
             .await?;
         Ok(())
     }
@@ -210,8 +208,8 @@ impl Cluster {
     /// A read, so it is sent once more when it went out on a connection found dead (Redis
     /// restarted): producers' requests are not refused for a link that was already replaced.
     pub async fn runner(&self, session_id: &str) -> Result<Option<String>, ClusterError> {
-        let owners = self.key("owners");
-        let owner: Option<String> = crate::log::once_more(|| {
+        let owners = self.keys().owners();
+        let owner: Option<String> = once_more(|| {
             let mut redis = self.inner.redis.clone();
             let owners = owners.clone();
             async move { redis.hget(owners, session_id).await }
@@ -228,7 +226,7 @@ impl Cluster {
         command: RemoteCommand,
     ) -> Result<Option<RemoteReply>, ClusterError> {
         let mut redis = self.inner.redis.clone();
-        let owner: Option<String> = redis.hget(self.key("owners"), session_id).await?;
+        let owner: Option<String> = redis.hget(self.keys().owners(), session_id).await?;
         let Some(owner) = owner.filter(|o| *o != self.inner.node_id) else {
             return Ok(None);
         };
@@ -241,13 +239,11 @@ impl Cluster {
             .insert(request_id.clone(), tx);
         let envelope = Envelope {
             request_id: request_id.clone(),
-            reply_to: self.key(&format!("reply:{}", self.inner.node_id)),
+            reply_to: self.keys().reply(&self.inner.node_id),
             command,
         };
         let payload = serde_json::to_string(&envelope).expect("commands serialize");
-        let receivers: i64 = redis
-            .publish(self.key(&format!("node:{owner}")), payload)
-            .await?;
+        let receivers: i64 = redis.publish(self.keys().node(&owner), payload).await?;
         let outcome = if receivers == 0 {
             Ok(None) // the owner is gone; the liveness sweep will end its sessions
         } else {
@@ -273,7 +269,7 @@ impl Cluster {
 
     async fn refresh_and_judge(&self) -> Result<Vec<String>, ClusterError> {
         let mut redis = self.inner.redis.clone();
-        let alive = self.key(&format!("alive:{}", self.inner.node_id));
+        let alive = self.keys().alive(&self.inner.node_id);
         let lease_ms = u64::try_from(self.inner.lease.as_millis()).unwrap_or(u64::MAX);
         let _: () = redis.pset_ex(&alive, "1", lease_ms).await?;
         let may_judge = self
@@ -285,14 +281,14 @@ impl Cluster {
         if !may_judge {
             return Ok(Vec::new());
         }
-        let owners: HashMap<String, String> = redis.hgetall(self.key("owners")).await?;
+        let owners: HashMap<String, String> = redis.hgetall(self.keys().owners()).await?;
         let mut lost = Vec::new();
         let mut checked: HashMap<String, bool> = HashMap::new();
         for (session_id, node) in owners {
             let is_alive = match checked.get(&node) {
                 Some(&known) => known,
                 None => {
-                    let known: bool = redis.exists(self.key(&format!("alive:{node}"))).await?;
+                    let known: bool = redis.exists(self.keys().alive(&node)).await?;
                     checked.insert(node.clone(), known);
                     known
                 }
@@ -300,7 +296,7 @@ impl Cluster {
             if is_alive {
                 continue;
             }
-            let taken: i64 = redis.hdel(self.key("owners"), &session_id).await?;
+            let taken: i64 = redis.hdel(self.keys().owners(), &session_id).await?;
             if taken == 1 {
                 lost.push(session_id);
             }
@@ -317,9 +313,9 @@ impl Cluster {
         max_batch: usize,
         stop: CancellationToken,
     ) -> impl Future<Output = ()> + Send + 'static {
-        let ingest = ingest::Ingest {
+        let ingest = Ingest {
             client: self.inner.client.clone(),
-            prefix: self.inner.prefix.clone(),
+            keys: self.inner.keys.clone(),
             consumer: self.inner.node_id.clone(),
             hub,
             runs,
@@ -345,9 +341,9 @@ impl Cluster {
     }
 
     async fn listen(&self, hub: &Hub, retry: &mut Duration) -> redis::RedisResult<()> {
-        let events = announcement_channel(&self.inner.prefix);
-        let commands = self.key(&format!("node:{}", self.inner.node_id));
-        let replies = self.key(&format!("reply:{}", self.inner.node_id));
+        let events = self.keys().announcements();
+        let commands = self.keys().node(&self.inner.node_id);
+        let replies = self.keys().reply(&self.inner.node_id);
         let mut pubsub = self.inner.client.get_async_pubsub().await?;
         pubsub.subscribe(&[&events, &commands, &replies]).await?;
         *retry = FIRST_RETRY;
@@ -376,7 +372,7 @@ impl Cluster {
 
     fn on_announcement(&self, hub: &Hub, payload: &str) {
         match Announcement::parse(payload) {
-            Some(a) => hub.announce(a.session_id, a.epoch, a.last_seq),
+            Some(a) => hub.announce(a.session_id, &a.epoch, a.last_seq),
             None => tracing::warn!(payload, "malformed announcement"),
         }
     }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use async_trait::async_trait;
 use serde_json::value::to_raw_value;
 
-use super::{AppendOutcome, Appended, EventLog, LogError, LogHead, LogSlice, LoggedEvent};
+use super::{AppendOutcome, Appended, Epoch, EventLog, LogError, LogHead, LogSlice, LoggedEvent};
 use crate::event::{EventDraft, finalize};
 
 /// Idempotency keys remembered per session; the oldest are forgotten first.
@@ -21,7 +21,7 @@ pub struct MemoryLog {
 }
 
 struct SessionLog {
-    epoch: String,
+    epoch: Epoch,
     last_seq: u64,
     events: VecDeque<Arc<LoggedEvent>>,
     keys: HashMap<String, u64>,
@@ -31,7 +31,7 @@ struct SessionLog {
 impl SessionLog {
     fn new() -> Self {
         Self {
-            epoch: uuid::Uuid::new_v4().simple().to_string(),
+            epoch: Epoch::fresh(),
             last_seq: 0,
             events: VecDeque::new(),
             keys: HashMap::new(),
@@ -42,9 +42,13 @@ impl SessionLog {
     fn head(&self) -> LogHead {
         LogHead {
             last_seq: self.last_seq,
-            first_seq: self.events.front().map_or(self.last_seq + 1, |e| e.seq),
-            epoch: self.epoch.clone(),
+            first_seq: self.first_seq(),
+            epoch: Some(self.epoch.clone()),
         }
+    }
+
+    fn first_seq(&self) -> u64 {
+        self.events.front().map_or(self.last_seq + 1, |e| e.seq)
     }
 
     fn remember_key(&mut self, key: String, seq: u64) {
@@ -135,29 +139,23 @@ impl EventLog for MemoryLog {
             appended,
             seqs,
             duplicates,
-            head: log.head(),
+            epoch: log.epoch.clone(),
+            last_seq: log.last_seq,
+            first_seq: log.first_seq(),
         })
     }
 
     async fn head(&self, session_id: &str) -> Result<LogHead, LogError> {
         Ok(match self.existing(session_id) {
             Some(log) => log.lock().unwrap().head(),
-            None => LogHead {
-                last_seq: 0,
-                first_seq: 1,
-                epoch: String::new(),
-            },
+            None => LogHead::unwritten(),
         })
     }
 
     async fn read(&self, session_id: &str, after: u64, limit: usize) -> Result<LogSlice, LogError> {
         let Some(log) = self.existing(session_id) else {
             return Ok(LogSlice {
-                head: LogHead {
-                    last_seq: 0,
-                    first_seq: 1,
-                    epoch: String::new(),
-                },
+                head: LogHead::unwritten(),
                 events: Vec::new(),
             });
         };

@@ -1,4 +1,5 @@
-//! The per-session event log: the only place that assigns `seq`.
+//! The per-session event log behind [`EventLog`]: the only place that assigns `seq`
+//! ([`MemoryLog`] here; [`crate::redis::RedisLog`] in Redis).
 //!
 //! Each session's log numbers its events 1, 2, 3, … with no gaps, keeps the newest
 //! `max_events` of them for replay and history, remembers accepted idempotency keys, and
@@ -6,8 +7,8 @@
 //! `lastSeq` from an older incarnation can tell). Events are serialized exactly once, here,
 //! and the same bytes go to the history route, the replay and the live broadcast.
 
+mod epoch;
 mod memory;
-mod redis;
 
 use std::sync::Arc;
 
@@ -15,10 +16,8 @@ use async_trait::async_trait;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
+pub use epoch::Epoch;
 pub use memory::MemoryLog;
-pub use redis::{
-    Announcement, RedisLog, announcement_channel, connect as connect_redis, once_more,
-};
 
 use crate::event::{EventDraft, EventKind};
 
@@ -45,8 +44,9 @@ impl Appended {
     }
 }
 
-/// What one append did.
-#[derive(Debug, Default)]
+/// What one append did. The log exists after an append (even of nothing), so it has an
+/// epoch.
+#[derive(Debug)]
 pub struct AppendOutcome {
     /// The newly logged events, in `seq` order.
     pub appended: Vec<Appended>,
@@ -55,35 +55,60 @@ pub struct AppendOutcome {
     pub seqs: Vec<Option<u64>>,
     /// Drafts skipped because their idempotency key was already accepted.
     pub duplicates: usize,
-    pub head: LogHead,
+    /// The log's incarnation.
+    pub epoch: Epoch,
+    /// `seq` of the newest event, 0 when there is none.
+    pub last_seq: u64,
+    /// `seq` of the oldest retained event (`last_seq + 1` when nothing is retained).
+    pub first_seq: u64,
+}
+
+impl AppendOutcome {
+    /// Where the log stands after the append.
+    pub fn head(&self) -> LogHead {
+        LogHead {
+            last_seq: self.last_seq,
+            first_seq: self.first_seq,
+            epoch: Some(self.epoch.clone()),
+        }
+    }
 }
 
 /// Where a session's log stands.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogHead {
     /// `seq` of the newest event, 0 when there is none.
     pub last_seq: u64,
     /// `seq` of the oldest retained event (`last_seq + 1` when nothing is retained).
     pub first_seq: u64,
-    /// Identity of this incarnation of the log; empty while the session has no log.
-    pub epoch: String,
+    /// This incarnation of the log; `None` while the session has no log.
+    pub epoch: Option<Epoch>,
 }
 
 impl LogHead {
-    /// Whether a client that saw everything up to `last_seq` in `epoch` can be brought up to
-    /// date from what is retained, without a gap.
-    pub fn can_resume(&self, last_seq: u64, epoch: Option<&str>) -> bool {
+    /// The head of a session that has no log (never written, or removed).
+    pub fn unwritten() -> Self {
+        Self {
+            last_seq: 0,
+            first_seq: 1,
+            epoch: None,
+        }
+    }
+
+    /// Whether a client that saw everything up to `last_seq` in `epoch` (`None`: it does
+    /// not know) can be brought up to date from what is retained, without a gap.
+    pub fn can_resume(&self, last_seq: u64, epoch: Option<&Epoch>) -> bool {
         if last_seq == 0 {
             // The client saw nothing, so any incarnation is fine as long as seq 1 is retained.
             return self.first_seq <= 1;
         }
-        let same_epoch = epoch.is_none_or(|e| e.is_empty() || e == self.epoch);
+        let same_epoch = epoch.is_none_or(|e| self.epoch.as_ref() == Some(e));
         same_epoch && last_seq <= self.last_seq && last_seq + 1 >= self.first_seq
     }
 }
 
 /// A page of the log.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LogSlice {
     pub head: LogHead,
     pub events: Vec<Arc<LoggedEvent>>,
@@ -118,34 +143,32 @@ pub trait EventLog: Send + Sync + 'static {
 
 #[cfg(test)]
 mod tests {
-    use super::LogHead;
+    use super::{Epoch, LogHead};
+
+    fn epoch(name: &str) -> Epoch {
+        Epoch::parse(name).unwrap()
+    }
 
     fn head(first: u64, last: u64) -> LogHead {
         LogHead {
             last_seq: last,
             first_seq: first,
-            epoch: "e1".into(),
+            epoch: Some(epoch("e1")),
         }
     }
 
     #[test]
     fn resume_needs_the_next_event_retained_and_the_same_epoch() {
         assert!(head(1, 10).can_resume(0, None));
-        assert!(head(1, 10).can_resume(4, Some("e1")));
+        assert!(head(1, 10).can_resume(4, Some(&epoch("e1"))));
         assert!(head(5, 10).can_resume(4, None));
         assert!(!head(6, 10).can_resume(4, None));
         assert!(!head(6, 10).can_resume(0, None));
-        assert!(!head(1, 10).can_resume(4, Some("e0")));
+        assert!(!head(1, 10).can_resume(4, Some(&epoch("e0"))));
         assert!(!head(1, 10).can_resume(11, None));
         assert!(head(11, 10).can_resume(10, None));
         // an empty, never-written log
-        assert!(
-            LogHead {
-                last_seq: 0,
-                first_seq: 1,
-                epoch: String::new()
-            }
-            .can_resume(0, Some("old"))
-        );
+        assert!(LogHead::unwritten().can_resume(0, Some(&epoch("old"))));
+        assert!(!LogHead::unwritten().can_resume(1, Some(&epoch("old"))));
     }
 }

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use super::{Origin, SessionStore, SessionSummary, Snapshot, StoreError};
 use crate::event::{SessionStatus, now_timestamp};
-use crate::log::Appended;
+use crate::log::{Appended, Epoch};
 
 /// A std mutex: the critical sections fold a few fields and never await.
 #[derive(Default)]
@@ -27,7 +27,7 @@ impl SessionStore for MemoryStore {
     async fn apply(
         &self,
         session_id: &str,
-        epoch: &str,
+        epoch: &Epoch,
         events: &[Appended],
     ) -> Result<(), StoreError> {
         if events.is_empty() {

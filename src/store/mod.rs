@@ -2,10 +2,10 @@
 //!
 //! The snapshot is what `GET /api/wizard/session/{id}` returns and what a client refetches
 //! when it cannot be brought up to date by replay. It is derived from the log only, so the
-//! fold ([`Snapshot::apply`]) is shared by every backend.
+//! fold ([`Snapshot::apply`]) is shared by every backend ([`MemoryStore`] here;
+//! [`crate::redis::RedisStore`] in Redis).
 
 mod memory;
-mod redis;
 
 use std::time::Instant;
 
@@ -14,10 +14,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use memory::MemoryStore;
-pub use redis::RedisStore;
 
 use crate::event::{ClarificationStatus, EventKind, SessionStatus};
-use crate::log::Appended;
+use crate::log::{Appended, Epoch};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PromptCounts {
@@ -52,7 +51,7 @@ pub struct SessionSummary {
     pub has_clarifications: bool,
     pub clarification_count: usize,
     pub last_seq: u64,
-    pub epoch: String,
+    pub epoch: Epoch,
     pub created_at: String,
     pub updated_at: String,
     /// The subject of the token that created the session (SPEC §5), when auth was on.
@@ -79,7 +78,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub fn new(session_id: &str, epoch: &str, timestamp: String) -> Self {
+    pub fn new(session_id: &str, epoch: &Epoch, timestamp: String) -> Self {
         Self {
             summary: SessionSummary {
                 session_id: session_id.to_owned(),
@@ -89,7 +88,7 @@ impl Snapshot {
                 has_clarifications: false,
                 clarification_count: 0,
                 last_seq: 0,
-                epoch: epoch.to_owned(),
+                epoch: epoch.clone(),
                 created_at: timestamp.clone(),
                 updated_at: timestamp,
                 owner: None,
@@ -104,8 +103,8 @@ impl Snapshot {
     }
 
     /// Folds logged events into the snapshot.
-    pub fn apply(&mut self, events: &[Appended], epoch: &str) {
-        if self.summary.epoch != epoch {
+    pub fn apply(&mut self, events: &[Appended], epoch: &Epoch) {
+        if self.summary.epoch != *epoch {
             // The log was recreated under us: the old fold no longer describes it.
             let metadata = std::mem::take(&mut self.metadata);
             let owner = self.summary.owner.take();
@@ -234,7 +233,7 @@ pub struct Origin {
 }
 
 impl Origin {
-    fn apply_to(&self, snapshot: &mut Snapshot) {
+    pub(crate) fn apply_to(&self, snapshot: &mut Snapshot) {
         if let Some(metadata) = &self.metadata {
             snapshot.metadata = metadata.clone();
         }
@@ -258,7 +257,7 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn apply(
         &self,
         session_id: &str,
-        epoch: &str,
+        epoch: &Epoch,
         events: &[Appended],
     ) -> Result<(), StoreError>;
     async fn get(&self, session_id: &str) -> Result<Option<Snapshot>, StoreError>;

@@ -1,4 +1,4 @@
-//! Worker ingest through Redis: the `{prefix}:ingest` stream.
+//! Worker ingest through Redis: the [`Keys::ingest`] stream (`<prefix>:ingest`).
 //!
 //! A worker `XADD`s an entry with one field, `payload`, holding
 //! `{ "sessionId", "event", "data", "idempotencyKey"? }` or
@@ -7,7 +7,7 @@
 //! [`crate::intake`]).
 //!
 //! **Order.** Entries are handled in stream order by one node at a time, the holder of the
-//! `{prefix}:ingest:lease` key, renewed before every entry; a holder that finds its lease
+//! [`Keys::ingest_lease`] key, renewed before every entry; a holder that finds its lease
 //! taken stops at once. The next holder handles, before anything unread: the entries it
 //! took itself and has not acknowledged, then the entries a former holder took and left,
 //! once they have been idle for a whole lease (that holder may still be busy with them
@@ -17,7 +17,7 @@
 //! **Nothing acknowledged is lost.** An entry is acknowledged (and deleted, so the stream
 //! stays as short as the backlog) only once its events are logged, or once it is refused.
 //! Refused entries (invalid, see [`crate::intake::IntakeError`]) are described in
-//! `{prefix}:ingest:errors` (`entry`, `code`, `error`). An entry whose logging fails for a
+//! [`Keys::ingest_errors`] (`entry`, `code`, `error`). An entry whose logging fails for a
 //! backend error stays unacknowledged and is retried with backoff, and nothing after it is
 //! handled meanwhile. An item without an idempotency key gets herald's own
 //! `herald:ingest:<entry id>[:<index>]` ([`crate::intake::ingest_key`]), so an entry handled
@@ -30,6 +30,7 @@ use redis::Value as RedisValue;
 use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
+use super::Keys;
 use crate::auth::Principal;
 use crate::error::ErrorCode;
 use crate::event::EventDraft;
@@ -38,7 +39,7 @@ use crate::intake::{self, IntakeError, Runs};
 use crate::log::LogError;
 use crate::store::StoreError;
 
-pub const GROUP: &str = "herald";
+const GROUP: &str = Keys::INGEST_GROUP;
 /// Deletes the lease if `ARGV[1]` holds it.
 const RELEASE_LEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -70,7 +71,7 @@ const MAX_ERRORS: usize = 1000;
 /// One consumer of the ingest stream: this node's view of it.
 pub struct Ingest {
     pub client: redis::Client,
-    pub prefix: String,
+    pub keys: Keys,
     /// This node's consumer name (its node id).
     pub consumer: String,
     pub hub: Hub,
@@ -120,7 +121,7 @@ type Entry = (String, Option<Vec<(String, String)>>);
 
 impl Ingest {
     fn stream(&self) -> String {
-        format!("{}:ingest", self.prefix)
+        self.keys.ingest()
     }
 
     /// Reads and logs the stream until the task is aborted.
@@ -199,7 +200,7 @@ impl Ingest {
     /// Gives the lease back, if this node holds it, so another node goes on at once.
     async fn release_lease(&self, redis: &mut MultiplexedConnection) -> redis::RedisResult<()> {
         let _: i64 = redis::Script::new(RELEASE_LEASE)
-            .key(format!("{}:ingest:lease", self.prefix))
+            .key(self.keys.ingest_lease())
             .arg(&self.consumer)
             .invoke_async(redis)
             .await?;
@@ -210,7 +211,7 @@ impl Ingest {
     /// Takes or renews the lease; whether this node holds it.
     async fn renew_lease(&self, redis: &mut MultiplexedConnection) -> redis::RedisResult<bool> {
         let ours: i64 = redis::Script::new(TAKE_LEASE)
-            .key(format!("{}:ingest:lease", self.prefix))
+            .key(self.keys.ingest_lease())
             .arg(&self.consumer)
             .arg(self.lease.as_millis() as u64)
             .invoke_async(redis)
@@ -271,9 +272,6 @@ impl Ingest {
         Ok(read_entries(read))
     }
 
-    /// Logs one entry, retrying backend failures with backoff until it is logged or refused
-    /// (then acknowledged), or until this node loses the lease (`false`: left pending for
-    /// the next holder).
     /// Logs an entry's events unless herald runs their session itself.
     async fn log(&self, session_id: &str, drafts: &[EventDraft]) -> Result<(), Failure> {
         match intake::admit(&*self.runs, session_id, &Principal::anonymous()).await {
@@ -292,6 +290,9 @@ impl Ingest {
             .map_err(Failure::from)
     }
 
+    /// Logs one entry, retrying backend failures with backoff until it is logged or refused
+    /// (then acknowledged), or until this node loses the lease (`false`: left pending for
+    /// the next holder).
     async fn handle_until_done(
         &self,
         redis: &mut MultiplexedConnection,
@@ -343,7 +344,7 @@ impl Ingest {
         pipe.atomic();
         if let Some((code, reason)) = refusal {
             pipe.cmd("XADD")
-                .arg(format!("{}:ingest:errors", self.prefix))
+                .arg(self.keys.ingest_errors())
                 .arg("MAXLEN")
                 .arg("~")
                 .arg(MAX_ERRORS)

@@ -1,7 +1,7 @@
 //! Session snapshots in Redis, shared by every node.
 //!
-//! `{prefix}:snap:{id}` holds the snapshot as JSON, `{prefix}:sessions` indexes sessions by
-//! creation time and `{prefix}:ended` ended ones by the time they ended. Nodes append to a
+//! [`Keys::snapshot`] holds a session's snapshot as JSON, [`Keys::sessions`] indexes
+//! sessions by creation time and [`Keys::ended`] ended ones by the time they ended. Nodes append to a
 //! session's log concurrently, so a node folds its events into the stored snapshot with a
 //! compare-and-set, first folding from the log any earlier events another node has not
 //! folded yet: the stored snapshot always describes a prefix of the log, in order.
@@ -13,9 +13,10 @@ use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
-use super::{Origin, SessionStore, SessionSummary, Snapshot, StoreError};
+use super::{Keys, connect, once_more};
 use crate::event::{SessionStatus, now_timestamp};
-use crate::log::{Appended, EventLog, once_more};
+use crate::log::{Appended, Epoch, EventLog};
+use crate::store::{Origin, SessionStore, SessionSummary, Snapshot, StoreError};
 
 /// KEYS: snapshot, sessions index, ended index. ARGV: the JSON read (`""` if none), the
 /// JSON to write, session id, created (ms), ended (ms, or `""` while running).
@@ -38,7 +39,7 @@ const MAX_TRIES: usize = 64;
 
 pub struct RedisStore {
     redis: ConnectionManager,
-    prefix: Arc<str>,
+    keys: Keys,
     log: Arc<dyn EventLog>,
     compare_and_set: Script,
 }
@@ -59,25 +60,17 @@ impl RedisStore {
         prefix: &str,
         log: Arc<dyn EventLog>,
     ) -> Result<Self, StoreError> {
-        let (_, redis) = crate::log::connect_redis(url).await.map_err(backend)?;
+        let (_, redis) = connect(url).await.map_err(backend)?;
         Ok(Self {
             redis,
-            prefix: prefix.into(),
+            keys: Keys::new(prefix),
             log,
             compare_and_set: Script::new(COMPARE_AND_SET),
         })
     }
 
-    fn snap_key(&self, session_id: &str) -> String {
-        format!("{}:snap:{session_id}", self.prefix)
-    }
-
-    fn index_key(&self, name: &str) -> String {
-        format!("{}:{name}", self.prefix)
-    }
-
     async fn read_raw(&self, session_id: &str) -> Result<Option<String>, StoreError> {
-        let key = self.snap_key(session_id);
+        let key = self.keys.snapshot(session_id);
         once_more(|| {
             let mut redis = self.redis.clone();
             let key = &key;
@@ -102,9 +95,9 @@ impl RedisStore {
         };
         let mut invocation = self.compare_and_set.prepare_invoke();
         invocation
-            .key(self.snap_key(session_id))
-            .key(self.index_key("sessions"))
-            .key(self.index_key("ended"))
+            .key(self.keys.snapshot(session_id))
+            .key(self.keys.sessions())
+            .key(self.keys.ended())
             .arg(read.unwrap_or(""))
             .arg(serde_json::to_string(snapshot).map_err(backend)?)
             .arg(session_id)
@@ -148,7 +141,7 @@ impl SessionStore for RedisStore {
     async fn apply(
         &self,
         session_id: &str,
-        epoch: &str,
+        epoch: &Epoch,
         events: &[Appended],
     ) -> Result<(), StoreError> {
         let (Some(first), Some(last)) = (events.first(), events.last()) else {
@@ -161,7 +154,7 @@ impl SessionStore for RedisStore {
                 Some(json) => serde_json::from_str::<Snapshot>(json).map_err(backend)?,
                 None => Snapshot::new(session_id, epoch, now_timestamp()),
             };
-            let same_log = snapshot.summary.epoch == epoch;
+            let same_log = snapshot.summary.epoch == *epoch;
             if !same_log {
                 // The log was recreated: start the fold over (metadata is kept).
                 snapshot.apply(&[], epoch);
@@ -215,13 +208,13 @@ impl SessionStore for RedisStore {
     async fn list(&self, status: Option<SessionStatus>) -> Result<Vec<SessionSummary>, StoreError> {
         let mut redis = self.redis.clone();
         let ids: Vec<String> = redis
-            .zrange(self.index_key("sessions"), 0, -1)
+            .zrange(self.keys.sessions(), 0, -1)
             .await
             .map_err(backend)?;
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = ids.iter().map(|id| self.snap_key(id)).collect();
+        let keys: Vec<String> = ids.iter().map(|id| self.keys.snapshot(id)).collect();
         let raws: Vec<Option<String>> = redis::cmd("MGET")
             .arg(&keys)
             .query_async(&mut redis)
@@ -240,7 +233,7 @@ impl SessionStore for RedisStore {
     async fn take_expired(&self, ttl: Duration) -> Result<Vec<String>, StoreError> {
         let mut redis = self.redis.clone();
         let cutoff = now_ms().saturating_sub(ttl.as_millis() as u64);
-        let ended = self.index_key("ended");
+        let ended = self.keys.ended();
         let ids: Vec<String> = redis
             .zrangebyscore(&ended, 0, cutoff)
             .await
@@ -250,9 +243,9 @@ impl SessionStore for RedisStore {
             // ZREM decides which node takes a session, so each is dropped once.
             let removed: i64 = redis.zrem(&ended, &id).await.map_err(backend)?;
             if removed == 1 {
-                let _: () = redis.del(self.snap_key(&id)).await.map_err(backend)?;
+                let _: () = redis.del(self.keys.snapshot(&id)).await.map_err(backend)?;
                 let _: () = redis
-                    .zrem(self.index_key("sessions"), &id)
+                    .zrem(self.keys.sessions(), &id)
                     .await
                     .map_err(backend)?;
                 taken.push(id);

@@ -1,9 +1,9 @@
 //! The event log in Redis, shared by every node.
 //!
-//! Per session: a hash `{prefix}:head:{id}` (`seq`, `epoch`), a stream `{prefix}:log:{id}`
-//! whose entry ids are `{seq}-1` and whose fields are `k` (event name) and `d` (the
-//! serialized payload), and a sorted set `{prefix}:keys:{id}` of idempotency keys scored
-//! by the `seq` they were first given. One Lua script appends a batch atomically: it is the
+//! Per session: a hash [`Keys::head`] (`seq`, `epoch`), a stream [`Keys::log`] whose entry
+//! ids are `{seq}-1` and whose fields are `k` (event name) and `d` (the serialized
+//! payload), and a sorted set [`Keys::idempotency_keys`] of idempotency keys scored by the
+//! `seq` they were first given. One Lua script appends a batch atomically: it is the
 //! single sequencer of the session for the whole cluster. The head hash is the incarnation:
 //! when it is missing the script starts a new one (fresh epoch, seq 1) and drops whatever
 //! stream and keys an earlier one left behind. Events are serialized on the node
@@ -17,18 +17,23 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, Value as RedisValue};
 use serde_json::value::RawValue;
 
-use super::{AppendOutcome, Appended, EventLog, LogError, LogHead, LogSlice, LoggedEvent};
+use super::announcement::ANNOUNCE_LUA;
+use super::{Keys, connect, once_more};
 use crate::event::{EventDraft, EventKind, finalize_body, with_identity};
+use crate::log::{
+    AppendOutcome, Appended, Epoch, EventLog, LogError, LogHead, LogSlice, LoggedEvent,
+};
 
 /// Idempotency keys remembered per session; the oldest are forgotten first.
 const MAX_KEYS_PER_SESSION: usize = 10_000;
 
 /// KEYS: head, log, idempotency keys. ARGV: max events, max keys, a fresh epoch, the
-/// notification channel, the session id, then per event: name, idempotency key ("" for
+/// announcement channel, the session id, then per event: name, idempotency key ("" for
 /// none), payload before `seq`, payload after `seq`. Returns `{ epoch, last_seq, seqs,
 /// retained }` (numbers as decimal strings, so that Lua's float formatting never shows; a
-/// duplicate's seq negated), and publishes `"<last_seq> <epoch> <session id>"` on the
-/// channel when anything was logged, so every node can deliver the new events.
+/// duplicate's seq negated), and announces the append ([`super::Announcement`]) when
+/// anything was logged, so every node can deliver the new events. Runs after
+/// [`ANNOUNCE_LUA`], which defines `announce`.
 const APPEND: &str = r#"
 local head, log, keys = KEYS[1], KEYS[2], KEYS[3]
 local max_events, max_keys = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -68,14 +73,14 @@ redis.call('HSET', head, 'seq', seq)
 if seq > first then redis.call('XTRIM', log, 'MAXLEN', max_events) end
 local last = string.format('%d', seq)
 if seq > first then
-  redis.call('PUBLISH', ARGV[4], last .. ' ' .. epoch .. ' ' .. ARGV[5])
+  announce(ARGV[4], last, epoch, ARGV[5])
 end
 return { epoch, last, seqs, redis.call('XLEN', log) }
 "#;
 
 pub struct RedisLog {
     redis: ConnectionManager,
-    prefix: Arc<str>,
+    keys: Keys,
     max_events: u64,
     append: Script,
 }
@@ -86,14 +91,10 @@ impl RedisLog {
         let (_, redis) = connect(url).await.map_err(backend)?;
         Ok(Self {
             redis,
-            prefix: prefix.into(),
+            keys: Keys::new(prefix),
             max_events: max_events.max(1),
-            append: Script::new(APPEND),
+            append: Script::new(&format!("{ANNOUNCE_LUA}{APPEND}")),
         })
-    }
-
-    fn key(&self, kind: &str, session_id: &str) -> String {
-        format!("{}:{kind}:{session_id}", self.prefix)
     }
 
     /// Runs a read-only pipeline, once more over the reconnected link if the first went out
@@ -107,77 +108,13 @@ impl RedisLog {
         .map_err(backend)
     }
 
-    /// Where appends are announced ([`Announcement`]).
-    pub fn channel(&self) -> String {
-        announcement_channel(&self.prefix)
-    }
-
-    /// The keys that make up a session's log, for expiry and removal.
-    pub fn session_keys(&self, session_id: &str) -> [String; 3] {
+    /// The keys that make up a session's log: head, log, idempotency keys.
+    fn session_keys(&self, session_id: &str) -> [String; 3] {
         [
-            self.key("head", session_id),
-            self.key("log", session_id),
-            self.key("keys", session_id),
+            self.keys.head(session_id),
+            self.keys.log(session_id),
+            self.keys.idempotency_keys(session_id),
         ]
-    }
-}
-
-/// The channel every append under `prefix` is announced on.
-pub fn announcement_channel(prefix: &str) -> String {
-    format!("{prefix}:events")
-}
-
-/// What the append script publishes after logging: `"<last_seq> <epoch> <session id>"`.
-/// The `APPEND` script above encodes it; this is its only decoder.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Announcement<'a> {
-    pub last_seq: u64,
-    pub epoch: &'a str,
-    pub session_id: &'a str,
-}
-
-impl<'a> Announcement<'a> {
-    pub fn parse(payload: &'a str) -> Option<Self> {
-        let mut parts = payload.splitn(3, ' ');
-        let last_seq = parts.next()?.parse().ok()?;
-        let epoch = parts.next().filter(|e| !e.is_empty())?;
-        let session_id = parts.next().filter(|s| !s.is_empty())?;
-        Some(Self {
-            last_seq,
-            epoch,
-            session_id,
-        })
-    }
-}
-
-/// A client and a self-reconnecting connection to `url`, with timeouts short enough that
-/// an unreachable Redis is reported in about a second instead of hanging requests.
-pub async fn connect(url: &str) -> redis::RedisResult<(redis::Client, ConnectionManager)> {
-    let client = redis::Client::open(url)?;
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(std::time::Duration::from_secs(1)))
-        .set_response_timeout(Some(std::time::Duration::from_secs(3)))
-        .set_number_of_retries(2)
-        .set_min_delay(std::time::Duration::from_millis(50))
-        .set_max_delay(std::time::Duration::from_secs(1));
-    let manager = ConnectionManager::new_with_config(client.clone(), config).await?;
-    Ok((client, manager))
-}
-
-/// Runs `request` once more when the connection it went out on was found dead (Redis
-/// restarted, or the connection was killed): by then the manager has reconnected. Only for
-/// requests that are safe to repeat (reads, compare-and-sets).
-pub async fn once_more<T, F, Fut>(mut request: F) -> redis::RedisResult<T>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = redis::RedisResult<T>>,
-{
-    match request().await {
-        Err(error) if error.is_connection_dropped() || error.is_io_error() => {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            request().await
-        }
-        other => other,
     }
 }
 
@@ -222,8 +159,8 @@ impl EventLog for RedisLog {
             .key(&keys_key)
             .arg(self.max_events)
             .arg(MAX_KEYS_PER_SESSION)
-            .arg(uuid::Uuid::new_v4().simple().to_string())
-            .arg(self.channel())
+            .arg(Epoch::fresh().as_str())
+            .arg(self.keys.announcements())
             .arg(session_id);
         let mut bodies = Vec::with_capacity(drafts.len());
         for draft in drafts {
@@ -240,6 +177,8 @@ impl EventLog for RedisLog {
             .invoke_async(&mut self.redis.clone())
             .await
             .map_err(backend)?;
+        let epoch = Epoch::parse(&epoch)
+            .ok_or_else(|| LogError::Backend("the append script returned no epoch".into()))?;
         let mut seqs = Vec::with_capacity(raw_seqs.len());
         let mut appended = Vec::new();
         for ((kind, body, before, after), raw) in bodies.into_iter().zip(raw_seqs) {
@@ -255,16 +194,13 @@ impl EventLog for RedisLog {
             });
         }
         let duplicates = seqs.len() - appended.len();
-        let head = LogHead {
-            last_seq,
-            first_seq: first_retained(last_seq, retained),
-            epoch,
-        };
         Ok(AppendOutcome {
             appended,
             seqs,
             duplicates,
-            head,
+            epoch,
+            last_seq,
+            first_seq: first_retained(last_seq, retained),
         })
     }
 
@@ -296,7 +232,8 @@ impl EventLog for RedisLog {
             .arg(limit);
         let (fields, retained, entries): (HeadFields, u64, RedisValue) = self.query(&pipe).await?;
         let head = to_head((fields, retained));
-        let events = if head.epoch.is_empty() {
+        // Entries without a head are an earlier incarnation's leftovers.
+        let events = if head.epoch.is_none() {
             Vec::new()
         } else {
             parse_entries(entries)?
@@ -341,7 +278,7 @@ fn to_head(((seq, epoch), retained): (HeadFields, u64)) -> LogHead {
     LogHead {
         last_seq,
         first_seq: first_retained(last_seq, retained),
-        epoch: epoch.unwrap_or_default(),
+        epoch: epoch.as_deref().and_then(Epoch::parse),
     }
 }
 
@@ -378,24 +315,4 @@ fn parse_entries(entries: RedisValue) -> Result<Vec<Arc<LoggedEvent>>, LogError>
             Ok(Arc::new(LoggedEvent { seq, kind, json }))
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Announcement;
-
-    #[test]
-    fn announcements_decode_what_the_append_script_encodes() {
-        assert_eq!(
-            Announcement::parse("42 e1 user:7-a b"),
-            Some(Announcement {
-                last_seq: 42,
-                epoch: "e1",
-                session_id: "user:7-a b",
-            })
-        );
-        for bad in ["", "42", "42 e1", "x e1 s", "42  s", "-1 e1 s"] {
-            assert_eq!(Announcement::parse(bad), None, "{bad:?}");
-        }
-    }
 }
