@@ -104,7 +104,10 @@ export function spawnHerald(extraArgs = [], { env = {}, readyTimeoutMs = 30000, 
       const timeout = new Promise((_, reject) => {
         timer = setTimeout(() => {
           proc.kill('SIGKILL');
+          // A panic's message comes before its backtrace, which may push it out of the tail.
+          const panic = stderr.match(/panicked at [^\n]*\n[^\n]*/);
           reject(new Error(`herald did not exit within ${stopTimeoutMs} ms of ${signal}\n` +
+            (panic ? `panic: ${panic[0]}\n` : '') +
             `stderr: ${stderr.slice(-4000)}`));
         }, stopTimeoutMs);
       });

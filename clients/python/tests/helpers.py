@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import threading
 import time
@@ -16,6 +17,16 @@ def wait_until(pred: Callable[[], bool], timeout: float = 20.0, what: str = "con
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+async def until(pred: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    """`wait_until` for asyncio tests: polls without blocking the loop."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 def history(base: str, sid: str) -> List[dict]:

@@ -7,15 +7,9 @@ import asyncio
 import pytest
 
 from herald_client import AsyncHeraldClient, Clarification, Completed, HeraldError, HeraldPublisher, ModelResult, Progress
+from helpers import until
 
 
-async def until(pred, timeout: float = 30.0, what: str = "condition"):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def test_async_typed_events_and_coroutine_callbacks(herald_url, session_id):

@@ -17,7 +17,7 @@ import requests
 
 from herald_client import (AsyncHeraldClient, HeraldAuthError, HeraldClient, HeraldError, HeraldPublisher,
                            Progress)
-from helpers import wait_until
+from helpers import until, wait_until
 
 SECRET = "herald-client-auth-test-secret-0123"
 PUBLISH_KEY = "hc-publish-key-8e1f"
@@ -333,10 +333,3 @@ def history_as(base: str, sid: str):
     return r.json()["events"]
 
 
-async def until(pred, timeout: float = 10.0, what: str = "condition"):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
