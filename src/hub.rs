@@ -454,8 +454,17 @@ impl Hub {
         count
     }
 
+    /// The local room of a session; `None` once the namespace is closed (shutdown), when
+    /// requests still finishing and background work must find nothing to deliver to.
+    fn room(&self, session_id: &str) -> Option<socketioxide::operators::BroadcastOperators> {
+        Some(self.inner.io.of("/")?.to(session_id.to_owned()))
+    }
+
     fn disconnect_followers(&self, session_id: &str) -> usize {
-        let sockets = self.inner.io.to(session_id.to_owned()).sockets();
+        let sockets = self
+            .room(session_id)
+            .map(|r| r.sockets())
+            .unwrap_or_default();
         let count = sockets.len();
         for socket in sockets {
             socket.close_transport();
@@ -465,20 +474,17 @@ impl Hub {
 
     /// Whether no local socket follows the session (then nothing needs reading to deliver).
     fn room_is_empty(&self, session_id: &str) -> bool {
-        self.inner.io.to(session_id.to_owned()).sockets().is_empty()
+        self.room(session_id)
+            .is_none_or(|room| room.sockets().is_empty())
     }
 
     async fn broadcast(&self, session_id: &str, event: &LoggedEvent) {
         // The payload is raw JSON: socketioxide copies it into one packet shared by every
         // socket of the room, so an event is encoded once per broadcast, not per client.
-        let room = session_id.to_owned();
-        match self
-            .inner
-            .io
-            .to(room)
-            .emit(event.kind.as_str(), &*event.json)
-            .await
-        {
+        let Some(room) = self.room(session_id) else {
+            return;
+        };
+        match room.emit(event.kind.as_str(), &*event.json).await {
             Ok(()) => self.inner.metrics.broadcasts.inc(),
             Err(BroadcastError::Socket(errors)) => {
                 // A socket whose queue was full has had its connection dropped (by the
@@ -705,9 +711,50 @@ impl Hub {
     /// Drops every socket's connection (server shutdown), as a network failure would, so
     /// clients reconnect (to another node, or to this one once it is back) and resume.
     pub async fn close(&self) {
-        for socket in self.inner.io.sockets() {
+        for socket in self
+            .inner
+            .io
+            .of("/")
+            .map(|ns| ns.sockets())
+            .unwrap_or_default()
+        {
             socket.close_transport();
         }
         self.inner.io.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::MemoryLog;
+    use crate::store::MemoryStore;
+
+    /// During shutdown, requests still finishing and background work run after the
+    /// namespace is closed: they must find no room, not panic (socketioxide's `io.to`
+    /// panics once the default namespace is gone).
+    #[tokio::test]
+    async fn a_closed_hub_still_logs_and_delivers_to_nobody() {
+        let (_layer, io) = SocketIo::builder().build_layer();
+        io.ns("/", async |_: socketioxide::extract::SocketRef| {});
+        let hub = Hub::new(
+            Arc::new(MemoryLog::new(10)),
+            Arc::new(MemoryStore::new()),
+            io,
+            Arc::new(Metrics::default()),
+        );
+        hub.close().await;
+        hub.close().await;
+        let draft = EventDraft {
+            kind: crate::event::EventKind::Progress,
+            data: serde_json::json!({ "status": "PROCESSING", "progress": 5 })
+                .as_object()
+                .unwrap()
+                .clone(),
+            idempotency_key: None,
+        };
+        let published = hub.publish("s-1", vec![draft]).await.unwrap();
+        assert_eq!(published.last_seq, 1);
+        assert_eq!(hub.drop_followers("s-1").await, 0);
     }
 }
