@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
+use crate::orchestrator::RunLimits;
 use crate::orchestrator::config::ModelsFile;
 
 mod effective;
@@ -200,6 +201,47 @@ pub struct Config {
         help_heading = "Limits"
     )]
     pub ws_read_buffer: usize,
+
+    /// Orchestrated sessions running on this node at once (each holds model calls, timers
+    /// and queues until it ends). A create over it gets 429 TOO_MANY_RUNS with Retry-After.
+    /// Counted per node in cluster mode.
+    #[arg(long, env = "HERALD_MAX_RUNNING_SESSIONS", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
+    pub max_running_sessions: u64,
+
+    /// Orchestrated sessions one subject (a token's `sub`, an API key's name) may have
+    /// running on this node at once; 429 TOO_MANY_RUNS over it. Not applied while auth is
+    /// off: every caller is then the same anonymous one, bounded by max-running-sessions.
+    #[arg(long, env = "HERALD_MAX_RUNNING_SESSIONS_PER_SUBJECT", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
+    pub max_running_sessions_per_subject: u64,
+
+    /// Largest prompt text, in bytes (UTF-8); 400 PROMPT_TOO_LARGE over it.
+    #[arg(long, env = "HERALD_MAX_PROMPT_BYTES", default_value_t = 32 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
+    pub max_prompt_bytes: u64,
+
+    /// Most prompts in one session; 400 TOO_MANY_PROMPTS over it.
+    #[arg(long, env = "HERALD_MAX_PROMPTS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=10_000), help_heading = "Limits")]
+    pub max_prompts: u64,
+
+    /// Largest session `metadata`, in bytes of its JSON; 400 METADATA_TOO_LARGE over it.
+    #[arg(long, env = "HERALD_MAX_METADATA_BYTES", default_value_t = 16 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
+    pub max_metadata_bytes: u64,
+
+    /// Largest clarification answer, in bytes (UTF-8); 400 ANSWER_TOO_LARGE over it.
+    #[arg(long, env = "HERALD_MAX_ANSWER_BYTES", default_value_t = 8 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
+    pub max_answer_bytes: u64,
+
+    /// Most output, in bytes, one model may stream for one prompt. A model that streams more
+    /// is stopped (its request dropped) and fails on that prompt, not retried:
+    /// "the model's output exceeded N bytes".
+    #[arg(long, env = "HERALD_MAX_MODEL_OUTPUT_BYTES", default_value_t = 256 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
+    pub max_model_output_bytes: u64,
 
     /// Redis URL (e.g. redis://127.0.0.1:6379): nodes sharing it share sessions, logs and
     /// rooms. Without it everything stays in this process.
@@ -406,6 +448,20 @@ impl Config {
 
     pub fn cluster_lease(&self) -> Duration {
         Duration::from_millis(self.cluster_lease_ms)
+    }
+
+    /// The orchestrator's limits.
+    pub fn run_limits(&self) -> RunLimits {
+        let size = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        RunLimits {
+            max_running: size(self.max_running_sessions),
+            max_running_per_subject: size(self.max_running_sessions_per_subject),
+            max_prompt_bytes: size(self.max_prompt_bytes),
+            max_prompts: size(self.max_prompts),
+            max_metadata_bytes: size(self.max_metadata_bytes),
+            max_answer_bytes: size(self.max_answer_bytes),
+            max_model_output_bytes: size(self.max_model_output_bytes),
+        }
     }
 }
 

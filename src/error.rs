@@ -80,6 +80,14 @@ catalogue! {
     PayloadTooLarge => "PAYLOAD_TOO_LARGE", PAYLOAD_TOO_LARGE, false;
     /// A body that is not `application/json`.
     UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE", UNSUPPORTED_MEDIA_TYPE, false;
+    /// A session's prompt whose text is over `--max-prompt-bytes`.
+    PromptTooLarge => "PROMPT_TOO_LARGE", BAD_REQUEST, false;
+    /// A session with more prompts than `--max-prompts`.
+    TooManyPrompts => "TOO_MANY_PROMPTS", BAD_REQUEST, false;
+    /// A session's `metadata` whose JSON is over `--max-metadata-bytes`.
+    MetadataTooLarge => "METADATA_TOO_LARGE", BAD_REQUEST, false;
+    /// A clarification answer over `--max-answer-bytes`.
+    AnswerTooLarge => "ANSWER_TOO_LARGE", BAD_REQUEST, false;
 
     // Credentials (SPEC §5).
     /// No credential was presented, or it names no API key.
@@ -116,6 +124,9 @@ catalogue! {
     RateLimited => "RATE_LIMITED", TOO_MANY_REQUESTS, true;
     /// The socket follows as many sessions as it may; it must unsubscribe first.
     TooManySubscriptions => "TOO_MANY_SUBSCRIPTIONS", BAD_REQUEST, false;
+    /// As many orchestrated sessions run as `--max-running-sessions` (or, for this
+    /// subject, `--max-running-sessions-per-subject`) allow; retry after `Retry-After`.
+    TooManyRuns => "TOO_MANY_RUNS", TOO_MANY_REQUESTS, true;
     /// The socket did not drain its queue and is disconnected; it recovers by replay.
     SlowConsumer => "SLOW_CONSUMER", SERVICE_UNAVAILABLE, true;
 
@@ -217,6 +228,11 @@ mod tests {
             (ErrorCode::NodeUnavailable, 503, true),
             (ErrorCode::InvalidPath, 400, false),
             (ErrorCode::Internal, 500, true),
+            (ErrorCode::TooManyRuns, 429, true),
+            (ErrorCode::PromptTooLarge, 400, false),
+            (ErrorCode::TooManyPrompts, 400, false),
+            (ErrorCode::MetadataTooLarge, 400, false),
+            (ErrorCode::AnswerTooLarge, 400, false),
         ];
         for (code, status, retryable) in expected {
             assert_eq!(

@@ -47,6 +47,8 @@ pub struct ApiError {
     status: StatusCode,
     code: ErrorCode,
     message: String,
+    /// `Retry-After`, in seconds, for a limit that will let the request through later.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -55,7 +57,14 @@ impl ApiError {
             status: code.http_status(),
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same error with a `Retry-After` header (seconds).
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 
     /// The same error with another status, for a route whose answer the code alone does
@@ -89,6 +98,11 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static(challenge),
             );
+        }
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         // For `count_errors`, which sees only the response.
         response.extensions_mut().insert(self.code);
@@ -142,7 +156,13 @@ impl From<OrchestratorError> for ApiError {
     fn from(error: OrchestratorError) -> Self {
         match error {
             OrchestratorError::Hub(error) => error.into(),
-            error => Self::new(error.code(), error.to_string()),
+            error => {
+                let api = Self::new(error.code(), error.to_string());
+                match error.retry_after() {
+                    Some(secs) => api.with_retry_after(secs),
+                    None => api,
+                }
+            }
         }
     }
 }

@@ -1141,7 +1141,6 @@ async fn bad_session_requests_are_rejected_with_codes() {
             "ill-formed id",
             json!({ "prompts": [{ "id": "bad id!", "text": "x" }] }),
         ),
-        ("more than 100 prompts", json!({ "prompts": many })),
         (
             "unknown strategy",
             json!({ "prompts": ["x"], "strategy": "bogus" }),
@@ -1152,6 +1151,10 @@ async fn bad_session_requests_are_rejected_with_codes() {
         let (status, reply) = app.post_json("/api/wizard/sessions", &body).await;
         assert_error(status, &reply, 400, "INVALID_REQUEST", what);
     }
+    let (status, reply) = app
+        .post_json("/api/wizard/sessions", &json!({ "prompts": many }))
+        .await;
+    assert_error(status, &reply, 400, "TOO_MANY_PROMPTS", "more than 100 prompts");
     let (status, list) = app.get("/api/wizard/sessions").await;
     assert_eq!(status, 200);
     assert_eq!(list["sessions"], json!([]), "nothing was created: {list}");

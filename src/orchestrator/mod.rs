@@ -16,6 +16,7 @@
 //! gets 409.
 
 pub mod config;
+mod limits;
 mod run;
 
 use std::collections::HashMap;
@@ -37,10 +38,10 @@ use crate::intake::{IntakeError, Runs};
 use crate::providers::{self, Provider};
 use crate::store::Origin;
 use config::{ModelConfig, ModelsFile, OrchestratorSettings};
+use limits::{Admission, Cap};
+pub use limits::{RETRY_AFTER_SECS, RunLimits};
 use run::{Command, Run};
 
-/// Most prompts one session may carry.
-pub const MAX_PROMPTS: usize = 100;
 /// Commands and worker reports queued per running session.
 const RUN_QUEUE: usize = 256;
 
@@ -68,6 +69,29 @@ pub enum OrchestratorError {
     Remote { code: ErrorCode, message: String },
     #[error("the node running the session is unreachable: {0}")]
     NodeUnavailable(String),
+    #[error("{}", too_many_runs(*.0))]
+    TooManyRuns(Cap),
+    #[error("prompt {index} is larger than {limit} bytes (--max-prompt-bytes)")]
+    PromptTooLarge { index: usize, limit: usize },
+    #[error("a session holds at most {0} prompts (--max-prompts)")]
+    TooManyPrompts(usize),
+    #[error("`metadata` is larger than {0} bytes of JSON (--max-metadata-bytes)")]
+    MetadataTooLarge(usize),
+    #[error("the answer is larger than {0} bytes (--max-answer-bytes)")]
+    AnswerTooLarge(usize),
+}
+
+fn too_many_runs(cap: Cap) -> String {
+    match cap {
+        Cap::Global(n) => format!(
+            "{n} orchestrated sessions are running on this node, the most it runs at once \
+             (--max-running-sessions); retry in {RETRY_AFTER_SECS} s"
+        ),
+        Cap::PerSubject(n) => format!(
+            "you have {n} sessions running on this node, the most one caller may \
+             (--max-running-sessions-per-subject); retry in {RETRY_AFTER_SECS} s"
+        ),
+    }
 }
 
 impl OrchestratorError {
@@ -84,7 +108,17 @@ impl OrchestratorError {
             OrchestratorError::Hub(_) => ErrorCode::Internal,
             OrchestratorError::Remote { code, .. } => *code,
             OrchestratorError::NodeUnavailable(_) => ErrorCode::NodeUnavailable,
+            OrchestratorError::TooManyRuns(_) => ErrorCode::TooManyRuns,
+            OrchestratorError::PromptTooLarge { .. } => ErrorCode::PromptTooLarge,
+            OrchestratorError::TooManyPrompts(_) => ErrorCode::TooManyPrompts,
+            OrchestratorError::MetadataTooLarge(_) => ErrorCode::MetadataTooLarge,
+            OrchestratorError::AnswerTooLarge(_) => ErrorCode::AnswerTooLarge,
         }
+    }
+
+    /// Seconds after which the same request may succeed (`Retry-After`), for a limit.
+    pub fn retry_after(&self) -> Option<u64> {
+        matches!(self, OrchestratorError::TooManyRuns(_)).then_some(RETRY_AFTER_SECS)
     }
 }
 
@@ -176,6 +210,9 @@ struct Inner {
     models: Vec<Arc<Model>>,
     settings: OrchestratorSettings,
     global: Arc<Semaphore>,
+    limits: RunLimits,
+    /// Slots for running sessions, within `limits`' caps.
+    admission: Admission,
     /// Running sessions' command queues. A std mutex: lookups only, never across an await.
     running: Mutex<HashMap<String, mpsc::Sender<Command>>>,
     /// Every run's task, so shutdown can wait for them to end.
@@ -185,7 +222,7 @@ struct Inner {
 }
 
 impl Orchestrator {
-    pub fn new(hub: Hub, file: ModelsFile, cluster: Option<Cluster>) -> Self {
+    pub fn new(hub: Hub, file: ModelsFile, cluster: Option<Cluster>, limits: RunLimits) -> Self {
         let http = reqwest::Client::builder()
             .build()
             .expect("an HTTP client with default settings builds");
@@ -207,6 +244,8 @@ impl Orchestrator {
                 models,
                 global: Arc::new(Semaphore::new(file.orchestrator.max_concurrency)),
                 settings: file.orchestrator,
+                limits,
+                admission: Admission::new(limits),
                 running: Mutex::default(),
                 runs: TaskTracker::new(),
                 stopping: AtomicBool::new(false),
@@ -228,9 +267,9 @@ impl Orchestrator {
             .collect()
     }
 
-    /// Validates the request, logs the session's first `progress` and starts the run in the
-    /// background. Returns the new session's id.
-    /// Starts a session for `request`; it is owned by `owner` (a token's subject) when given.
+    /// Validates the request, takes a running slot (global and, for `owner`, per subject),
+    /// logs the session's first `progress` and starts the run in the background. Returns the
+    /// new session's id. The session is owned by `owner` (a token's subject) when given.
     pub async fn create(
         &self,
         request: CreateSession,
@@ -241,9 +280,23 @@ impl Orchestrator {
                 "this node is shutting down; start the session on another".into(),
             ));
         }
+        let limits = &self.inner.limits;
         let strategy = parse_strategy(request.strategy.as_deref())?;
-        let prompts = parse_prompts(request.prompts)?;
+        let prompts = parse_prompts(request.prompts, limits)?;
+        if let Some(metadata) = &request.metadata
+            && limits::json_len(metadata) > limits.max_metadata_bytes
+        {
+            return Err(OrchestratorError::MetadataTooLarge(
+                limits.max_metadata_bytes,
+            ));
+        }
         let models = self.select_models(request.models)?;
+        // Taken last, so a refused request holds no slot; given back if anything below fails.
+        let slot = self
+            .inner
+            .admission
+            .admit(owner.as_deref())
+            .map_err(OrchestratorError::TooManyRuns)?;
         let session_id = uuid::Uuid::new_v4().to_string();
         let run = Run::new(
             session_id.clone(),
@@ -253,6 +306,8 @@ impl Orchestrator {
             models,
             self.inner.settings.clone(),
             self.inner.global.clone(),
+            slot,
+            limits.max_model_output_bytes,
         );
         self.inner
             .hub
@@ -447,6 +502,11 @@ impl Orchestrator {
         clarification_id: &str,
         answer: String,
     ) -> Result<(), OrchestratorError> {
+        if answer.len() > self.inner.limits.max_answer_bytes {
+            return Err(OrchestratorError::AnswerTooLarge(
+                self.inner.limits.max_answer_bytes,
+            ));
+        }
         let command = |reply| Command::Respond {
             clarification_id: clarification_id.to_owned(),
             answer: answer.clone(),
@@ -608,16 +668,17 @@ fn parse_strategy(strategy: Option<&str>) -> Result<Strategy, OrchestratorError>
     }
 }
 
-fn parse_prompts(inputs: Vec<PromptInput>) -> Result<Vec<Prompt>, OrchestratorError> {
+fn parse_prompts(
+    inputs: Vec<PromptInput>,
+    limits: &RunLimits,
+) -> Result<Vec<Prompt>, OrchestratorError> {
     if inputs.is_empty() {
         return Err(OrchestratorError::Invalid(
             "`prompts` must hold at least one prompt".into(),
         ));
     }
-    if inputs.len() > MAX_PROMPTS {
-        return Err(OrchestratorError::Invalid(format!(
-            "a session holds at most {MAX_PROMPTS} prompts"
-        )));
+    if inputs.len() > limits.max_prompts {
+        return Err(OrchestratorError::TooManyPrompts(limits.max_prompts));
     }
     let mut prompts: Vec<Prompt> = Vec::with_capacity(inputs.len());
     for (index, input) in inputs.into_iter().enumerate() {
@@ -629,6 +690,12 @@ fn parse_prompts(inputs: Vec<PromptInput>) -> Result<Vec<Prompt>, OrchestratorEr
             return Err(OrchestratorError::Invalid(format!(
                 "prompt {index} has no text"
             )));
+        }
+        if text.len() > limits.max_prompt_bytes {
+            return Err(OrchestratorError::PromptTooLarge {
+                index,
+                limit: limits.max_prompt_bytes,
+            });
         }
         let id = id.unwrap_or_else(|| format!("p{}", index + 1));
         validate_session_id(&id).map_err(|e| {

@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::config::OrchestratorSettings;
+use super::limits::RunSlot;
 use super::{Model, OrchestratorError, Prompt, Strategy, keys};
 use crate::error::ErrorCode;
 use crate::event::{
@@ -21,7 +22,7 @@ use crate::event::{
 };
 use crate::hub::Hub;
 use crate::providers::{
-    CLARIFICATION_MARKER, ChatMessage, Role, SYSTEM_PROMPT, clarification_question,
+    CLARIFICATION_MARKER, ChatMessage, ProviderError, Role, SYSTEM_PROMPT, clarification_question,
 };
 use crate::store::PromptCounts;
 
@@ -126,9 +127,16 @@ pub(crate) struct Run {
     done: u64,
     /// Events this run has handed to the log, for their idempotency keys.
     published: AtomicU64,
+    /// This run's place under the running-session caps: given back ([`Run::end`]) once the
+    /// run has decided how it ends, before its last events are published, so a client that
+    /// sees a session's end can start another at once. Dropped with the run otherwise.
+    slot: Option<RunSlot>,
+    /// Bytes one model may stream for one prompt.
+    max_output: usize,
 }
 
 impl Run {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         session_id: String,
         hub: Hub,
@@ -137,6 +145,8 @@ impl Run {
         models: Vec<Arc<Model>>,
         settings: OrchestratorSettings,
         global: Arc<Semaphore>,
+        slot: RunSlot,
+        max_output: usize,
     ) -> Self {
         let prompts = prompts
             .into_iter()
@@ -165,7 +175,14 @@ impl Run {
             clarifications: HashMap::new(),
             done: 0,
             published: AtomicU64::new(0),
+            slot: Some(slot),
+            max_output,
         }
+    }
+
+    /// The run has ended: its running slot is free for another session.
+    fn end(&mut self) {
+        self.slot = None;
     }
 
     fn total_units(&self) -> u64 {
@@ -276,6 +293,8 @@ impl Run {
         for (p, state) in self.prompts.iter().enumerate() {
             let worker = Worker {
                 tx: tx.clone(),
+                session_id: self.session_id.as_str().into(),
+                max_output: self.max_output,
                 prompt: p,
                 text: state.prompt.text.clone(),
                 global: self.global.clone(),
@@ -402,6 +421,7 @@ impl Run {
                 let _ = reply.send(outcome);
             }
             Command::Cancel { reply } => {
+                self.end();
                 // Questions nobody will act on any more are closed, so they cannot be answered.
                 let mut events = self.close_clarifications();
                 events.push(self.progress(SessionStatus::Failed, None));
@@ -412,6 +432,7 @@ impl Run {
                 return Some(End::Cancelled);
             }
             Command::Stop { reply } => {
+                self.end();
                 let mut events = self.close_clarifications();
                 events.push(self.progress(SessionStatus::Failed, None));
                 let error = ErrorEvent::new(
@@ -528,6 +549,7 @@ impl Run {
     /// An unanswered clarification ran out of time: it expires and so does the session,
     /// and with it every other open question.
     async fn expire(&mut self) {
+        self.end();
         let mut events = self.close_clarifications();
         events.push(self.progress(SessionStatus::Expired, None));
         self.publish(events).await;
@@ -582,6 +604,7 @@ impl Run {
     }
 
     async fn finish(&mut self) -> End {
+        self.end();
         if self
             .prompts
             .iter()
@@ -698,6 +721,10 @@ async fn sleep_until(deadline: Option<Instant>) {
 #[derive(Clone)]
 struct Worker {
     tx: mpsc::Sender<Command>,
+    /// For the server log.
+    session_id: Arc<str>,
+    /// Bytes the model may stream for the prompt, per attempt.
+    max_output: usize,
     prompt: usize,
     text: String,
     global: Arc<Semaphore>,
@@ -746,10 +773,10 @@ impl Worker {
                     }
                     None => break Ok(output),
                 },
-                Err(error) => {
+                Err(failure) => {
                     failures += 1;
-                    if failures > model.config.retries {
-                        break Err(error);
+                    if !failure.retry || failures > model.config.retries {
+                        break Err(failure.message);
                     }
                     let backoff = self
                         .settings
@@ -769,20 +796,26 @@ impl Worker {
         tx.send(finished).await.is_ok() && ok
     }
 
-    /// One request, streamed, bounded by the model's timeout and the concurrency limits.
+    /// One request, streamed, bounded by the model's timeout, its output limit and the
+    /// concurrency limits.
     async fn attempt(
         &self,
         m: usize,
         model: &Model,
         messages: Vec<ChatMessage>,
-    ) -> Result<String, String> {
-        let _global = self.global.acquire().await.map_err(|e| e.to_string())?;
-        let _model = model.limit.acquire().await.map_err(|e| e.to_string())?;
+    ) -> Result<String, Failure> {
+        // The semaphores are never closed.
+        let _global = self.global.acquire().await.map_err(Failure::internal)?;
+        let _model = model.limit.acquire().await.map_err(Failure::internal)?;
         let timeout = model.config.timeout();
         let streamed = tokio::time::timeout(timeout, self.stream(m, model, messages)).await;
         match streamed {
             Ok(result) => result,
-            Err(_) => Err(format!("timed out after {} s", timeout.as_secs())),
+            Err(_) => {
+                let secs = timeout.as_secs();
+                tracing::warn!(session_id = %self.session_id, model = %model.config.name, timeout_secs = secs, "the provider did not finish in time");
+                Err(Failure::retry(format!("the provider timed out after {secs} s")))
+            }
         }
     }
 
@@ -791,17 +824,26 @@ impl Worker {
         m: usize,
         model: &Model,
         messages: Vec<ChatMessage>,
-    ) -> Result<String, String> {
+    ) -> Result<String, Failure> {
         let mut pieces = model
             .provider
             .chat(messages)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.provider_failed(model, &e))?;
         let interval = Duration::from_millis(self.settings.update_interval_ms);
         let mut output = String::new();
         let mut last_update = Instant::now();
         while let Some(piece) = pieces.next().await {
-            output.push_str(&piece.map_err(|e| e.to_string())?);
+            output.push_str(&piece.map_err(|e| self.provider_failed(model, &e))?);
+            if output.len() > self.max_output {
+                // Returning drops `pieces`, and with it the provider's request. Another
+                // attempt would most likely run away the same way: it is not retried.
+                tracing::warn!(session_id = %self.session_id, model = %model.config.name, limit = self.max_output, "the model's output exceeded the limit; stopped it");
+                return Err(Failure {
+                    message: format!("the model's output exceeded {} bytes", self.max_output),
+                    retry: false,
+                });
+            }
             if last_update.elapsed() >= interval
                 && !output.is_empty()
                 && !is_question_so_far(&output)
@@ -813,11 +855,43 @@ impl Worker {
                     output: output.clone(),
                 };
                 if self.tx.send(partial).await.is_err() {
-                    return Err("the session ended".into());
+                    return Err(Failure {
+                        message: "the session ended".into(),
+                        retry: false,
+                    });
                 }
             }
         }
         Ok(output)
+    }
+
+    /// A provider's failure: the whole story for the server log, a short stable message for
+    /// clients (never the provider's text, which may hold URLs, keys or prompts).
+    fn provider_failed(&self, model: &Model, error: &ProviderError) -> Failure {
+        tracing::warn!(session_id = %self.session_id, model = %model.config.name, %error, "a provider request failed");
+        Failure::retry(error.public_message())
+    }
+}
+
+/// Why an attempt failed.
+struct Failure {
+    /// What clients see (`model_result.error`, the result's `error`): short and stable.
+    message: String,
+    /// Whether another attempt may help (within the model's `retries`).
+    retry: bool,
+}
+
+impl Failure {
+    fn retry(message: String) -> Self {
+        Self {
+            message,
+            retry: true,
+        }
+    }
+
+    fn internal(error: impl std::fmt::Display) -> Self {
+        tracing::error!(%error, "a model call could not start");
+        Self::retry("herald could not start the model call".into())
     }
 }
 

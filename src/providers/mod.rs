@@ -73,6 +73,27 @@ pub enum ProviderError {
     MissingKey(String),
 }
 
+impl ProviderError {
+    /// What clients are told (`model_result.error`): short, stable, and free of what the
+    /// provider or the transport said, which may hold URLs, keys or echoed prompts. The
+    /// full error is for the server log (the orchestrator logs it with `tracing::warn!`).
+    pub fn public_message(&self) -> String {
+        match self {
+            ProviderError::Transport(_) => "the provider could not be reached".into(),
+            // Ollama and OpenAI report some failures inside a 200 stream.
+            ProviderError::Status { status: 200, .. } => {
+                "the provider reported an error in its stream".into()
+            }
+            ProviderError::Status { status, .. } => {
+                format!("the provider answered with HTTP {status}")
+            }
+            ProviderError::Malformed(_) => "the provider's stream was malformed".into(),
+            ProviderError::Simulated => "simulated failure".into(),
+            ProviderError::MissingKey(_) => "the model's API key is not configured".into(),
+        }
+    }
+}
+
 impl From<reqwest::Error> for ProviderError {
     fn from(error: reqwest::Error) -> Self {
         ProviderError::Transport(error.to_string())
@@ -107,13 +128,31 @@ pub fn build(model: &ModelConfig, http: &reqwest::Client) -> Arc<dyn Provider> {
     }
 }
 
+/// Bytes of an error body read for the log; the rest is not read.
+const MAX_ERROR_BODY: usize = 4096;
+
+/// Longest line of a streamed reply: one token's chunk, or a whole reply from a provider
+/// that ignores `stream`. A longer line is a malformed stream, so a provider that never
+/// sends a newline cannot grow a buffer without end.
+const MAX_LINE: usize = 4 * 1024 * 1024;
+
 /// Fails with the body's error message when the status is not a success.
-async fn check_status(response: reqwest::Response) -> Result<reqwest::Response, ProviderError> {
+async fn check_status(
+    mut response: reqwest::Response,
+) -> Result<reqwest::Response, ProviderError> {
     let status = response.status();
     if status.is_success() {
         return Ok(response);
     }
-    let body = response.text().await.unwrap_or_default();
+    let mut raw = Vec::new();
+    while raw.len() < MAX_ERROR_BODY {
+        match response.chunk().await {
+            Ok(Some(chunk)) => raw.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    raw.truncate(MAX_ERROR_BODY);
+    let body = String::from_utf8_lossy(&raw);
     let message = serde_json::from_str::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| {
@@ -143,6 +182,10 @@ fn lines(
                         .trim_end_matches(['\r', '\n'])
                         .to_owned();
                     return Some((Ok(line), (bytes, buffer, ended)));
+                }
+                if buffer.len() > MAX_LINE {
+                    let error = ProviderError::Malformed(format!("a line over {MAX_LINE} bytes"));
+                    return Some((Err(error), (bytes, Vec::new(), true)));
                 }
                 if ended {
                     if buffer.is_empty() {
@@ -198,5 +241,18 @@ mod line_tests {
             .collect()
             .await;
         assert_eq!(lines, ["{\"a\":1}", "{\"b\":2}", "tail"]);
+    }
+
+    #[tokio::test]
+    async fn a_line_without_end_is_malformed_not_buffered() {
+        let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+        let endless = futures_util::stream::repeat_with(move || Ok(chunk.clone()));
+        let mut lines = Box::pin(super::lines(endless));
+        let first = lines.next().await.expect("an item");
+        assert!(
+            matches!(first, Err(super::ProviderError::Malformed(_))),
+            "{first:?}"
+        );
+        assert!(lines.next().await.is_none());
     }
 }

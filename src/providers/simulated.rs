@@ -18,9 +18,16 @@ pub struct Simulated {
     latency: Duration,
     token_gap: Duration,
     fail_attempts: u32,
-    /// Attempts seen per prompt, for `fail_attempts`.
+    /// Failed attempts per prompt, for `fail_attempts`: only while `fail_attempts` is set,
+    /// only for prompts still failing (a prompt's entry goes when it succeeds), and at most
+    /// [`MAX_TRACKED_PROMPTS`] of them, so a long-running server does not keep every prompt
+    /// it was ever given.
     attempts: Mutex<HashMap<String, u32>>,
 }
+
+/// Prompts whose failed attempts are remembered at once; when full, the oldest counts are
+/// forgotten (those prompts start failing afresh), which a test model can live with.
+const MAX_TRACKED_PROMPTS: usize = 1024;
 
 impl Simulated {
     pub fn new(model: &ModelConfig) -> Self {
@@ -37,10 +44,21 @@ impl Simulated {
         if prompt.contains("[fail]") || prompt.contains(&format!("[fail:{}]", self.name)) {
             return true;
         }
+        if self.fail_attempts == 0 {
+            return false;
+        }
         let mut attempts = self.attempts.lock().unwrap();
-        let seen = attempts.entry(prompt.to_owned()).or_insert(0);
-        *seen += 1;
-        *seen <= self.fail_attempts
+        let failed = attempts.get(prompt).copied().unwrap_or(0);
+        if failed >= self.fail_attempts {
+            // This attempt succeeds: nothing to remember about the prompt any more.
+            attempts.remove(prompt);
+            return false;
+        }
+        if failed == 0 && attempts.len() >= MAX_TRACKED_PROMPTS {
+            attempts.clear();
+        }
+        attempts.insert(prompt.to_owned(), failed + 1);
+        true
     }
 
     /// The deterministic reply to a conversation.
@@ -84,5 +102,50 @@ impl Provider for Simulated {
             Some((Ok(word), words))
         });
         Ok(Box::pin(stream))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::orchestrator::config::ProviderKind;
+
+    fn model(fail_attempts: u32) -> Simulated {
+        Simulated::new(&ModelConfig {
+            name: "sim".into(),
+            provider: ProviderKind::Simulated,
+            base_url: None,
+            model: None,
+            api_key_env: None,
+            timeout_secs: 1,
+            retries: 0,
+            max_concurrency: 1,
+            latency_ms: 0,
+            tokens_per_sec: 1000,
+            fail_attempts,
+        })
+    }
+
+    fn tracked(sim: &Simulated) -> usize {
+        sim.attempts.lock().unwrap().len()
+    }
+
+    #[test]
+    fn prompts_are_not_kept() {
+        let sim = model(0);
+        for i in 0..100 {
+            assert!(!sim.should_fail(&format!("prompt {i}")));
+        }
+        assert_eq!(tracked(&sim), 0, "nothing to count without fail_attempts");
+
+        let sim = model(2);
+        assert!(sim.should_fail("p") && sim.should_fail("p"));
+        assert!(!sim.should_fail("p"), "the third attempt succeeds");
+        assert_eq!(tracked(&sim), 0, "a prompt that succeeded is forgotten");
+
+        for i in 0..MAX_TRACKED_PROMPTS * 3 {
+            assert!(sim.should_fail(&format!("still failing {i}")));
+        }
+        assert!(tracked(&sim) <= MAX_TRACKED_PROMPTS, "{}", tracked(&sim));
     }
 }

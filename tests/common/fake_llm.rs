@@ -51,6 +51,12 @@ pub struct FakeBehavior {
     pub clarify_marker: Option<String>,
     /// The OpenAI route requires `Authorization: Bearer <key>` when set (401 otherwise).
     pub api_key: Option<String>,
+    /// The status of the failures above (500 when unset).
+    pub fail_status: Option<u16>,
+    /// The error message of the failures above (`fake failure (attempt N)` when unset).
+    pub fail_message: Option<String>,
+    /// Stream tokens without end (each `token_delay` apart), never finishing the reply.
+    pub endless: bool,
 }
 
 impl Default for FakeBehavior {
@@ -64,6 +70,9 @@ impl Default for FakeBehavior {
             malformed: false,
             clarify_marker: None,
             api_key: None,
+            fail_status: None,
+            fail_message: None,
+            endless: false,
         }
     }
 }
@@ -445,11 +454,16 @@ async fn chat(shared: Arc<Shared>, wire: Wire, headers: HeaderMap, body: Bytes) 
         .as_deref()
         .is_some_and(|m| prompt.contains(m));
     if attempt <= behavior.fail_first || marked {
-        record(StatusCode::INTERNAL_SERVER_ERROR);
-        return wire.error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            &format!("fake failure (attempt {attempt})"),
-        );
+        let status = behavior
+            .fail_status
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        record(status);
+        let message = behavior
+            .fail_message
+            .clone()
+            .unwrap_or_else(|| format!("fake failure (attempt {attempt})"));
+        return wire.error(status, &message);
     }
 
     if behavior.malformed {
@@ -465,6 +479,11 @@ async fn chat(shared: Arc<Shared>, wire: Wire, headers: HeaderMap, body: Bytes) 
         record(StatusCode::OK);
         let _guard = StreamGuard::new(shared.clone());
         return std::future::pending::<Response>().await;
+    }
+
+    if behavior.endless {
+        record(StatusCode::OK);
+        return stream_endless(shared, wire, model, behavior.token_delay);
     }
 
     let last_user = messages
@@ -573,6 +592,36 @@ fn stream_reply(
             (header::CONTENT_TYPE, content_type),
             (header::CACHE_CONTROL, "no-cache"),
         ],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// A reply that never ends: one token after another, until the client goes away (the
+/// stream's guard then counts it aborted).
+fn stream_endless(shared: Arc<Shared>, wire: Wire, model: String, delay: Duration) -> Response {
+    let guard = StreamGuard::new(shared);
+    let stream = futures_util::stream::unfold((guard, 0u64), move |(guard, n)| {
+        let model = model.clone();
+        async move {
+            if n > 0 && !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let token = format!(" w{n}");
+            let chunk = match wire {
+                Wire::Ollama => ollama_line(&model, &token, false),
+                Wire::OpenAi => openai_chunk(&model, json!({ "content": token }), None),
+            };
+            Some((Ok::<_, Infallible>(chunk), (guard, n + 1)))
+        }
+    });
+    let content_type = match wire {
+        Wire::Ollama => "application/x-ndjson",
+        Wire::OpenAi => "text/event-stream",
+    };
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, content_type)],
         Body::from_stream(stream),
     )
         .into_response()
