@@ -99,12 +99,8 @@ impl Server {
             Some(models) => models.clone(),
             None => ModelsFile::load(config.config_file.as_deref())?,
         };
-        let orchestrator = Orchestrator::new(
-            hub.clone(),
-            models,
-            cluster.clone(),
-            config.run_limits(),
-        );
+        let orchestrator =
+            Orchestrator::new(hub.clone(), models, cluster.clone(), config.run_limits());
         if let Some(cluster) = &cluster {
             cluster.set_handler(Arc::new(orchestrator.clone()));
         }

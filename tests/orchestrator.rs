@@ -1154,7 +1154,13 @@ async fn bad_session_requests_are_rejected_with_codes() {
     let (status, reply) = app
         .post_json("/api/wizard/sessions", &json!({ "prompts": many }))
         .await;
-    assert_error(status, &reply, 400, "TOO_MANY_PROMPTS", "more than 100 prompts");
+    assert_error(
+        status,
+        &reply,
+        400,
+        "TOO_MANY_PROMPTS",
+        "more than 100 prompts",
+    );
     let (status, list) = app.get("/api/wizard/sessions").await;
     assert_eq!(status, 200);
     assert_eq!(list["sessions"], json!([]), "nothing was created: {list}");

@@ -111,7 +111,10 @@ fn assert_refused(reply: &Reply, status: u16, code: &str, flag: &str) {
     assert_eq!(reply.status, status, "{}", reply.body);
     assert_eq!(reply.body["error"]["code"], code, "{}", reply.body);
     let message = reply.body["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains(flag), "the message names {flag}: {message}");
+    assert!(
+        message.contains(flag),
+        "the message names {flag}: {message}"
+    );
 }
 
 fn assert_too_many_runs(reply: &Reply, flag: &str) {
@@ -187,7 +190,8 @@ async fn answer(
     text: &str,
     token: Option<&str>,
 ) -> Reply {
-    let body = json!({ "sessionId": session_id, "clarificationId": clarification_id, "answer": text });
+    let body =
+        json!({ "sessionId": session_id, "clarificationId": clarification_id, "answer": text });
     post(app, "/api/wizard/clarifications/respond", &body, token).await
 }
 
@@ -224,7 +228,11 @@ async fn over_the_run_cap_create_is_refused_and_other_runs_carry_on() {
     assert_too_many_runs(&refused, "--max-running-sessions");
     let mut both = vec![a.clone(), b.clone()];
     both.sort();
-    assert_eq!(session_ids(&app).await, both, "the refused create started nothing");
+    assert_eq!(
+        session_ids(&app).await,
+        both,
+        "the refused create started nothing"
+    );
 
     // The running sessions are unaffected: A finishes; its slot is free once its end is seen.
     answer_and_complete(&app, &mut follow_a, &a, &question_a, None).await;
@@ -280,7 +288,10 @@ async fn a_slot_is_given_back_however_the_run_ends() {
     // Expired: the question is left unanswered (clarification_timeout_secs = 1).
     let expired = create(&app, json!(["[clarify] left alone"]), None).await;
     let (name, end) = read_to_end(&mut follow(&app, &expired, None).await, &mut Vec::new()).await;
-    assert_eq!((name.as_str(), &end["status"]), ("progress", &json!("EXPIRED")));
+    assert_eq!(
+        (name.as_str(), &end["status"]),
+        ("progress", &json!("EXPIRED"))
+    );
 
     // Completed, twice in a row.
     for prompt in ["done once", "done twice"] {
@@ -307,11 +318,8 @@ async fn the_per_subject_cap_counts_each_subject_apart() {
     assert_too_many_runs(&refused, "--max-running-sessions-per-subject");
     // Another subject is not held back by alice's runs.
     let bobs = create(&app, json!(["bob's"]), Some(&bob)).await;
-    let (name, end) = read_to_end(
-        &mut follow(&app, &bobs, Some(&bob)).await,
-        &mut Vec::new(),
-    )
-    .await;
+    let (name, end) =
+        read_to_end(&mut follow(&app, &bobs, Some(&bob)).await, &mut Vec::new()).await;
     assert_eq!(name, "completed", "{end}");
 
     answer_and_complete(&app, &mut following, &first, &question, Some(&alice)).await;
@@ -431,7 +439,10 @@ async fn a_model_that_streams_without_end_is_stopped_at_the_output_limit() {
     let id = create(&app, json!(["Talk forever"]), None).await;
     let mut seen = Vec::new();
     let (name, completed) = read_to_end(&mut follow(&app, &id, None).await, &mut seen).await;
-    assert_eq!(name, "completed", "the other model's answer stands: {completed}");
+    assert_eq!(
+        name, "completed",
+        "the other model's answer stands: {completed}"
+    );
 
     let runaway: Vec<&Value> = seen
         .iter()
@@ -448,7 +459,9 @@ async fn a_model_that_streams_without_end_is_stopped_at_the_output_limit() {
         last["error"],
         format!("the model's output exceeded {LIMIT} bytes")
     );
-    let outputs = completed["result"]["prompts"][0]["outputs"].as_array().unwrap();
+    let outputs = completed["result"]["prompts"][0]["outputs"]
+        .as_array()
+        .unwrap();
     let statuses: Vec<(&Value, &Value)> = outputs
         .iter()
         .map(|o| (&o["modelName"], &o["status"]))
@@ -475,9 +488,8 @@ async fn a_model_that_streams_without_end_is_stopped_at_the_output_limit() {
 #[tokio::test]
 async fn provider_failures_reach_clients_as_short_stable_messages() {
     const SECRET: &str = "sk-live-7Hq2ZpSECRET";
-    let leaky = format!(
-        "upstream https://gpu-pool.internal.example:8443/v1/chat refused api key {SECRET}"
-    );
+    let leaky =
+        format!("upstream https://gpu-pool.internal.example:8443/v1/chat refused api key {SECRET}");
     let down = FakeLlm::start(FakeBehavior {
         fail_first: usize::MAX,
         fail_status: Some(503),
@@ -526,11 +538,21 @@ async fn provider_failures_reach_clients_as_short_stable_messages() {
             .unwrap_or_else(|| panic!("{model} failed"));
         assert_eq!(failed.1["error"], message, "{model}");
     }
-    assert_eq!(down.stats().requests.len(), 2, "both wires reached the fake");
+    assert_eq!(
+        down.stats().requests.len(),
+        2,
+        "both wires reached the fake"
+    );
     let snapshot = app.get(&format!("/api/wizard/session/{id}")).await.1;
     let history = app.history(&id).await.unwrap();
     let everything = format!("{seen:?} {snapshot} {}", Value::from(history));
-    for leak in [SECRET, "internal.example", "http://", "https://", &closed.to_string()] {
+    for leak in [
+        SECRET,
+        "internal.example",
+        "http://",
+        "https://",
+        &closed.to_string(),
+    ] {
         assert!(!everything.contains(leak), "`{leak}` reached clients");
     }
 }

@@ -814,7 +814,9 @@ impl Worker {
             Err(_) => {
                 let secs = timeout.as_secs();
                 tracing::warn!(session_id = %self.session_id, model = %model.config.name, timeout_secs = secs, "the provider did not finish in time");
-                Err(Failure::retry(format!("the provider timed out after {secs} s")))
+                Err(Failure::retry(format!(
+                    "the provider timed out after {secs} s"
+                )))
             }
         }
     }

@@ -137,9 +137,7 @@ const MAX_ERROR_BODY: usize = 4096;
 const MAX_LINE: usize = 4 * 1024 * 1024;
 
 /// Fails with the body's error message when the status is not a success.
-async fn check_status(
-    mut response: reqwest::Response,
-) -> Result<reqwest::Response, ProviderError> {
+async fn check_status(mut response: reqwest::Response) -> Result<reqwest::Response, ProviderError> {
     let status = response.status();
     if status.is_success() {
         return Ok(response);
