@@ -556,3 +556,54 @@ async fn provider_failures_reach_clients_as_short_stable_messages() {
         assert!(!everything.contains(leak), "`{leak}` reached clients");
     }
 }
+
+/// Every partial `model_result` carries the output so far, so without a size throttle a long
+/// answer streamed in small pieces costs O(n²) bytes on the wire and in the log. Here a
+/// 3,000-piece answer (about 20 kB) streams with no time throttle at all: per piece, that
+/// would be some 7 MB of partials; herald sends a bounded multiple of the answer.
+#[tokio::test]
+async fn a_long_answer_streams_in_linear_bytes() {
+    let fake = FakeLlm::start(FakeBehavior {
+        tokens: 3000,
+        ..FakeBehavior::default()
+    })
+    .await;
+    let mut file = models(
+        vec![model("long", ProviderKind::Ollama, Some(fake.ollama_url()))],
+        30,
+    );
+    file.orchestrator.update_interval_ms = 0;
+    let app = spawn_app_with(|c| c.models = Some(file)).await;
+    let id = create(&app, json!(["Say a lot"]), None).await;
+    let mut seen = Vec::new();
+    let (name, completed) = read_to_end(&mut follow(&app, &id, None).await, &mut seen).await;
+    assert_eq!(name, "completed", "{completed}");
+
+    let results: Vec<&Value> = seen
+        .iter()
+        .filter(|(name, _)| name == "model_result")
+        .map(|(_, data)| data)
+        .collect();
+    let answer = results.last().unwrap()["result"].as_str().unwrap().len();
+    let partials: Vec<usize> = results
+        .iter()
+        .filter(|data| data["status"] == "processing")
+        .map(|data| data["result"].as_str().unwrap().len())
+        .collect();
+    assert!(answer > 15_000, "the answer is {answer} bytes");
+    assert!(
+        partials.len() > 10,
+        "the answer still streams: {} partials",
+        partials.len()
+    );
+    assert!(
+        partials.windows(2).all(|w| w[0] <= w[1]),
+        "each partial is the output so far: {partials:?}"
+    );
+    let sent: usize = partials.iter().sum();
+    assert!(
+        sent <= 10 * answer,
+        "{sent} bytes of partials for a {answer}-byte answer ({} partials)",
+        partials.len()
+    );
+}

@@ -832,9 +832,9 @@ impl Worker {
             .chat(messages)
             .await
             .map_err(|e| self.provider_failed(model, &e))?;
-        let interval = Duration::from_millis(self.settings.update_interval_ms);
+        let mut throttle =
+            PartialThrottle::new(Duration::from_millis(self.settings.update_interval_ms));
         let mut output = String::new();
-        let mut last_update = Instant::now();
         while let Some(piece) = pieces.next().await {
             output.push_str(&piece.map_err(|e| self.provider_failed(model, &e))?);
             if output.len() > self.max_output {
@@ -846,11 +846,7 @@ impl Worker {
                     retry: false,
                 });
             }
-            if last_update.elapsed() >= interval
-                && !output.is_empty()
-                && !is_question_so_far(&output)
-            {
-                last_update = Instant::now();
+            if !output.is_empty() && !is_question_so_far(&output) && throttle.due(output.len()) {
                 let partial = Command::Partial {
                     prompt: self.prompt,
                     model: m,
@@ -897,9 +893,72 @@ impl Failure {
     }
 }
 
+/// When a partial `model_result` goes out. Each one carries the whole output so far (SPEC §1:
+/// `result` is the output so far), so a partial per interval alone would cost O(n²) bytes
+/// for a long answer from a fast model. A partial also waits until the output has grown by
+/// an eighth since the last one: the partials' sizes then grow geometrically, and all of
+/// them together carry at most about nine times the final output, however it is streamed.
+struct PartialThrottle {
+    interval: Duration,
+    last_at: Instant,
+    last_len: usize,
+}
+
+impl PartialThrottle {
+    fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            last_at: Instant::now(),
+            last_len: 0,
+        }
+    }
+
+    /// Whether output of `len` bytes should be sent now; if so, counts it as sent.
+    fn due(&mut self, len: usize) -> bool {
+        let grown = len > self.last_len + self.last_len / 8;
+        if !grown || self.last_at.elapsed() < self.interval {
+            return false;
+        }
+        self.last_at = Instant::now();
+        self.last_len = len;
+        true
+    }
+}
+
 /// Whether a partial output is (or may still become) a clarification request, which must
 /// not be shown as an answer.
 fn is_question_so_far(output: &str) -> bool {
     let start = output.trim_start();
     start.starts_with(CLARIFICATION_MARKER) || CLARIFICATION_MARKER.starts_with(start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes carried by the partials of an output that grows `step` bytes at a time to `len`.
+    fn partial_bytes(len: usize, step: usize) -> usize {
+        let mut throttle = PartialThrottle::new(Duration::ZERO);
+        (step..=len)
+            .step_by(step)
+            .filter(|&n| throttle.due(n))
+            .sum()
+    }
+
+    #[test]
+    fn partials_of_any_answer_cost_linear_bytes() {
+        for (len, step) in [(1_000, 1), (100_000, 5), (1_000_000, 100)] {
+            let sent = partial_bytes(len, step);
+            assert!(
+                sent <= 9 * len,
+                "{sent} bytes of partials for a {len}-byte answer in {step}-byte pieces"
+            );
+        }
+    }
+
+    #[test]
+    fn a_short_answer_still_streams_piece_by_piece() {
+        let mut throttle = PartialThrottle::new(Duration::ZERO);
+        assert!((1..=8).all(|n| throttle.due(n)));
+    }
 }
