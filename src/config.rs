@@ -243,6 +243,15 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
     pub max_model_output_bytes: u64,
 
+    /// Seconds an orchestrated session keeps trying to log its events while the log (Redis)
+    /// is unreachable. Meanwhile the run waits (its models' output waits with it) and
+    /// answers and cancels get 503 BACKEND_UNAVAILABLE; past it the run stops its models and
+    /// ends FAILED with `error { code: "BACKEND_UNAVAILABLE" }`, logged with every event it
+    /// held as soon as the log is back.
+    #[arg(long, env = "HERALD_RUN_LOG_DEADLINE_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
+    pub run_log_deadline_secs: u64,
+
     /// Redis URL (e.g. redis://127.0.0.1:6379): nodes sharing it share sessions, logs and
     /// rooms. Without it everything stays in this process.
     #[arg(long, env = "HERALD_REDIS_URL", help_heading = "Redis")]
@@ -461,6 +470,7 @@ impl Config {
             max_metadata_bytes: size(self.max_metadata_bytes),
             max_answer_bytes: size(self.max_answer_bytes),
             max_model_output_bytes: size(self.max_model_output_bytes),
+            log_deadline: Duration::from_secs(self.run_log_deadline_secs),
         }
     }
 }

@@ -169,9 +169,19 @@ impl From<OrchestratorError> for ApiError {
 
 impl From<intake::IntakeError> for ApiError {
     fn from(error: intake::IntakeError) -> Self {
-        Self::new(error.code(), error.to_string())
+        match error {
+            // The backend's own text is for the log, not for clients.
+            intake::IntakeError::Backend(detail) => {
+                tracing::warn!(detail, "the backend failed a request");
+                Self::new(ErrorCode::BackendUnavailable, BACKEND_UNAVAILABLE_MESSAGE)
+            }
+            error => Self::new(error.code(), error.to_string()),
+        }
     }
 }
+
+/// What a client is told when the session backend fails a request.
+const BACKEND_UNAVAILABLE_MESSAGE: &str = "the session backend is unavailable; retry (with the same idempotency keys, nothing is logged twice)";
 
 impl From<HubError> for ApiError {
     fn from(error: HubError) -> Self {
@@ -180,10 +190,7 @@ impl From<HubError> for ApiError {
             HubError::Log(LogError::Backend(detail))
             | HubError::Store(StoreError::Backend(detail)) => {
                 tracing::warn!(detail, "the backend failed a request");
-                Self::new(
-                    ErrorCode::BackendUnavailable,
-                    "the session backend is unavailable; retry (with the same idempotency keys, nothing is logged twice)",
-                )
+                Self::new(ErrorCode::BackendUnavailable, BACKEND_UNAVAILABLE_MESSAGE)
             }
             error => Self::new(ErrorCode::Internal, error.to_string()),
         }

@@ -1480,7 +1480,13 @@ async fn a_simulated_model_asks_and_respond_rejects_bad_answers() {
         "{done}"
     );
 
-    // Answered already.
+    // The same answer again is done already; another one is refused.
+    let (status, body) = respond(
+        &app,
+        &json!({ "sessionId": id, "clarificationId": cid, "answer": answer }),
+    )
+    .await;
+    assert_eq!(status, 200, "the same answer again: {body}");
     let (status, body) = respond(
         &app,
         &json!({ "sessionId": id, "clarificationId": cid, "answer": "again" }),
@@ -1813,7 +1819,20 @@ async fn producer_session_with_a_question(app: &TestServer, session_id: &str) {
 /// Sends `RACERS` copies of a POST at once, alternating between the nodes; returns the
 /// replies.
 async fn race(nodes: &[TestServer; 2], path: &str, body: &Value) -> Vec<(u16, Value)> {
-    let requests = (0..RACERS).map(|i| nodes[i % 2].post_json(path, body));
+    race_each(nodes, path, |_| body.clone()).await
+}
+
+/// [`race`], the `i`th request with `body(i)`.
+async fn race_each(
+    nodes: &[TestServer; 2],
+    path: &str,
+    body: impl Fn(usize) -> Value,
+) -> Vec<(u16, Value)> {
+    let bodies: Vec<Value> = (0..RACERS).map(body).collect();
+    let requests = bodies
+        .iter()
+        .enumerate()
+        .map(|(i, body)| nodes[i % 2].post_json(path, body));
     futures_util::future::join_all(requests).await
 }
 
@@ -1841,8 +1860,8 @@ async fn concurrent_answers_to_a_producer_question_succeed_once_across_nodes() {
     let nodes = two_nodes(&redis).await;
     let id = format!("answer-race-{}", uuid::Uuid::new_v4().simple());
     producer_session_with_a_question(&nodes[0], &id).await;
-    let body = json!({ "sessionId": id, "clarificationId": "c1", "answer": "2026" });
-    let replies = race(&nodes, "/api/wizard/clarifications/respond", &body).await;
+    let body = |i: usize| json!({ "sessionId": id, "clarificationId": "c1", "answer": format!("{}", 2026 + i) });
+    let replies = race_each(&nodes, "/api/wizard/clarifications/respond", body).await;
     assert_one_winner(&replies, 200, "CLARIFICATION_CLOSED");
     let answered = count_in_history(&nodes[1], &id, |h| {
         h["event"] == "clarification" && h["data"]["status"] == "answered"
@@ -1851,6 +1870,37 @@ async fn concurrent_answers_to_a_producer_question_succeed_once_across_nodes() {
     assert_eq!(answered, 1, "one `answered` event in the log");
     let snap = snapshot(&nodes[0], &id).await;
     assert_eq!(snap["clarifications"][0]["status"], "answered", "{snap}");
+}
+
+/// The same answer sent again (a client retrying after a lost reply or a 503) is done
+/// already: 200 for every copy, one `answered` event in the log; a different one is 409.
+#[tokio::test]
+async fn the_same_answer_again_is_done_already_across_nodes() {
+    let redis = common::redis::RedisServer::start().await;
+    let nodes = two_nodes(&redis).await;
+    let id = format!("answer-again-{}", uuid::Uuid::new_v4().simple());
+    producer_session_with_a_question(&nodes[0], &id).await;
+    let body = json!({ "sessionId": id, "clarificationId": "c1", "answer": "2026" });
+    let replies = race(&nodes, "/api/wizard/clarifications/respond", &body).await;
+    for (status, reply) in &replies {
+        assert_eq!(*status, 200, "{reply}");
+    }
+    let answered = count_in_history(&nodes[1], &id, |h| {
+        h["event"] == "clarification" && h["data"]["status"] == "answered"
+    })
+    .await;
+    assert_eq!(answered, 1, "one `answered` event in the log");
+    let other = json!({ "sessionId": id, "clarificationId": "c1", "answer": "2027" });
+    let (status, body) = nodes[1]
+        .post_json("/api/wizard/clarifications/respond", &other)
+        .await;
+    assert_error(
+        status,
+        &body,
+        409,
+        "CLARIFICATION_CLOSED",
+        "a different answer",
+    );
 }
 
 #[tokio::test]

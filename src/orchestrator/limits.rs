@@ -32,6 +32,8 @@ pub struct RunLimits {
     pub max_answer_bytes: usize,
     /// Bytes one model may stream for one prompt, per attempt.
     pub max_model_output_bytes: usize,
+    /// How long a run keeps trying to log its events while the log is unreachable.
+    pub log_deadline: std::time::Duration,
 }
 
 impl Default for RunLimits {

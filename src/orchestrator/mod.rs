@@ -79,6 +79,11 @@ pub enum OrchestratorError {
     MetadataTooLarge(usize),
     #[error("the answer is larger than {0} bytes (--max-answer-bytes)")]
     AnswerTooLarge(usize),
+    /// The session's run cannot log right now (its backend is unreachable).
+    #[error(
+        "the session's backend is unreachable; retry (an answer or cancel that did go through is then refused as already done)"
+    )]
+    BackendUnavailable,
 }
 
 fn too_many_runs(cap: Cap) -> String {
@@ -113,6 +118,7 @@ impl OrchestratorError {
             OrchestratorError::TooManyPrompts(_) => ErrorCode::TooManyPrompts,
             OrchestratorError::MetadataTooLarge(_) => ErrorCode::MetadataTooLarge,
             OrchestratorError::AnswerTooLarge(_) => ErrorCode::AnswerTooLarge,
+            OrchestratorError::BackendUnavailable => ErrorCode::BackendUnavailable,
         }
     }
 
@@ -198,6 +204,18 @@ pub struct ModelInfo {
     pub timeout_secs: u64,
 }
 
+/// How long an answer or cancel waits for the run that handles it. The run answers at once
+/// unless it is waiting for its log, so only an outage gets near this.
+const ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A running session, as the API reaches it.
+#[derive(Clone)]
+struct RunHandle {
+    tx: mpsc::Sender<Command>,
+    /// The run's own flag: set while its log is failing.
+    log_failing: Arc<AtomicBool>,
+}
+
 #[derive(Clone)]
 pub struct Orchestrator {
     inner: Arc<Inner>,
@@ -213,8 +231,8 @@ struct Inner {
     limits: RunLimits,
     /// Slots for running sessions, within `limits`' caps.
     admission: Admission,
-    /// Running sessions' command queues. A std mutex: lookups only, never across an await.
-    running: Mutex<HashMap<String, mpsc::Sender<Command>>>,
+    /// Running sessions. A std mutex: lookups only, never across an await.
+    running: Mutex<HashMap<String, RunHandle>>,
     /// Every run's task, so shutdown can wait for them to end.
     runs: TaskTracker,
     /// Set at shutdown: no new run starts.
@@ -307,7 +325,7 @@ impl Orchestrator {
             self.inner.settings.clone(),
             self.inner.global.clone(),
             slot,
-            limits.max_model_output_bytes,
+            limits,
         );
         self.inner
             .hub
@@ -321,11 +339,15 @@ impl Orchestrator {
             self.inner.hub.set_origin(&session_id, &origin).await?;
         }
         let (tx, rx) = mpsc::channel(RUN_QUEUE);
+        let handle = RunHandle {
+            tx: tx.clone(),
+            log_failing: run.log_failing(),
+        };
         self.inner
             .running
             .lock()
             .unwrap()
-            .insert(session_id.clone(), tx.clone());
+            .insert(session_id.clone(), handle);
         if let Some(cluster) = &self.inner.cluster
             && let Err(error) = cluster.claim(&session_id).await
         {
@@ -356,7 +378,7 @@ impl Orchestrator {
             .lock()
             .unwrap()
             .values()
-            .cloned()
+            .map(|run| run.tx.clone())
             .collect();
         let count = running.len();
         let stops = running.into_iter().map(|tx| async move {
@@ -410,21 +432,31 @@ impl Orchestrator {
         Ok(selected)
     }
 
-    fn running(&self, session_id: &str) -> Option<mpsc::Sender<Command>> {
+    fn running(&self, session_id: &str) -> Option<RunHandle> {
         self.inner.running.lock().unwrap().get(session_id).cloned()
     }
 
     /// Sends a command to a running session and waits for its answer; `None` when the
-    /// session is not running here (or ended while the command was on its way).
+    /// session is not running here (or ended while the command was on its way). While the
+    /// run cannot log, the command is refused at once; one that was already on its way when
+    /// the log failed is waited for at most [`ASK_TIMEOUT`] (it may still take effect).
     async fn ask_run<T>(
         &self,
         session_id: &str,
         command: impl FnOnce(oneshot::Sender<Result<T, OrchestratorError>>) -> Command,
     ) -> Option<Result<T, OrchestratorError>> {
-        let tx = self.running(session_id)?;
+        let run = self.running(session_id)?;
+        if run.log_failing.load(Ordering::Acquire) {
+            return Some(Err(OrchestratorError::BackendUnavailable));
+        }
         let (reply, answer) = oneshot::channel();
-        tx.send(command(reply)).await.ok()?;
-        answer.await.ok()
+        let asked = async {
+            run.tx.send(command(reply)).await.ok()?;
+            answer.await.ok()
+        };
+        tokio::time::timeout(ASK_TIMEOUT, asked)
+            .await
+            .unwrap_or(Some(Err(OrchestratorError::BackendUnavailable)))
     }
 
     /// Hands a command to the node that runs the session (cluster mode); `None` when no
@@ -443,6 +475,11 @@ impl Orchestrator {
                     code: remote_code(&code),
                     message,
                 }))
+            }
+            // Redis's own text (addresses) is for the log, not for clients.
+            Err(crate::cluster::ClusterError::Redis(error)) => {
+                tracing::warn!(session_id, %error, "could not forward a command: Redis failed");
+                Some(Err(OrchestratorError::BackendUnavailable))
             }
             Err(error) => Some(Err(OrchestratorError::NodeUnavailable(error.to_string()))),
         }
@@ -532,6 +569,10 @@ impl Orchestrator {
             .ok_or_else(|| OrchestratorError::ClarificationNotFound(clarification_id.to_owned()))?;
         let id = || clarification_id.to_owned();
         match clarification.status {
+            // The same answer again: done already, as asked (see `Run::answer`).
+            ClarificationStatus::Answered if clarification.answer.as_deref() == Some(&answer) => {
+                return Ok(());
+            }
             ClarificationStatus::Pending if snapshot.summary.status.is_terminal() => {
                 return Err(OrchestratorError::ClarificationOfEndedSession(id()));
             }
@@ -544,7 +585,7 @@ impl Orchestrator {
             status: ClarificationStatus::Answered,
             // The snapshot does not keep who asked.
             asked_by: None,
-            answer: Some(answer),
+            answer: Some(answer.clone()),
         }
         .draft();
         match self
@@ -552,11 +593,22 @@ impl Orchestrator {
             .await?
         {
             Logged::Once => Ok(()),
-            // Another answer got there between our snapshot read and our append.
-            Logged::Already => Err(OrchestratorError::ClarificationClosed(
-                id(),
-                ClarificationStatus::Answered,
-            )),
+            // Another answer got there between our snapshot read and our append: done, if
+            // it was this same answer.
+            Logged::Already => {
+                let snapshot = self.snapshot(session_id).await?;
+                let same = snapshot.clarifications.iter().any(|c| {
+                    c.clarification_id == clarification_id && c.answer.as_deref() == Some(&answer)
+                });
+                if same {
+                    Ok(())
+                } else {
+                    Err(OrchestratorError::ClarificationClosed(
+                        id(),
+                        ClarificationStatus::Answered,
+                    ))
+                }
+            }
         }
     }
 

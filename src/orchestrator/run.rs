@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -13,7 +13,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use super::config::OrchestratorSettings;
-use super::limits::RunSlot;
+use super::limits::{RunLimits, RunSlot};
 use super::{Model, OrchestratorError, Prompt, Strategy, keys};
 use crate::error::ErrorCode;
 use crate::event::{
@@ -26,8 +26,6 @@ use crate::providers::{
 };
 use crate::store::PromptCounts;
 
-/// How long a run keeps trying to log events while the log is unreachable.
-const PUBLISH_RETRY_FOR: Duration = Duration::from_secs(30);
 const PUBLISH_FIRST_PAUSE: Duration = Duration::from_millis(100);
 const PUBLISH_LAST_PAUSE: Duration = Duration::from_secs(2);
 
@@ -102,6 +100,8 @@ enum Clarification {
     },
     Closed {
         status: ClarificationStatus,
+        /// What it was answered with, when it was.
+        answer: Option<String>,
     },
 }
 
@@ -112,6 +112,8 @@ enum End {
     Cancelled,
     Expired,
     Stopped,
+    /// Its events could not be logged within the run's log deadline.
+    LogLost,
 }
 
 pub(crate) struct Run {
@@ -133,6 +135,14 @@ pub(crate) struct Run {
     slot: Option<RunSlot>,
     /// Bytes one model may stream for one prompt.
     max_output: usize,
+    /// How long a publish keeps trying while the log is unreachable.
+    log_deadline: Duration,
+    /// Set while the run's latest publish is failing: the API answers this session's answers
+    /// and cancels 503 at once instead of queueing them behind the outage.
+    log_failing: Arc<AtomicBool>,
+    /// Events that could not be logged within `log_deadline`, in order and keyed: once there
+    /// are any, the run is over, and they are logged (before its end) when the log is back.
+    unlogged: Vec<EventDraft>,
 }
 
 impl Run {
@@ -146,7 +156,7 @@ impl Run {
         settings: OrchestratorSettings,
         global: Arc<Semaphore>,
         slot: RunSlot,
-        max_output: usize,
+        limits: &RunLimits,
     ) -> Self {
         let prompts = prompts
             .into_iter()
@@ -176,8 +186,16 @@ impl Run {
             done: 0,
             published: AtomicU64::new(0),
             slot: Some(slot),
-            max_output,
+            max_output: limits.max_model_output_bytes,
+            log_deadline: limits.log_deadline,
+            log_failing: Arc::default(),
+            unlogged: Vec::new(),
         }
+    }
+
+    /// Whether the run's log is failing right now (see [`Run::log_failing`]).
+    pub fn log_failing(&self) -> Arc<AtomicBool> {
+        self.log_failing.clone()
     }
 
     /// The run has ended: its running slot is free for another session.
@@ -276,6 +294,9 @@ impl Run {
             if let Some(end) = self.handle(command).await {
                 break end;
             }
+            if !self.unlogged.is_empty() {
+                break End::LogLost;
+            }
             if self
                 .prompts
                 .iter()
@@ -286,6 +307,14 @@ impl Run {
         };
         // Dropping the workers drops their in-flight provider requests.
         workers.abort_all();
+        let end = match end {
+            End::Stopped => end,
+            _ if !self.unlogged.is_empty() => self.log_after_outage(end, &mut rx).await,
+            _ => end,
+        };
+        if !self.unlogged.is_empty() {
+            tracing::error!(session_id = %self.session_id, events = self.unlogged.len(), "the node stopped before the log was back; the run's last events were not logged");
+        }
         tracing::debug!(session_id = %self.session_id, ended = end.name(), "run ended");
     }
 
@@ -325,27 +354,98 @@ impl Run {
     }
 
     /// Logs the run's events, retrying while the log is unreachable (a Redis restart or
-    /// failover) for up to [`PUBLISH_RETRY_FOR`]. Every event carries an idempotency key, so
+    /// failover) for up to the run's log deadline. Every event carries an idempotency key, so
     /// an attempt that reached the log although its reply was lost is not logged twice.
-    /// The actor waits meanwhile, so its workers wait too, and the run's order holds.
-    async fn publish(&self, mut events: Vec<EventDraft>) {
-        for event in &mut events {
-            let n = self.published.fetch_add(1, Ordering::Relaxed) + 1;
-            event.idempotency_key = Some(keys::run_event(n));
+    /// The actor waits meanwhile, so its workers wait too, and the run's order holds. Past
+    /// the deadline the events are kept in `unlogged`, and so is everything published after
+    /// them: the run ends and [`Run::log_after_outage`] logs them.
+    async fn publish(&mut self, mut events: Vec<EventDraft>) {
+        self.key(&mut events);
+        if !self.unlogged.is_empty() {
+            self.unlogged.append(&mut events);
+            return;
         }
-        let deadline = Instant::now() + PUBLISH_RETRY_FOR;
+        let deadline = Instant::now() + self.log_deadline;
         let mut pause = PUBLISH_FIRST_PAUSE;
         loop {
             let error = match self.hub.publish(&self.session_id, events.clone()).await {
-                Ok(_) => return,
+                Ok(_) => {
+                    self.log_failing.store(false, Ordering::Release);
+                    return;
+                }
                 Err(error) => error,
             };
+            self.log_failing.store(true, Ordering::Release);
             if Instant::now() + pause > deadline {
-                tracing::error!(session_id = %self.session_id, %error, "could not log the run's events; giving up on them");
+                tracing::error!(session_id = %self.session_id, %error, deadline = ?self.log_deadline, "could not log the run's events in time; the run stops and ends FAILED once the log is back");
+                self.unlogged = events;
                 return;
             }
             tracing::warn!(session_id = %self.session_id, %error, retry_in = ?pause, "could not log the run's events; retrying");
             tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(PUBLISH_LAST_PAUSE);
+        }
+    }
+
+    /// Gives each event the run's next reserved idempotency key.
+    fn key(&self, events: &mut [EventDraft]) {
+        for event in events {
+            let n = self.published.fetch_add(1, Ordering::Relaxed) + 1;
+            event.idempotency_key = Some(keys::run_event(n));
+        }
+    }
+
+    /// The run could not log within its deadline: its models are stopped already. Logs what
+    /// it held, in order, as soon as the log is back, ending a run that had not decided its
+    /// end `FAILED` with `error { code: "BACKEND_UNAVAILABLE" }`. Meanwhile answers and
+    /// cancels are refused 503; a shutdown gives up (the node's lease then tells the
+    /// others).
+    async fn log_after_outage(&mut self, end: End, rx: &mut mpsc::Receiver<Command>) -> End {
+        self.end();
+        if matches!(end, End::LogLost) {
+            let mut closing = self.close_clarifications();
+            closing.push(self.progress(SessionStatus::Failed, None));
+            let message = format!(
+                "herald could not log this session's events for {} s (its backend was unreachable); the run was stopped",
+                self.log_deadline.as_secs()
+            );
+            closing.push(ErrorEvent::new(ErrorCode::BackendUnavailable, message).draft());
+            self.key(&mut closing);
+            self.unlogged.append(&mut closing);
+        }
+        let mut pause = PUBLISH_FIRST_PAUSE;
+        let mut commands_open = true;
+        loop {
+            match self
+                .hub
+                .publish(&self.session_id, self.unlogged.clone())
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(session_id = %self.session_id, events = self.unlogged.len(), "the log is back: logged the events the run held");
+                    self.unlogged.clear();
+                    self.log_failing.store(false, Ordering::Release);
+                    return end;
+                }
+                Err(error) => {
+                    tracing::warn!(session_id = %self.session_id, %error, retry_in = ?pause, "the log is still unreachable");
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                command = rx.recv(), if commands_open => match command {
+                    Some(Command::Stop { reply }) => {
+                        let _ = reply.send(());
+                        return End::Stopped;
+                    }
+                    Some(Command::Cancel { reply }) | Some(Command::Respond { reply, .. }) => {
+                        let _ = reply.send(Err(OrchestratorError::BackendUnavailable));
+                    }
+                    // From workers, which are gone.
+                    Some(_) => {}
+                    None => commands_open = false,
+                },
+            }
             pause = (pause * 2).min(PUBLISH_LAST_PAUSE);
         }
     }
@@ -496,6 +596,7 @@ impl Run {
     ) -> Result<(), OrchestratorError> {
         let closed = Clarification::Closed {
             status: ClarificationStatus::Answered,
+            answer: Some(answer.clone()),
         };
         let previous = match self.clarifications.get_mut(clarification_id) {
             None => {
@@ -503,7 +604,13 @@ impl Run {
                     clarification_id.to_owned(),
                 ));
             }
-            Some(Clarification::Closed { status }) => {
+            // The same answer again (a retry after a reply was lost, or after a 503 whose
+            // answer went through): done already, as asked.
+            Some(Clarification::Closed {
+                answer: Some(given),
+                ..
+            }) if *given == answer => return Ok(()),
+            Some(Clarification::Closed { status, .. }) => {
                 return Err(OrchestratorError::ClarificationClosed(
                     clarification_id.to_owned(),
                     *status,
@@ -531,6 +638,10 @@ impl Run {
         );
         let progress = self.progress(SessionStatus::Processing, None);
         self.publish(vec![event, progress]).await;
+        if !self.unlogged.is_empty() {
+            // The run ends without acting on it; the answer is logged before its end.
+            return Err(OrchestratorError::BackendUnavailable);
+        }
         // The worker may be gone (the run is ending); the answer is logged either way.
         let _ = reply.send(answer);
         Ok(())
@@ -569,6 +680,7 @@ impl Run {
                 closed.push((id.clone(), *prompt, *model, std::mem::take(question)));
                 *slot = Clarification::Closed {
                     status: ClarificationStatus::Expired,
+                    answer: None,
                 };
             }
         }
@@ -706,6 +818,7 @@ impl End {
             End::Cancelled => "cancelled",
             End::Expired => "expired",
             End::Stopped => "stopped at shutdown",
+            End::LogLost => "its log was unreachable for too long",
         }
     }
 }
