@@ -262,9 +262,9 @@ pub struct Config {
     pub rate_limit_loopback: bool,
 
     /// Invalid or refused socket requests per second a socket gets an `error` event for
-    /// (burst of the same); beyond that it gets no answer, and a socket four seconds' worth
-    /// over its budget has its transport closed.
-    #[arg(long, env = "HERALD_INVALID_EVENT_RATE", default_value_t = 10,
+    /// (bursts of twice that); beyond that it gets no answer, and a socket four seconds'
+    /// worth over its budget has its transport closed.
+    #[arg(long, env = "HERALD_INVALID_EVENT_RATE", default_value_t = 20,
           value_parser = clap::value_parser!(u32).range(1..), help_heading = "Limits")]
     pub invalid_event_rate: u32,
 

@@ -31,7 +31,7 @@ pub struct SocketLimits {
     pub max_subscriptions: usize,
     /// Subscribe/unsubscribe requests per second; bursts of twice that are allowed.
     pub requests_per_sec: u32,
-    /// Refused requests per second answered with an `error` event (burst of the same);
+    /// Refused requests per second answered with an `error` event (bursts of twice that);
     /// see [`spend_refusal`].
     pub invalid_per_sec: u32,
 }
@@ -222,7 +222,7 @@ fn install(socket: &SocketRef, hub: Hub, limits: SocketLimits, principal: Princi
             sessions: HashSet::new(),
             tokens: f64::from(limits.requests_per_sec) * 2.0,
             refilled: Instant::now(),
-            refusal_tokens: f64::from(limits.invalid_per_sec),
+            refusal_tokens: f64::from(limits.invalid_per_sec) * 2.0,
             refusals_refilled: Instant::now(),
             closed: false,
             latest: None,
@@ -456,7 +456,7 @@ enum Answer {
 }
 
 /// The refusal budget (`--invalid-event-rate`), a token bucket: `invalid_per_sec` refusals a
-/// second are answered (a burst of as many); beyond that they go unanswered, and a socket
+/// second are answered (bursts of twice as many); beyond that they go unanswered, and a socket
 /// [`REFUSALS_OVER_BUDGET_SECS`] seconds' worth past the budget is closed. A flood of bad
 /// requests thus costs herald a bounded number of answers. Refusals that are herald's
 /// doing (its backend down, the socket dropped) are always answered and cost nothing.
@@ -471,7 +471,7 @@ fn spend_refusal(state: &SocketState, limits: SocketLimits, code: ErrorCode) -> 
     let mut inner = state.inner.lock().unwrap();
     let now = Instant::now();
     let refill = now.duration_since(inner.refusals_refilled).as_secs_f64() * rate;
-    inner.refusal_tokens = (inner.refusal_tokens + refill).min(rate) - 1.0;
+    inner.refusal_tokens = (inner.refusal_tokens + refill).min(rate * 2.0) - 1.0;
     inner.refusals_refilled = now;
     if inner.refusal_tokens >= 0.0 {
         Answer::Yes
