@@ -84,8 +84,15 @@ async fn slowloris_connections_are_closed_by_the_header_timeout_and_healthz_stay
     let addr = server.addr;
     let started = Instant::now();
     let mut trickling = Vec::with_capacity(SLOW);
+    let (opened_tx, mut opened) = tokio::sync::mpsc::channel(SLOW);
     for _ in 0..SLOW {
-        trickling.push(tokio::spawn(trickle_headers(addr)));
+        trickling.push(tokio::spawn(trickle_headers(addr, opened_tx.clone())));
+    }
+    for _ in 0..SLOW {
+        tokio::time::timeout(WAIT, opened.recv())
+            .await
+            .expect("every slow connection opens")
+            .unwrap();
     }
     // While all of them are open and trickling, a prober is answered fast.
     let probe = reqwest::Client::builder()
@@ -105,6 +112,7 @@ async fn slowloris_connections_are_closed_by_the_header_timeout_and_healthz_stay
         assert_eq!(status, 200);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    eprintln!("slowloris: worst /healthz latency {worst:?} with {SLOW} trickling connections");
     assert!(
         worst < Duration::from_millis(500),
         "/healthz took {worst:?}"
@@ -127,9 +135,10 @@ async fn slowloris_connections_are_closed_by_the_header_timeout_and_healthz_stay
 
 /// Opens a connection and sends a request head one byte every 100 ms, never finishing it;
 /// returns how long the connection lived before the server closed it.
-async fn trickle_headers(addr: SocketAddr) -> Duration {
+async fn trickle_headers(addr: SocketAddr, open: tokio::sync::mpsc::Sender<()>) -> Duration {
     let opened = Instant::now();
     let mut stream = TcpStream::connect(addr).await.expect("connects");
+    open.send(()).await.unwrap();
     let head = b"GET /healthz HTTP/1.1\r\nHost: herald\r\nX-Slow: ";
     let mut byte = 0usize;
     let mut scratch = [0u8; 256];
@@ -155,13 +164,14 @@ async fn trickle_headers(addr: SocketAddr) -> Duration {
 async fn a_body_trickled_past_the_body_timeout_gets_408_and_the_connection_closed() {
     let server = spawn_app_with(|c| c.body_timeout_ms = 500).await;
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    stream
-        .write_all(
-            b"POST /api/sessions/slow-body/events HTTP/1.1\r\nHost: herald\r\n\
-              Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n",
-        )
-        .await
-        .unwrap();
+    let auth = common::harness_token()
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "POST /api/sessions/slow-body/events HTTP/1.1\r\nHost: herald\r\n{auth}\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
     let sent = Instant::now();
     // A byte every 100 ms: each arrives well within any per-read timeout, the whole never.
     let (mut reader, mut writer) = stream.into_split();
