@@ -195,7 +195,10 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
                 .last_retain_ms
                 .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok();
-        let size_due = self.requests.fetch_add(1, Ordering::Relaxed) % SIZE_CHECK_EVERY == 0;
+        let size_due = self
+            .requests
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(SIZE_CHECK_EVERY);
         if !retain_due && !size_due {
             return;
         }

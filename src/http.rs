@@ -651,10 +651,10 @@ pub async fn edge_guard(
     if is_exempt(request.uri().path()) {
         return next.run(request).await;
     }
-    if !is_established_socket(&request) {
-        if let Err(limited) = check_rates(&guard, &mut request) {
-            return guard.answer(rate_limited(limited));
-        }
+    if !is_established_socket(&request)
+        && let Err(limited) = check_rates(&guard, &mut request)
+    {
+        return guard.answer(rate_limited(limited));
     }
     if request.body().is_end_stream() {
         return next.run(request).await;
