@@ -251,6 +251,23 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..), help_heading = "Limits")]
     pub rate_limit_per_credential_burst: u32,
 
+    /// Ingest events per second one credential may publish over HTTP, each item of a batch
+    /// counted; 429 RATE_LIMITED with Retry-After over it. 0: no limit. Not applied while
+    /// auth is off.
+    #[arg(
+        long,
+        env = "HERALD_INGEST_RATE_PER_CREDENTIAL",
+        default_value_t = 10_000,
+        help_heading = "Limits"
+    )]
+    pub ingest_rate_per_credential: u32,
+
+    /// Events one credential may publish at once above its rate; raised to at least
+    /// max-batch, so that a whole batch can pass.
+    #[arg(long, env = "HERALD_INGEST_RATE_PER_CREDENTIAL_BURST", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u32).range(1..), help_heading = "Limits")]
+    pub ingest_rate_per_credential_burst: u32,
+
     /// Apply the per-address limit to loopback clients too. Off by default: on loopback
     /// sit a local reverse proxy (one address for every user) and the node's own tooling.
     #[arg(
@@ -529,6 +546,11 @@ impl Config {
             per_credential: crate::edge::Rate::new(
                 self.rate_limit_per_credential,
                 self.rate_limit_per_credential_burst,
+            ),
+            ingest_per_credential: crate::edge::Rate::new(
+                self.ingest_rate_per_credential,
+                self.ingest_rate_per_credential_burst
+                    .max(u32::try_from(self.max_batch).unwrap_or(u32::MAX)),
             ),
             limit_loopback: self.rate_limit_loopback,
         }

@@ -37,6 +37,8 @@ pub struct EdgeLimits {
     pub max_connections: usize,
     pub per_address: Option<Rate>,
     pub per_credential: Option<Rate>,
+    /// Ingest events (items of a batch, each counted) per credential.
+    pub ingest_per_credential: Option<Rate>,
     /// Whether the per-address limit applies to loopback clients too.
     pub limit_loopback: bool,
 }
@@ -70,12 +72,15 @@ pub struct RetryAfter(pub u64);
 pub enum Limited {
     Address(RetryAfter),
     Credential(RetryAfter),
+    /// Ingest events per credential.
+    Events(RetryAfter),
 }
 
 /// The per-address and per-credential request-rate limiters, shared by every connection.
 pub struct RateLimits {
     per_address: Option<KeyedLimiter<IpAddr>>,
     per_credential: Option<KeyedLimiter<u64>>,
+    ingest_per_credential: Option<KeyedLimiter<u64>>,
     /// Credentials are keyed by a hash of their subject: no allocation per request.
     hasher: RandomState,
     limit_loopback: bool,
@@ -88,6 +93,9 @@ impl RateLimits {
                 .per_address
                 .map(|rate| KeyedLimiter::new(rate, IpAddr::V4(Ipv4Addr::UNSPECIFIED))),
             per_credential: limits.per_credential.map(|rate| KeyedLimiter::new(rate, 0)),
+            ingest_per_credential: limits
+                .ingest_per_credential
+                .map(|rate| KeyedLimiter::new(rate, 0)),
             hasher: RandomState::new(),
             limit_loopback: limits.limit_loopback,
         }
@@ -118,6 +126,20 @@ impl RateLimits {
         limiter
             .check(self.hasher.hash_one(subject))
             .map_err(Limited::Credential)
+    }
+
+    /// Counts `events` ingested by `subject` against its event budget. A batch larger than
+    /// the burst can never pass; the burst is at least `--max-batch` (`Config::edge_limits`).
+    pub fn check_ingest(&self, subject: &str, events: usize) -> Result<(), Limited> {
+        let Some(limiter) = &self.ingest_per_credential else {
+            return Ok(());
+        };
+        let Some(n) = NonZeroU32::new(u32::try_from(events).unwrap_or(u32::MAX)) else {
+            return Ok(());
+        };
+        limiter
+            .check_n(self.hasher.hash_one(subject), n)
+            .map_err(Limited::Events)
     }
 
     /// Keys held by the address and credential limiters (for tests and metrics).
@@ -183,6 +205,24 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
             let wait = not_until.wait_time_from(Instant::now());
             RetryAfter(whole_seconds(wait))
         })
+    }
+
+    /// [`Self::check`] for `n` units at once (all or none).
+    fn check_n(&self, key: K, n: NonZeroU32) -> Result<(), RetryAfter> {
+        self.bound_keys();
+        let key = if self.overflowing.load(Ordering::Relaxed) {
+            &self.overflow_key
+        } else {
+            &key
+        };
+        match self.limiter.check_key_n(key, n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(RetryAfter(whole_seconds(
+                not_until.wait_time_from(Instant::now()),
+            ))),
+            // More than the burst: never passes as one batch (not reached: see check_ingest).
+            Err(_) => Err(RetryAfter(1)),
+        }
     }
 
     /// Forgets idle keys every [`RETAIN_EVERY`], and, every [`SIZE_CHECK_EVERY`] requests,
@@ -323,6 +363,7 @@ mod tests {
             max_connections: 1,
             per_address: Rate::new(1, 3),
             per_credential: Rate::new(1, 2),
+            ingest_per_credential: Rate::new(10, 10),
             limit_loopback: false,
         });
         let one: IpAddr = "10.0.0.1".parse().unwrap();
@@ -342,6 +383,13 @@ mod tests {
         assert_eq!(limits.check_credential("alice"), Ok(()));
         assert!(limits.check_credential("alice").is_err());
         assert_eq!(limits.check_credential("bob"), Ok(()));
+        assert_eq!(limits.check_ingest("alice", 6), Ok(()));
+        assert!(matches!(
+            limits.check_ingest("alice", 6),
+            Err(Limited::Events(_))
+        ));
+        assert_eq!(limits.check_ingest("alice", 4), Ok(()));
+        assert_eq!(limits.check_ingest("bob", 10), Ok(()));
     }
 
     #[test]

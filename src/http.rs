@@ -46,6 +46,8 @@ pub struct ApiState {
     pub orchestrator: Orchestrator,
     pub max_batch: usize,
     pub auth: Auth,
+    /// For the ingest event rate (the request rates are the edge middleware's).
+    pub limits: Arc<RateLimits>,
 }
 
 /// An HTTP error: its code, the code's status (unless a route knows better) and a
@@ -370,6 +372,12 @@ async fn ingest(
         .await?;
     let body = json_body(&headers, body)?;
     let drafts = intake::parse_body(&session_id, &body, state.max_batch)?;
+    if let Some(subject) = caller.subject() {
+        state
+            .limits
+            .check_ingest(subject, drafts.len())
+            .map_err(rate_limited)?;
+    }
     intake::admit(&state.orchestrator, &session_id, &caller).await?;
     let published = state.hub.publish(&session_id, drafts).await?;
     Ok((
@@ -717,12 +725,13 @@ fn check_rates(guard: &EdgeGuard, request: &mut Request) -> Result<(), Limited> 
 
 fn rate_limited(limited: Limited) -> ApiError {
     let (what, retry) = match limited {
-        Limited::Address(retry) => ("from this address", retry),
-        Limited::Credential(retry) => ("with this credential", retry),
+        Limited::Address(retry) => ("too many requests from this address", retry),
+        Limited::Credential(retry) => ("too many requests with this credential", retry),
+        Limited::Events(retry) => ("too many events published with this credential", retry),
     };
     ApiError::new(
         ErrorCode::RateLimited,
-        format!("too many requests {what}; retry after {} s", retry.0),
+        format!("{what}; retry after {} s", retry.0),
     )
     .with_retry_after(retry.0)
 }

@@ -121,8 +121,9 @@ impl Server {
             cluster.set_handler(Arc::new(orchestrator.clone()));
         }
         let edge = config.edge_limits();
+        let limits = Arc::new(RateLimits::new(&edge));
         let guard = EdgeGuard {
-            limits: Arc::new(RateLimits::new(&edge)),
+            limits: limits.clone(),
             auth: auth.clone(),
             body_timeout: edge.body_timeout,
             metrics,
@@ -133,6 +134,7 @@ impl Server {
             orchestrator: orchestrator.clone(),
             max_batch: config.max_batch.max(1),
             auth,
+            limits,
         };
         let origins = OriginPolicy::new(config.dev, &config.cors_origins);
         let app = router(api, config.max_body)

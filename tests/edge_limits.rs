@@ -407,3 +407,64 @@ async fn a_socket_flooding_invalid_events_gets_a_bounded_number_of_errors_then_i
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_over_its_ingest_event_rate_gets_429_and_other_credentials_do_not() {
+    let server = spawn_app_with(|c| {
+        c.api_keys = vec![
+            herald::config::Secret::new("busy:busy-secret:publish+read"),
+            herald::config::Secret::new("calm:calm-secret:publish"),
+        ];
+        c.max_batch = 10;
+        c.ingest_rate_per_credential = 1;
+        c.ingest_rate_per_credential_burst = 15;
+    })
+    .await;
+    let publish = |key: &str, session: &str, events: u64| {
+        let batch: Vec<Value> = (1..=events).map(common::progress).collect();
+        reqwest::Client::new()
+            .post(server.url(&format!("/api/sessions/{session}/events")))
+            .header("x-api-key", key)
+            .json(&batch)
+            .send()
+    };
+    // Events are counted, not requests: 10 then 5 fill the burst of 15, one more is over.
+    assert_eq!(
+        publish("busy-secret", "ingest-a", 10)
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    assert_eq!(
+        publish("busy-secret", "ingest-b", 5)
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    let limited = publish("busy-secret", "ingest-a", 2).await.unwrap();
+    assert_eq!(limited.status(), 429);
+    assert!(retry_after(&limited) >= 1);
+    let body: Value = limited.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "RATE_LIMITED", "{body}");
+    // Nothing of the refused batch was logged; another credential is unaffected.
+    let history: Value = reqwest::Client::new()
+        .get(server.url("/api/wizard/session/ingest-a/events?after=0&limit=100"))
+        .header("x-api-key", "busy-secret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(history["lastSeq"], 10, "{history}");
+    assert_eq!(
+        publish("calm-secret", "ingest-a", 10)
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    server.shutdown().await;
+}
