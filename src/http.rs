@@ -719,7 +719,10 @@ fn check_rates(guard: &EdgeGuard, request: &mut Request) -> Result<(), Limited> 
     if let Some(subject) = principal.subject() {
         guard.limits.check_credential(subject)?;
     }
-    request.extensions_mut().insert(Authenticated(principal));
+    // Not for a handshake: engineioxide keeps its request's parts as long as the socket lives.
+    if !request.uri().path().starts_with("/socket.io") {
+        request.extensions_mut().insert(Authenticated(principal));
+    }
     Ok(())
 }
 
