@@ -202,6 +202,89 @@ pub struct Config {
     )]
     pub ws_read_buffer: usize,
 
+    // The HTTP/socket edge (docs/deployment.md, "Edge limits").
+    /// Milliseconds a client has to send a request's headers, and that a keep-alive
+    /// connection may sit idle between requests; then the connection is closed.
+    #[arg(long, env = "HERALD_HEADER_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
+    pub header_timeout_ms: u64,
+
+    /// Milliseconds a client has to send a whole request body, counted from its headers;
+    /// then 408 REQUEST_TIMEOUT and the connection is closed.
+    #[arg(long, env = "HERALD_BODY_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
+    pub body_timeout_ms: u64,
+
+    /// Open TCP connections (HTTP and websocket) this node holds at once; a connection over
+    /// it is accepted and closed at once, nothing written. Keep it under `ulimit -n`.
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 50_000,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
+    pub max_connections: u64,
+
+    /// HTTP requests per second one client address may make (IPv6: per /64); 429
+    /// RATE_LIMITED with Retry-After over it. 0: no limit. /healthz and /readyz are exempt.
+    #[arg(
+        long,
+        env = "HERALD_RATE_LIMIT_PER_ADDRESS",
+        default_value_t = 200,
+        help_heading = "Limits"
+    )]
+    pub rate_limit_per_address: u32,
+
+    /// Requests one address may make at once above its rate (the bucket's size).
+    #[arg(long, env = "HERALD_RATE_LIMIT_PER_ADDRESS_BURST", default_value_t = 400,
+          value_parser = clap::value_parser!(u32).range(1..), help_heading = "Limits")]
+    pub rate_limit_per_address_burst: u32,
+
+    /// HTTP requests per second one credential (a token's `sub`, an API key's name) may
+    /// make, from any address; 429 RATE_LIMITED with Retry-After over it. 0: no limit.
+    #[arg(
+        long,
+        env = "HERALD_RATE_LIMIT_PER_CREDENTIAL",
+        default_value_t = 1000,
+        help_heading = "Limits"
+    )]
+    pub rate_limit_per_credential: u32,
+
+    /// Requests one credential may make at once above its rate (the bucket's size).
+    #[arg(long, env = "HERALD_RATE_LIMIT_PER_CREDENTIAL_BURST", default_value_t = 2000,
+          value_parser = clap::value_parser!(u32).range(1..), help_heading = "Limits")]
+    pub rate_limit_per_credential_burst: u32,
+
+    /// Ingest events per second one credential may publish over HTTP, each item of a batch
+    /// counted; 429 RATE_LIMITED with Retry-After over it. 0: no limit. Not applied while
+    /// auth is off.
+    #[arg(
+        long,
+        env = "HERALD_INGEST_RATE_PER_CREDENTIAL",
+        default_value_t = 10_000,
+        help_heading = "Limits"
+    )]
+    pub ingest_rate_per_credential: u32,
+
+    /// Events one credential may publish at once above its rate; raised to at least
+    /// max-batch, so that a whole batch can pass.
+    #[arg(long, env = "HERALD_INGEST_RATE_PER_CREDENTIAL_BURST", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u32).range(1..), help_heading = "Limits")]
+    pub ingest_rate_per_credential_burst: u32,
+
+    /// Apply the per-address limit to loopback clients too. Off by default: on loopback
+    /// sit a local reverse proxy (one address for every user) and the node's own tooling.
+    #[arg(
+        long,
+        env = "HERALD_RATE_LIMIT_LOOPBACK",
+        default_value_t = false,
+        help_heading = "Limits"
+    )]
+    pub rate_limit_loopback: bool,
+
+    /// Invalid or refused socket requests per second a socket gets an `error` event for
+    /// (bursts of twice that); beyond that it gets no answer, and a socket four seconds'
+    /// worth over its budget has its transport closed.
+    #[arg(long, env = "HERALD_INVALID_EVENT_RATE", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..), help_heading = "Limits")]
+    pub invalid_event_rate: u32,
+
     /// Orchestrated sessions running on this node at once (each holds model calls, timers
     /// and queues until it ends). A create over it gets 429 TOO_MANY_RUNS with Retry-After.
     /// Counted per node in cluster mode.
@@ -457,6 +540,29 @@ impl Config {
 
     pub fn cluster_lease(&self) -> Duration {
         Duration::from_millis(self.cluster_lease_ms)
+    }
+
+    /// The limits of the HTTP/socket edge.
+    pub fn edge_limits(&self) -> crate::edge::EdgeLimits {
+        crate::edge::EdgeLimits {
+            header_timeout: Duration::from_millis(self.header_timeout_ms),
+            body_timeout: Duration::from_millis(self.body_timeout_ms),
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            per_address: crate::edge::Rate::new(
+                self.rate_limit_per_address,
+                self.rate_limit_per_address_burst,
+            ),
+            per_credential: crate::edge::Rate::new(
+                self.rate_limit_per_credential,
+                self.rate_limit_per_credential_burst,
+            ),
+            ingest_per_credential: crate::edge::Rate::new(
+                self.ingest_rate_per_credential,
+                self.ingest_rate_per_credential_burst
+                    .max(u32::try_from(self.max_batch).unwrap_or(u32::MAX)),
+            ),
+            limit_loopback: self.rate_limit_loopback,
+        }
     }
 
     /// The orchestrator's limits.

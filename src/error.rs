@@ -120,13 +120,16 @@ catalogue! {
     SessionRunByHerald => "SESSION_RUN_BY_HERALD", CONFLICT, false;
 
     // Limits: the same request may pass later.
-    /// The socket's request rate is over its limit.
+    /// A rate limit is exceeded: a socket's requests, or HTTP requests per address or
+    /// credential (with `Retry-After`).
     RateLimited => "RATE_LIMITED", TOO_MANY_REQUESTS, true;
     /// The socket follows as many sessions as it may; it must unsubscribe first.
     TooManySubscriptions => "TOO_MANY_SUBSCRIPTIONS", BAD_REQUEST, false;
     /// As many orchestrated sessions run as `--max-running-sessions` (or, for this
     /// subject, `--max-running-sessions-per-subject`) allow; retry after `Retry-After`.
     TooManyRuns => "TOO_MANY_RUNS", TOO_MANY_REQUESTS, true;
+    /// A request body not sent within `--body-timeout-ms`; the connection is closed.
+    RequestTimeout => "REQUEST_TIMEOUT", REQUEST_TIMEOUT, true;
     /// The socket did not drain its queue and is disconnected; it recovers by replay.
     SlowConsumer => "SLOW_CONSUMER", SERVICE_UNAVAILABLE, true;
 
@@ -233,6 +236,7 @@ mod tests {
             (ErrorCode::TooManyPrompts, 400, false),
             (ErrorCode::MetadataTooLarge, 400, false),
             (ErrorCode::AnswerTooLarge, 400, false),
+            (ErrorCode::RequestTimeout, 408, true),
         ];
         for (code, status, retryable) in expected {
             assert_eq!(

@@ -6,23 +6,31 @@
 //! shadow axum's and reject with [`ApiError`]. Each error response is counted in
 //! `herald_http_errors_total{code}`.
 
-use axum::body::Bytes;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::body::{Bytes, HttpBody as _};
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::auth::{self, Auth, AuthError, Denied, Principal, Scope};
+use crate::edge::{self, DeadlineBody, Limited, RateLimits};
 use crate::error::ErrorCode;
 use crate::event::{SessionStatus, validate_session_id};
 use crate::hub::{Hub, HubError};
 use crate::intake;
 use crate::log::LogError;
+use crate::metrics::Metrics;
 use crate::orchestrator::{CreateSession, Orchestrator, OrchestratorError};
 use crate::store::StoreError;
 
@@ -38,6 +46,8 @@ pub struct ApiState {
     pub orchestrator: Orchestrator,
     pub max_batch: usize,
     pub auth: Auth,
+    /// For the ingest event rate (the request rates are the edge middleware's).
+    pub limits: Arc<RateLimits>,
 }
 
 /// An HTTP error: its code, the code's status (unless a route knows better) and a
@@ -147,6 +157,10 @@ impl FromRequestParts<ApiState> for Caller {
         parts: &mut axum::http::request::Parts,
         state: &ApiState,
     ) -> Result<Self, Self::Rejection> {
+        // The edge middleware authenticated already when it limited this credential.
+        if let Some(Authenticated(principal)) = parts.extensions.remove() {
+            return Ok(Caller(principal));
+        }
         let credential = auth::credential(&parts.headers, parts.uri.query());
         Ok(Caller(state.auth.authenticate(credential.as_deref())?))
     }
@@ -310,10 +324,11 @@ fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-/// A JSON request body: the right content type, within the size limit.
+/// A JSON request body: the right content type, within the size limit, in time.
 fn json_body(headers: &HeaderMap, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     require_json(headers)?;
     body.map_err(|rejection| match rejection.status() {
+        _ if edge::is_body_timeout(&rejection) => body_timeout(),
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::new(
             ErrorCode::PayloadTooLarge,
             "the request body is larger than the configured limit (--max-body)",
@@ -364,6 +379,12 @@ async fn ingest(
         .await?;
     let body = json_body(&headers, body)?;
     let drafts = intake::parse_body(&session_id, &body, state.max_batch)?;
+    if let Some(subject) = caller.subject() {
+        state
+            .limits
+            .check_ingest(subject, drafts.len())
+            .map_err(rate_limited)?;
+    }
     intake::admit(&state.orchestrator, &session_id, &caller).await?;
     let published = state.hub.publish(&session_id, drafts).await?;
     Ok((
@@ -605,4 +626,129 @@ struct HistoryItem<'a> {
     seq: u64,
     event: &'static str,
     data: &'a serde_json::value::RawValue,
+}
+
+/// What the edge middleware ([`edge_guard`]) needs: the rate limiters, the credential
+/// check, the body deadline, and the metrics its own answers are counted in.
+#[derive(Clone)]
+pub struct EdgeGuard {
+    pub limits: Arc<RateLimits>,
+    pub auth: Auth,
+    pub body_timeout: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A principal the edge middleware authenticated, for [`Caller`] to take over.
+#[derive(Clone)]
+struct Authenticated(Principal);
+
+/// Requests that no limit applies to: health checks must answer a prober under any load.
+fn is_exempt(path: &str) -> bool {
+    path == "/healthz" || path == "/readyz"
+}
+
+/// A request of an Engine.IO session that exists already (a poll or a polling POST): it
+/// was counted when its handshake was, and a socket's own limits apply to what it sends.
+fn is_established_socket(request: &Request) -> bool {
+    request.uri().path().starts_with("/socket.io")
+        && request.uri().query().is_some_and(|q| q.contains("sid="))
+}
+
+/// The edge of every request (SPEC §5): the per-address limit (before any credential is
+/// verified, so a flood costs no signature checks), the per-credential limit, and the
+/// body deadline. Over a limit: 429 `RATE_LIMITED` with `Retry-After`. A body not received
+/// in time: 408 `REQUEST_TIMEOUT` and the connection is closed.
+pub async fn edge_guard(
+    State(guard): State<EdgeGuard>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    if is_exempt(request.uri().path()) {
+        return next.run(request).await;
+    }
+    if !is_established_socket(&request)
+        && let Err(limited) = check_rates(&guard, &mut request)
+    {
+        return guard.answer(rate_limited(limited));
+    }
+    if request.body().is_end_stream() {
+        return next.run(request).await;
+    }
+    let (request, expired) = {
+        let (parts, body) = request.into_parts();
+        let (body, expired) = DeadlineBody::new(body, guard.body_timeout);
+        (
+            Request::from_parts(parts, axum::body::Body::new(body)),
+            expired,
+        )
+    };
+    let response = next.run(request).await;
+    if !expired.load(Ordering::Relaxed) {
+        return response;
+    }
+    // The handler may have answered the failed read its own way (engineioxide does).
+    let mut response = if response.status() == StatusCode::REQUEST_TIMEOUT {
+        response
+    } else {
+        guard.answer(body_timeout())
+    };
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+impl EdgeGuard {
+    /// An error answered here, outside the router, counted as the router counts its own.
+    fn answer(&self, error: ApiError) -> Response {
+        self.metrics.http_errors.inc(error.code());
+        error.into_response()
+    }
+}
+
+/// Counts the request against its address and, when it presents a valid credential,
+/// against the credential; the principal is kept for the route.
+fn check_rates(guard: &EdgeGuard, request: &mut Request) -> Result<(), Limited> {
+    if let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<SocketAddr>>() {
+        guard.limits.check_address(peer.ip())?;
+    }
+    if !guard.limits.limits_credentials() || !guard.auth.is_enabled() {
+        return Ok(());
+    }
+    let credential = auth::credential(request.headers(), request.uri().query());
+    let Some(credential) = credential else {
+        return Ok(());
+    };
+    // A credential that is not accepted is refused by the route; only the address counts.
+    let Ok(principal) = guard.auth.authenticate(Some(&credential)) else {
+        return Ok(());
+    };
+    if let Some(subject) = principal.subject() {
+        guard.limits.check_credential(subject)?;
+    }
+    // Not for a handshake: engineioxide keeps its request's parts as long as the socket lives.
+    if !request.uri().path().starts_with("/socket.io") {
+        request.extensions_mut().insert(Authenticated(principal));
+    }
+    Ok(())
+}
+
+fn rate_limited(limited: Limited) -> ApiError {
+    let (what, retry) = match limited {
+        Limited::Address(retry) => ("too many requests from this address", retry),
+        Limited::Credential(retry) => ("too many requests with this credential", retry),
+        Limited::Events(retry) => ("too many events published with this credential", retry),
+    };
+    ApiError::new(
+        ErrorCode::RateLimited,
+        format!("{what}; retry after {} s", retry.0),
+    )
+    .with_retry_after(retry.0)
+}
+
+fn body_timeout() -> ApiError {
+    ApiError::new(
+        ErrorCode::RequestTimeout,
+        "the request body was not received in time (--body-timeout-ms); the connection is closed",
+    )
 }

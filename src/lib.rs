@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod edge;
 pub mod error;
 pub mod event;
 pub mod http;

@@ -1,25 +1,39 @@
 //! Wiring: builds the stores, the hub, the Socket.IO layer and the HTTP router, serves
 //! them on one listener and shuts down gracefully.
+//!
+//! The accept loop is herald's own (axum's `serve` cannot set a header timeout): it caps
+//! open connections (`--max-connections`) and gives hyper its header read timeout.
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::{OriginalUri, Request};
+use axum::extract::{ConnectInfo, OriginalUri, Request};
 use axum::http::{HeaderValue, Method, Uri};
 use axum::response::IntoResponse;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use socketioxide::SocketIo;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::ServiceExt as _;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::auth::{Auth, AuthConfigError, OriginPolicy};
 use crate::cluster::Cluster;
 use crate::config::Config;
-use crate::http::{ApiState, router};
+use crate::edge::{EdgeLimits, RateLimits};
+use crate::http::{ApiState, EdgeGuard, edge_guard, router};
 use crate::hub::Hub;
 use crate::log::{EventLog, MemoryLog};
 use crate::metrics::Metrics;
@@ -63,6 +77,7 @@ pub struct Server {
     orchestrator: Orchestrator,
     /// The other nodes, in cluster mode.
     cluster: Option<Cluster>,
+    edge: EdgeLimits,
 }
 
 impl Server {
@@ -85,13 +100,14 @@ impl Server {
         let auth = Auth::from_config(&config)?;
         announce_auth(&auth);
         let (log, store, cluster) = backends(&config).await?;
-        let hub = Hub::new(log, store, io.clone(), metrics);
+        let hub = Hub::new(log, store, io.clone(), metrics.clone());
         socket::register(
             &io,
             hub.clone(),
             SocketLimits {
                 max_subscriptions: config.max_subscriptions,
                 requests_per_sec: config.subscribe_rate.max(1),
+                invalid_per_sec: config.invalid_event_rate.max(1),
             },
             auth.clone(),
         );
@@ -104,18 +120,29 @@ impl Server {
         if let Some(cluster) = &cluster {
             cluster.set_handler(Arc::new(orchestrator.clone()));
         }
+        let edge = config.edge_limits();
+        let limits = Arc::new(RateLimits::new(&edge));
+        let guard = EdgeGuard {
+            limits: limits.clone(),
+            auth: auth.clone(),
+            body_timeout: edge.body_timeout,
+            metrics,
+        };
         let api = ApiState {
             hub: hub.clone(),
             dev: config.dev,
             orchestrator: orchestrator.clone(),
             max_batch: config.max_batch.max(1),
             auth,
+            limits,
         };
         let origins = OriginPolicy::new(config.dev, &config.cors_origins);
         let app = router(api, config.max_body)
             .layer(io_layer)
             .layer(axum::middleware::map_request(detach_handshake_head))
             .layer(axum::middleware::from_fn_with_state(origins, check_origin))
+            // Inside CORS, so that a browser can read a 429.
+            .layer(axum::middleware::from_fn_with_state(guard, edge_guard))
             .layer(cors(&config)?)
             .layer(TraceLayer::new_for_http());
         Ok(Self {
@@ -125,6 +152,7 @@ impl Server {
             config,
             orchestrator,
             cluster,
+            edge,
         })
     }
 
@@ -152,6 +180,7 @@ impl Server {
             config,
             orchestrator,
             cluster,
+            edge,
         } = self;
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -191,9 +220,9 @@ impl Server {
             hub_for_close.close().await;
             let _ = stop_tx.send(true);
         };
-        let server = axum::serve(listener, app).with_graceful_shutdown(signal);
+        let server = accept_until(listener, app, edge, signal);
         let result = tokio::select! {
-            result = server => result.map_err(ServerError::from),
+            () = server => Ok(()),
             _ = async {
                 let _ = stop_rx.wait_for(|stopped| *stopped).await;
                 tokio::time::sleep(grace).await;
@@ -208,6 +237,164 @@ impl Server {
             tracing::warn!("background work did not stop within the shutdown grace period");
         }
         result
+    }
+}
+
+/// Accepts connections until `shutdown` resolves, then asks each open HTTP connection to
+/// finish its request and close, and waits for them. (An upgraded websocket is no longer
+/// an HTTP connection: the hub closes those.)
+async fn accept_until(
+    listener: TcpListener,
+    app: axum::Router,
+    edge: EdgeLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(
+        edge.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
+    let refused = AtomicU64::new(0);
+    let draining = CancellationToken::new();
+    let connections = TaskTracker::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    accept_failed(error).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refuse(stream, peer, &refused, edge.max_connections);
+            continue;
+        };
+        let io = Counted {
+            stream,
+            _slot: slot,
+        };
+        connections.spawn(serve_connection(
+            io,
+            peer,
+            app.clone(),
+            edge.header_timeout,
+            draining.clone(),
+        ));
+    }
+    drop(listener);
+    draining.cancel();
+    connections.close();
+    connections.wait().await;
+}
+
+/// A connection over `--max-connections`: closed at once, nothing read or written, so it
+/// costs a file descriptor for microseconds. Logged at the 1st, 2nd, 4th, 8th... refusal.
+fn refuse(stream: TcpStream, peer: SocketAddr, refused: &AtomicU64, max: usize) {
+    drop(stream);
+    let count = refused.fetch_add(1, Ordering::Relaxed) + 1;
+    if count.is_power_of_two() {
+        tracing::warn!(
+            %peer,
+            refused = count,
+            max_connections = max,
+            "connection refused: as many connections are open as --max-connections allows"
+        );
+    }
+}
+
+/// An accept that failed: a connection that died in the backlog is nothing; anything else
+/// (out of file descriptors) is waited out briefly rather than spun on.
+async fn accept_failed(error: io::Error) {
+    use io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        error.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::warn!(%error, "accept failed; retrying in 100 ms");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// Serves one connection over HTTP/1.1 (with upgrades, for websockets), with hyper's header
+/// read timeout: a client that takes longer to send a request's head, or leaves a
+/// keep-alive connection idle that long, is disconnected.
+async fn serve_connection(
+    io: Counted,
+    peer: SocketAddr,
+    app: axum::Router,
+    header_timeout: Duration,
+    draining: CancellationToken,
+) {
+    let service = app.map_request(move |mut request: Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(peer));
+        request
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
+        .with_upgrades();
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = draining.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::trace!(%peer, %error, "connection ended");
+    }
+}
+
+/// A connection's stream with its slot under `--max-connections`: the slot is freed when
+/// the stream is dropped, which for a websocket is when the socket closes, long after
+/// hyper handed the stream over.
+struct Counted {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

@@ -31,7 +31,14 @@ pub struct SocketLimits {
     pub max_subscriptions: usize,
     /// Subscribe/unsubscribe requests per second; bursts of twice that are allowed.
     pub requests_per_sec: u32,
+    /// Refused requests per second answered with an `error` event (bursts of twice that);
+    /// see [`spend_refusal`].
+    pub invalid_per_sec: u32,
 }
+
+/// How far (in seconds of its refusal rate) a socket may run past its refusal budget
+/// before its transport is closed.
+const REFUSALS_OVER_BUDGET_SECS: f64 = 4.0;
 
 /// Per-socket state, owned by the socket's handlers.
 struct SocketState {
@@ -47,6 +54,11 @@ struct StateInner {
     sessions: HashSet<String>,
     tokens: f64,
     refilled: Instant,
+    /// The refusal budget: answered while positive, may go down to the closing threshold.
+    refusal_tokens: f64,
+    refusals_refilled: Instant,
+    /// Set when herald closed the transport: requests still in line are dropped unanswered.
+    closed: bool,
     /// Done when the socket's latest request is: the next one waits for it.
     latest: Option<oneshot::Receiver<()>>,
 }
@@ -210,6 +222,9 @@ fn install(socket: &SocketRef, hub: Hub, limits: SocketLimits, principal: Princi
             sessions: HashSet::new(),
             tokens: f64::from(limits.requests_per_sec) * 2.0,
             refilled: Instant::now(),
+            refusal_tokens: f64::from(limits.invalid_per_sec) * 2.0,
+            refusals_refilled: Instant::now(),
+            closed: false,
             latest: None,
         }),
     });
@@ -227,7 +242,7 @@ fn install(socket: &SocketRef, hub: Hub, limits: SocketLimits, principal: Princi
                 // One request at a time per socket: a subscribe and an unsubscribe of the same
                 // socket never interleave, so its subscription count is always exact.
                 turn.wait().await;
-                if !until_connected(&socket).await {
+                if state.inner.lock().unwrap().closed || !until_connected(&socket).await {
                     return;
                 }
                 let result = match data {
@@ -243,7 +258,18 @@ fn install(socket: &SocketRef, hub: Hub, limits: SocketLimits, principal: Princi
                     Ok(reply) => {
                         ack.send(&reply).ok();
                     }
-                    Err(refusal) => refuse(&socket, &hub, ack, &refusal),
+                    Err(refusal) => match spend_refusal(&state, limits, refusal.code) {
+                        Answer::Yes => refuse(&socket, &hub, ack, &refusal),
+                        Answer::No => hub.metrics().socket_errors.inc(),
+                        Answer::Close => {
+                            hub.metrics().socket_errors.inc();
+                            tracing::info!(
+                                socket = %socket.id,
+                                "closing a socket that keeps sending invalid requests"
+                            );
+                            socket.close_transport();
+                        }
+                    },
                 }
             }
         }
@@ -417,6 +443,44 @@ fn take_token(state: &SocketState, limits: SocketLimits) -> Result<(), Refusal> 
     }
     inner.tokens -= 1.0;
     Ok(())
+}
+
+/// Whether a refused request is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Yes,
+    /// Over the budget: no `error` event and no ack.
+    No,
+    /// Far over it: the transport is closed.
+    Close,
+}
+
+/// The refusal budget (`--invalid-event-rate`), a token bucket: `invalid_per_sec` refusals a
+/// second are answered (bursts of twice as many); beyond that they go unanswered, and a socket
+/// [`REFUSALS_OVER_BUDGET_SECS`] seconds' worth past the budget is closed. A flood of bad
+/// requests thus costs herald a bounded number of answers. Refusals that are herald's
+/// doing (its backend down, the socket dropped) are always answered and cost nothing.
+fn spend_refusal(state: &SocketState, limits: SocketLimits, code: ErrorCode) -> Answer {
+    if matches!(
+        code,
+        ErrorCode::BackendUnavailable | ErrorCode::SocketGone | ErrorCode::SlowConsumer
+    ) {
+        return Answer::Yes;
+    }
+    let rate = f64::from(limits.invalid_per_sec);
+    let mut inner = state.inner.lock().unwrap();
+    let now = Instant::now();
+    let refill = now.duration_since(inner.refusals_refilled).as_secs_f64() * rate;
+    inner.refusal_tokens = (inner.refusal_tokens + refill).min(rate * 2.0) - 1.0;
+    inner.refusals_refilled = now;
+    if inner.refusal_tokens >= 0.0 {
+        Answer::Yes
+    } else if inner.refusal_tokens >= -rate * REFUSALS_OVER_BUDGET_SECS {
+        Answer::No
+    } else {
+        inner.closed = true;
+        Answer::Close
+    }
 }
 
 /// `"id"` or `{ sessionId, lastSeq?, epoch? }`.
