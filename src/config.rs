@@ -127,6 +127,36 @@ pub struct Config {
     )]
     pub session_ttl_secs: u64,
 
+    /// Seconds a session that never ends is kept after its last event; then it is removed
+    /// as an ended one would be (and its Redis keys expire). Keep it above the longest
+    /// pause a run may take (the clarification timeout).
+    #[arg(long, env = "HERALD_SESSION_IDLE_TTL_SECS", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
+    pub session_idle_ttl_secs: u64,
+
+    /// Sessions held at once (in Redis mode: by the whole cluster). A producer event or a
+    /// create for a new session over it gets 503 TOO_MANY_SESSIONS with Retry-After.
+    #[arg(long, env = "HERALD_MAX_SESSIONS", default_value_t = 50_000,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
+    pub max_sessions: u64,
+
+    /// Largest ingest event: the bytes of its serialized `data`; 413 EVENT_TOO_LARGE over it.
+    #[arg(long, env = "HERALD_MAX_EVENT_BYTES", default_value_t = 64 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
+    pub max_event_bytes: u64,
+
+    /// Bytes of events retained per session for replay and history (as well as at most
+    /// max-events-per-session); the oldest go first, the newest always stays.
+    #[arg(long, env = "HERALD_MAX_SESSION_BYTES", default_value_t = 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
+    pub max_session_bytes: u64,
+
+    /// Model results plus clarifications one session's snapshot keeps; a new one over it
+    /// takes the place of the oldest settled one, and `droppedEntries` counts them.
+    #[arg(long, env = "HERALD_MAX_SNAPSHOT_ENTRIES", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
+    pub max_snapshot_entries: u64,
+
     /// Largest Socket.IO packet, in bytes, in either direction (socketioxide's own default is 100 kB).
     #[arg(long, env = "HERALD_MAX_PAYLOAD", default_value_t = 1024 * 1024, help_heading = "Limits")]
     pub max_payload: u64,
@@ -536,6 +566,34 @@ impl Config {
 
     pub fn session_ttl(&self) -> Duration {
         Duration::from_secs(self.session_ttl_secs)
+    }
+
+    pub fn session_idle_ttl(&self) -> Duration {
+        Duration::from_secs(self.session_idle_ttl_secs)
+    }
+
+    /// What the event logs may hold.
+    pub fn log_limits(&self) -> crate::log::LogLimits {
+        crate::log::LogLimits {
+            max_events: self.max_events_per_session,
+            max_bytes: self.max_session_bytes,
+            max_sessions: self.max_sessions,
+            idle_ttl: self.redis_key_ttl(),
+        }
+    }
+
+    /// What the session stores may hold.
+    pub fn store_limits(&self) -> crate::store::StoreLimits {
+        crate::store::StoreLimits {
+            max_entries: usize::try_from(self.max_snapshot_entries).unwrap_or(usize::MAX),
+            idle_ttl: self.redis_key_ttl(),
+        }
+    }
+
+    /// How long a session's Redis keys outlive its last write: past the idle sweep and the
+    /// ended sessions' TTL, so that the sweep, not the expiry, normally removes them.
+    fn redis_key_ttl(&self) -> Duration {
+        self.session_idle_ttl().max(self.session_ttl()) + Duration::from_secs(3600)
     }
 
     pub fn cluster_lease(&self) -> Duration {

@@ -78,6 +78,8 @@ catalogue! {
     UnknownModel => "UNKNOWN_MODEL", BAD_REQUEST, false;
     /// A body over `--max-body`.
     PayloadTooLarge => "PAYLOAD_TOO_LARGE", PAYLOAD_TOO_LARGE, false;
+    /// An ingest event whose serialized `data` is over `--max-event-bytes`.
+    EventTooLarge => "EVENT_TOO_LARGE", PAYLOAD_TOO_LARGE, false;
     /// A body that is not `application/json`.
     UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE", UNSUPPORTED_MEDIA_TYPE, false;
     /// A session's prompt whose text is over `--max-prompt-bytes`.
@@ -128,6 +130,9 @@ catalogue! {
     /// As many orchestrated sessions run as `--max-running-sessions` (or, for this
     /// subject, `--max-running-sessions-per-subject`) allow; retry after `Retry-After`.
     TooManyRuns => "TOO_MANY_RUNS", TOO_MANY_REQUESTS, true;
+    /// herald holds `--max-sessions` sessions: a new one is refused until some expire
+    /// (`Retry-After`).
+    TooManySessions => "TOO_MANY_SESSIONS", SERVICE_UNAVAILABLE, true;
     /// A request body not sent within `--body-timeout-ms`; the connection is closed.
     RequestTimeout => "REQUEST_TIMEOUT", REQUEST_TIMEOUT, true;
     /// The socket did not drain its queue and is disconnected; it recovers by replay.
@@ -237,6 +242,8 @@ mod tests {
             (ErrorCode::MetadataTooLarge, 400, false),
             (ErrorCode::AnswerTooLarge, 400, false),
             (ErrorCode::RequestTimeout, 408, true),
+            (ErrorCode::EventTooLarge, 413, false),
+            (ErrorCode::TooManySessions, 503, true),
         ];
         for (code, status, retryable) in expected {
             assert_eq!(

@@ -215,6 +215,15 @@ pub struct EventDraft {
     pub idempotency_key: Option<String>,
 }
 
+impl EventDraft {
+    /// Whether logging this event ends the session: its `completed` or `error`. (A
+    /// `progress` with a terminal status does not: producers commonly send one just before
+    /// their `completed`.)
+    pub fn ends_session(&self) -> bool {
+        matches!(self.kind, EventKind::Completed | EventKind::Error)
+    }
+}
+
 /// Why a producer's event was refused. The message names the offending field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]

@@ -29,7 +29,7 @@ use crate::error::ErrorCode;
 use crate::event::{SessionStatus, validate_session_id};
 use crate::hub::{Hub, HubError};
 use crate::intake;
-use crate::log::LogError;
+use crate::log::{LogError, Writer};
 use crate::metrics::Metrics;
 use crate::orchestrator::{CreateSession, Orchestrator, OrchestratorError};
 use crate::store::StoreError;
@@ -45,6 +45,7 @@ pub struct ApiState {
     pub dev: bool,
     pub orchestrator: Orchestrator,
     pub max_batch: usize,
+    pub max_event_bytes: u64,
     pub auth: Auth,
     /// For the ingest event rate (the request rates are the edge middleware's).
     pub limits: Arc<RateLimits>,
@@ -194,6 +195,10 @@ impl From<intake::IntakeError> for ApiError {
     }
 }
 
+/// `Retry-After` for a new session while herald holds `--max-sessions`: sessions leave by
+/// the sweep, which runs about this often.
+const TOO_MANY_SESSIONS_RETRY_SECS: u64 = 60;
+
 /// What a client is told when the session backend fails a request.
 const BACKEND_UNAVAILABLE_MESSAGE: &str = "the session backend is unavailable; retry (with the same idempotency keys, nothing is logged twice)";
 
@@ -205,6 +210,13 @@ impl From<HubError> for ApiError {
             | HubError::Store(StoreError::Backend(detail)) => {
                 tracing::warn!(detail, "the backend failed a request");
                 Self::new(ErrorCode::BackendUnavailable, BACKEND_UNAVAILABLE_MESSAGE)
+            }
+            HubError::Log(error @ LogError::TooManySessions { .. }) => {
+                Self::new(ErrorCode::TooManySessions, error.to_string())
+                    .with_retry_after(TOO_MANY_SESSIONS_RETRY_SECS)
+            }
+            HubError::Log(error @ LogError::SessionEnded(_)) => {
+                Self::new(ErrorCode::SessionEnded, error.to_string())
             }
             error => Self::new(ErrorCode::Internal, error.to_string()),
         }
@@ -366,10 +378,20 @@ struct IngestReply {
     seqs: Vec<Option<u64>>,
 }
 
+/// `POST /api/sessions/{id}/events?reopen=true`: a producer's events for an ended session
+/// are taken and the session is active again (SPEC §5: terminal sessions stay terminal
+/// unless a reopen is asked for).
+#[derive(Debug, Default, Deserialize)]
+struct IngestQuery {
+    #[serde(default)]
+    reopen: bool,
+}
+
 async fn ingest(
     State(state): State<ApiState>,
     Caller(caller): Caller,
     Path(session_id): Path<String>,
+    Query(query): Query<IngestQuery>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<IngestReply>), ApiError> {
@@ -379,6 +401,7 @@ async fn ingest(
         .await?;
     let body = json_body(&headers, body)?;
     let drafts = intake::parse_body(&session_id, &body, state.max_batch)?;
+    intake::check_event_sizes(&drafts, state.max_event_bytes)?;
     if let Some(subject) = caller.subject() {
         state
             .limits
@@ -386,7 +409,12 @@ async fn ingest(
             .map_err(rate_limited)?;
     }
     intake::admit(&state.orchestrator, &session_id, &caller).await?;
-    let published = state.hub.publish(&session_id, drafts).await?;
+    let writer = if query.reopen {
+        Writer::Reopening
+    } else {
+        Writer::Producer
+    };
+    let published = state.hub.publish_as(&session_id, drafts, writer).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(IngestReply {

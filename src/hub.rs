@@ -22,7 +22,7 @@ use socketioxide::{BroadcastError, SocketError, SocketIo};
 
 use crate::event::SessionStatus;
 use crate::event::{EventDraft, now_timestamp};
-use crate::log::{Appended, Epoch, EventLog, LogError, LogHead, LogSlice, LoggedEvent};
+use crate::log::{Appended, Epoch, EventLog, LogError, LogHead, LogSlice, LoggedEvent, Writer};
 use crate::metrics::Metrics;
 use crate::store::{Origin, SessionStore, SessionSummary, Snapshot, StoreError};
 
@@ -224,15 +224,27 @@ impl Hub {
         gates.entry(session_id.to_owned()).or_default().clone()
     }
 
-    /// Logs the drafts (all or none), updates the snapshot and broadcasts the new events.
+    /// Logs herald's own drafts (all or none), updates the snapshot and broadcasts the new
+    /// events.
     pub async fn publish(
         &self,
         session_id: &str,
         drafts: Vec<EventDraft>,
     ) -> Result<Published, HubError> {
+        self.publish_as(session_id, drafts, Writer::Herald).await
+    }
+
+    /// [`Hub::publish`] for `writer`: a producer's new events for an ended session are
+    /// refused ([`LogError::SessionEnded`]) unless it reopens the session.
+    pub async fn publish_as(
+        &self,
+        session_id: &str,
+        drafts: Vec<EventDraft>,
+        writer: Writer,
+    ) -> Result<Published, HubError> {
         let gate = self.gate(session_id);
         let mut cursor = gate.lock().await;
-        let outcome = self.inner.log.append(session_id, drafts).await?;
+        let outcome = self.inner.log.append_as(session_id, drafts, writer).await?;
         let accepted = outcome.appended.len();
         let to_fold = if accepted == 0 && outcome.duplicates > 0 {
             // Only duplicates: a retry. Its first attempt was logged, but the connection may
@@ -683,9 +695,11 @@ impl Hub {
         Ok(self.inner.log.read(session_id, after, limit).await?)
     }
 
-    /// Drops sessions that ended more than `ttl` ago and forgets idle gates.
-    pub async fn sweep(&self, ttl: Duration) -> Result<usize, HubError> {
-        let expired = self.inner.store.take_expired(ttl).await?;
+    /// Drops sessions that ended more than `ttl` ago or changed last more than `idle` ago,
+    /// and forgets idle gates.
+    pub async fn sweep(&self, ttl: Duration, idle: Duration) -> Result<usize, HubError> {
+        let mut expired = self.inner.store.take_expired(ttl).await?;
+        expired.extend(self.inner.store.take_idle(idle).await?);
         for session_id in &expired {
             let gate = self.gate(session_id);
             let _order = gate.lock().await;

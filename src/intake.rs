@@ -40,6 +40,8 @@ pub enum IntakeError {
         "item {index}: idempotency keys starting with `{RESERVED_KEY_PREFIX}` are reserved for herald"
     )]
     ReservedKey { index: usize },
+    #[error("item {index}: its data is {bytes} bytes serialized; an event holds at most {max}")]
+    EventTooLarge { index: usize, bytes: u64, max: u64 },
     #[error("{0}")]
     InvalidSessionId(String),
     #[error("herald runs session `{0}` itself: its events come from its run only")]
@@ -56,6 +58,7 @@ impl IntakeError {
             Self::NotABatch | Self::InvalidItem { .. } => ErrorCode::InvalidEvent,
             Self::EmptyBatch => ErrorCode::EmptyBatch,
             Self::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
+            Self::EventTooLarge { .. } => ErrorCode::EventTooLarge,
             Self::ReservedKey { .. } => ErrorCode::ReservedIdempotencyKey,
             Self::InvalidSessionId(_) => ErrorCode::InvalidSessionId,
             Self::RunByHerald(_) => ErrorCode::SessionRunByHerald,
@@ -138,6 +141,39 @@ fn parse_item(session_id: &str, index: usize, value: Value) -> Result<EventDraft
         return Err(IntakeError::ReservedKey { index });
     }
     Ok(draft)
+}
+
+/// Refuses a batch with an event whose serialized `data` is over `max_bytes`
+/// (`--max-event-bytes`). Measured without building the JSON.
+pub fn check_event_sizes(drafts: &[EventDraft], max_bytes: u64) -> Result<(), IntakeError> {
+    for (index, draft) in drafts.iter().enumerate() {
+        let bytes = serialized_len(&draft.data);
+        if bytes > max_bytes {
+            return Err(IntakeError::EventTooLarge {
+                index,
+                bytes,
+                max: max_bytes,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn serialized_len(value: &impl serde::Serialize) -> u64 {
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len() as u64;
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail, and a `Map<String, Value>` always serializes.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 /// A Redis ingest stream entry's payload: `{ sessionId, event, data, idempotencyKey? }` or

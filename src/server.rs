@@ -133,6 +133,7 @@ impl Server {
             dev: config.dev,
             orchestrator: orchestrator.clone(),
             max_batch: config.max_batch.max(1),
+            max_event_bytes: config.max_event_bytes,
             auth,
             limits,
         };
@@ -187,6 +188,7 @@ impl Server {
         tasks.spawn(sweep_forever(
             hub.clone(),
             config.session_ttl(),
+            config.session_idle_ttl(),
             stop.clone(),
         ));
         if let Some(cluster) = cluster {
@@ -203,6 +205,7 @@ impl Server {
                 hub.clone(),
                 Arc::new(orchestrator.clone()),
                 config.max_batch.max(1),
+                config.max_event_bytes,
                 stop.clone(),
             ));
         }
@@ -417,17 +420,17 @@ async fn watch_nodes(cluster: Cluster, orchestrator: Orchestrator) {
     }
 }
 
-async fn sweep_forever(hub: Hub, ttl: Duration, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(sweep_interval(ttl));
+async fn sweep_forever(hub: Hub, ttl: Duration, idle: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(sweep_interval(ttl.min(idle)));
     loop {
         // A sweep, once begun, runs to its end: it removes what it took from the store.
         tokio::select! {
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        match hub.sweep(ttl).await {
+        match hub.sweep(ttl, idle).await {
             Ok(0) => {}
-            Ok(n) => tracing::debug!(sessions = n, "dropped ended sessions"),
+            Ok(n) => tracing::debug!(sessions = n, "dropped ended and idle sessions"),
             Err(error) => tracing::warn!(%error, "session sweep failed"),
         }
     }
@@ -494,19 +497,20 @@ type Backends = (Arc<dyn EventLog>, Arc<dyn SessionStore>, Option<Cluster>);
 /// In-memory log and store, or (with `--redis-url`) Redis ones shared by every node.
 async fn backends(config: &Config) -> Result<Backends, ServerError> {
     let Some(url) = &config.redis_url else {
-        let log = Arc::new(MemoryLog::new(config.max_events_per_session));
-        return Ok((log, Arc::new(MemoryStore::new()), None));
+        let log = Arc::new(MemoryLog::with_limits(config.log_limits()));
+        let store = MemoryStore::with_limits(config.store_limits());
+        return Ok((log, Arc::new(store), None));
     };
     let failed = |message: String| ServerError::Redis {
         url: url.clone(),
         message,
     };
     let prefix = &config.redis_prefix;
-    let log = RedisLog::connect(url, prefix, config.max_events_per_session)
+    let log = RedisLog::connect_with(url, prefix, config.log_limits())
         .await
         .map_err(|e| failed(e.to_string()))?;
     let log: Arc<dyn EventLog> = Arc::new(log);
-    let store = RedisStore::connect(url, prefix, log.clone())
+    let store = RedisStore::connect_with(url, prefix, log.clone(), config.store_limits())
         .await
         .map_err(|e| failed(e.to_string()))?;
     let cluster = Cluster::connect(url, prefix, config.cluster_lease())

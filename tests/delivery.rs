@@ -137,7 +137,11 @@ async fn until_metric(server: &common::TestServer, name: &str, value: u64) {
 async fn a_reader_that_stops_is_cut_off_and_recovers_without_a_gap() {
     // The default queue (1,088 packets: a whole batch) and retention large enough that the
     // stalled reader's gap is still there when it comes back.
-    let server = spawn_app_with(|c| c.max_events_per_session = 5_000).await;
+    let server = spawn_app_with(|c| {
+        c.max_events_per_session = 5_000;
+        c.max_session_bytes = 64 << 20;
+    })
+    .await;
     let session = "stalled-live";
     let stalled = StalledReader::subscribe(server.addr, session, 0).await;
     let mut watcher = server.connect().await;
@@ -197,7 +201,11 @@ async fn a_reader_that_stops_is_cut_off_and_recovers_without_a_gap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_replay_never_holds_up_the_producer_or_other_subscribers() {
-    let server = spawn_app_with(|c| c.max_events_per_session = 5_000).await;
+    let server = spawn_app_with(|c| {
+        c.max_events_per_session = 5_000;
+        c.max_session_bytes = 64 << 20;
+    })
+    .await;
     let session = "stalled-replay";
     for from in [1, 1_001, 2_001] {
         let (status, body) = server.post_events(session, &batch(from, 1_000)).await;

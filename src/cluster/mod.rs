@@ -311,6 +311,7 @@ impl Cluster {
         hub: Hub,
         runs: Arc<dyn Runs>,
         max_batch: usize,
+        max_event_bytes: u64,
         stop: CancellationToken,
     ) -> impl Future<Output = ()> + Send + 'static {
         let ingest = Ingest {
@@ -320,6 +321,7 @@ impl Cluster {
             hub,
             runs,
             max_batch,
+            max_event_bytes,
             lease: self.inner.lease,
             stop,
         };

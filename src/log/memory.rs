@@ -6,7 +6,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use async_trait::async_trait;
 use serde_json::value::to_raw_value;
 
-use super::{AppendOutcome, Appended, Epoch, EventLog, LogError, LogHead, LogSlice, LoggedEvent};
+use super::{
+    AppendOutcome, Appended, Epoch, EventLog, LogError, LogHead, LogLimits, LogSlice, LoggedEvent,
+    Writer,
+};
 use crate::event::{EventDraft, finalize};
 
 /// Idempotency keys remembered per session; the oldest are forgotten first.
@@ -17,13 +20,17 @@ const MAX_KEYS_PER_SESSION: usize = 10_000;
 /// plain data and are never held across an `.await`.
 pub struct MemoryLog {
     sessions: RwLock<HashMap<String, Arc<Mutex<SessionLog>>>>,
-    max_events: usize,
+    limits: LogLimits,
 }
 
 struct SessionLog {
     epoch: Epoch,
     last_seq: u64,
     events: VecDeque<Arc<LoggedEvent>>,
+    /// Serialized bytes of `events`.
+    bytes: u64,
+    /// A terminal event was logged (see [`Writer`]).
+    ended: bool,
     keys: HashMap<String, u64>,
     key_order: VecDeque<String>,
 }
@@ -34,6 +41,8 @@ impl SessionLog {
             epoch: Epoch::fresh(),
             last_seq: 0,
             events: VecDeque::new(),
+            bytes: 0,
+            ended: false,
             keys: HashMap::new(),
             key_order: VecDeque::new(),
         }
@@ -60,13 +69,38 @@ impl SessionLog {
         self.key_order.push_back(key.clone());
         self.keys.insert(key, seq);
     }
+
+    /// Whether a batch holds an event not logged yet.
+    fn has_new(&self, drafts: &[EventDraft]) -> bool {
+        drafts.iter().any(|d| {
+            d.idempotency_key
+                .as_ref()
+                .is_none_or(|key| !self.keys.contains_key(key))
+        })
+    }
+
+    /// Drops the oldest events beyond the limits; the newest always stays.
+    fn trim(&mut self, limits: &LogLimits) {
+        while self.events.len() > 1
+            && (self.events.len() as u64 > limits.max_events || self.bytes > limits.max_bytes)
+        {
+            if let Some(old) = self.events.pop_front() {
+                self.bytes -= old.json.get().len() as u64;
+            }
+        }
+    }
 }
 
 impl MemoryLog {
+    /// A log retaining `max_events` per session, with no other limit.
     pub fn new(max_events: u64) -> Self {
+        Self::with_limits(LogLimits::events(max_events))
+    }
+
+    pub fn with_limits(limits: LogLimits) -> Self {
         Self {
             sessions: RwLock::default(),
-            max_events: usize::try_from(max_events).unwrap_or(usize::MAX).max(1),
+            limits,
         }
     }
 
@@ -74,28 +108,39 @@ impl MemoryLog {
         self.sessions.read().unwrap().get(session_id).cloned()
     }
 
-    fn get_or_create(&self, session_id: &str) -> Arc<Mutex<SessionLog>> {
+    fn get_or_create(&self, session_id: &str) -> Result<Arc<Mutex<SessionLog>>, LogError> {
         if let Some(log) = self.existing(session_id) {
-            return log;
+            return Ok(log);
         }
-        self.sessions
-            .write()
-            .unwrap()
-            .entry(session_id.to_owned())
-            .or_insert_with(|| Arc::new(Mutex::new(SessionLog::new())))
-            .clone()
+        let mut sessions = self.sessions.write().unwrap();
+        if let Some(log) = sessions.get(session_id) {
+            return Ok(log.clone());
+        }
+        if sessions.len() as u64 >= self.limits.max_sessions {
+            return Err(LogError::TooManySessions {
+                max: self.limits.max_sessions,
+            });
+        }
+        let log = Arc::new(Mutex::new(SessionLog::new()));
+        sessions.insert(session_id.to_owned(), log.clone());
+        Ok(log)
     }
 }
 
 #[async_trait]
 impl EventLog for MemoryLog {
-    async fn append(
+    async fn append_as(
         &self,
         session_id: &str,
         drafts: Vec<EventDraft>,
+        writer: Writer,
     ) -> Result<AppendOutcome, LogError> {
-        let log = self.get_or_create(session_id);
+        let log = self.get_or_create(session_id)?;
         let mut log = log.lock().unwrap();
+        if writer == Writer::Producer && log.ended && log.has_new(&drafts) {
+            return Err(LogError::SessionEnded(session_id.to_owned()));
+        }
+        let reopen = writer == Writer::Reopening;
         // Build the whole batch first and commit it at the end, so that a failure leaves
         // the log untouched (all-or-nothing).
         let mut seqs = Vec::with_capacity(drafts.len());
@@ -103,6 +148,7 @@ impl EventLog for MemoryLog {
         // Keys first seen in this batch; a batch may repeat its own key.
         let mut new_keys: HashMap<String, u64> = HashMap::new();
         let mut next = log.last_seq;
+        let mut ends = false;
         for draft in drafts {
             if let Some(key) = &draft.idempotency_key {
                 let seen = log.keys.get(key).or_else(|| new_keys.get(key)).copied();
@@ -112,6 +158,7 @@ impl EventLog for MemoryLog {
                 }
             }
             next += 1;
+            ends |= draft.ends_session();
             let data = finalize(session_id, next, draft.data);
             let json = to_raw_value(&data)?;
             if let Some(key) = draft.idempotency_key {
@@ -131,9 +178,13 @@ impl EventLog for MemoryLog {
             log.remember_key(key, seq);
         }
         log.last_seq = next;
+        log.ended = ends || (log.ended && !reopen);
+        log.bytes += appended
+            .iter()
+            .map(|a| a.event.json.get().len() as u64)
+            .sum::<u64>();
         log.events.extend(appended.iter().map(|a| a.event.clone()));
-        let excess = log.events.len().saturating_sub(self.max_events);
-        log.events.drain(..excess);
+        log.trim(&self.limits);
         let duplicates = seqs.len() - appended.len();
         Ok(AppendOutcome {
             appended,

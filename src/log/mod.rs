@@ -120,16 +120,76 @@ pub enum LogError {
     Serialize(#[from] serde_json::Error),
     #[error("event log backend failed: {0}")]
     Backend(String),
+    /// A new session over [`LogLimits::max_sessions`]: nothing was logged.
+    #[error("herald holds as many sessions as it may ({max}); retry once some have expired")]
+    TooManySessions { max: u64 },
+    /// A producer's new event for a session that has ended: nothing was logged.
+    #[error(
+        "session `{0}` has ended; its log takes no more producer events (post with ?reopen=true to reopen it)"
+    )]
+    SessionEnded(String),
+}
+
+/// How much the logs may hold (SPEC §5, "Bounded everything").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLimits {
+    /// Events retained per session; the oldest go first.
+    pub max_events: u64,
+    /// Bytes of serialized events retained per session; the oldest go first, the newest
+    /// event always stays.
+    pub max_bytes: u64,
+    /// Sessions with a log at once; a new one over it is refused.
+    pub max_sessions: u64,
+    /// How long a session's log lives after its last append when nothing sweeps it
+    /// (Redis keys expire after it; the sweeper removes idle sessions earlier).
+    pub idle_ttl: std::time::Duration,
+}
+
+impl LogLimits {
+    /// Retain `max_events` per session; the other limits at their widest.
+    pub fn events(max_events: u64) -> Self {
+        Self {
+            max_events: max_events.max(1),
+            max_bytes: u64::MAX,
+            max_sessions: u64::MAX,
+            idle_ttl: std::time::Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+/// Who appends, which decides whether an ended session takes the events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Writer {
+    /// herald itself (its orchestrator): always logged.
+    Herald,
+    /// A producer: refused with [`LogError::SessionEnded`] once the session ended, unless
+    /// at least one event is new and …
+    Producer,
+    /// … the producer asked to reopen the session.
+    Reopening,
 }
 
 /// Storage of per-session event logs. Implementations must make `append` atomic per
 /// session: either every draft is logged, in order and with consecutive `seq`s, or none.
 #[async_trait]
 pub trait EventLog: Send + Sync + 'static {
+    /// Appends as herald itself ([`Writer::Herald`]).
     async fn append(
         &self,
         session_id: &str,
         drafts: Vec<EventDraft>,
+    ) -> Result<AppendOutcome, LogError> {
+        self.append_as(session_id, drafts, Writer::Herald).await
+    }
+    /// Appends as `writer`. A session whose log took a terminal event has *ended*; a
+    /// [`Writer::Producer`] batch that holds a new event for it is refused whole, a batch of
+    /// duplicates only is answered as usual (a retry of the batch that ended it).
+    /// [`Writer::Reopening`] clears the mark first.
+    async fn append_as(
+        &self,
+        session_id: &str,
+        drafts: Vec<EventDraft>,
+        writer: Writer,
     ) -> Result<AppendOutcome, LogError>;
     async fn head(&self, session_id: &str) -> Result<LogHead, LogError>;
     /// Retained events with `seq > after`, at most `limit` of them.

@@ -35,6 +35,7 @@ use crate::event::{
 };
 use crate::hub::{Hub, HubError};
 use crate::intake::{IntakeError, Runs};
+use crate::log::LogError;
 use crate::providers::{self, Provider};
 use crate::store::Origin;
 use config::{ModelConfig, ModelsFile, OrchestratorSettings};
@@ -110,6 +111,9 @@ impl OrchestratorError {
             OrchestratorError::ClarificationClosed(..)
             | OrchestratorError::ClarificationOfEndedSession(_) => ErrorCode::ClarificationClosed,
             OrchestratorError::SessionEnded(_) => ErrorCode::SessionEnded,
+            OrchestratorError::Hub(HubError::Log(LogError::TooManySessions { .. })) => {
+                ErrorCode::TooManySessions
+            }
             OrchestratorError::Hub(_) => ErrorCode::Internal,
             OrchestratorError::Remote { code, .. } => *code,
             OrchestratorError::NodeUnavailable(_) => ErrorCode::NodeUnavailable,

@@ -36,7 +36,7 @@ use crate::error::ErrorCode;
 use crate::event::EventDraft;
 use crate::hub::{Hub, HubError};
 use crate::intake::{self, IntakeError, Runs};
-use crate::log::LogError;
+use crate::log::{LogError, Writer};
 use crate::store::StoreError;
 
 const GROUP: &str = Keys::INGEST_GROUP;
@@ -78,6 +78,8 @@ pub struct Ingest {
     /// Sessions herald runs take no producer events.
     pub runs: Arc<dyn Runs>,
     pub max_batch: usize,
+    /// `--max-event-bytes`.
+    pub max_event_bytes: u64,
     /// How long the lease lasts without renewal, and how long a former holder's entry must
     /// have been idle before it is claimed.
     pub lease: Duration,
@@ -101,6 +103,14 @@ impl From<HubError> for Failure {
         match error {
             HubError::Log(LogError::Backend(_)) | HubError::Store(StoreError::Backend(_)) => {
                 Failure::Transient(error)
+            }
+            // Refused by a limit or the session's state: the stream moves on (an entry
+            // held back would hold back every entry behind it).
+            HubError::Log(LogError::TooManySessions { .. }) => {
+                Failure::Refused((ErrorCode::TooManySessions, error.to_string()))
+            }
+            HubError::Log(LogError::SessionEnded(_)) => {
+                Failure::Refused((ErrorCode::SessionEnded, error.to_string()))
             }
             // An event that cannot be serialized never will be.
             other => Failure::Refused((ErrorCode::InvalidEvent, other.to_string())),
@@ -284,7 +294,7 @@ impl Ingest {
             Err(refused) => return Err(Failure::Refused(refusal(refused))),
         }
         self.hub
-            .publish(session_id, drafts.to_vec())
+            .publish_as(session_id, drafts.to_vec(), Writer::Producer)
             .await
             .map(drop)
             .map_err(Failure::from)
@@ -299,7 +309,10 @@ impl Ingest {
         id: &str,
         fields: &[(String, String)],
     ) -> redis::RedisResult<bool> {
-        let parsed = parse(id, fields, self.max_batch);
+        let parsed = parse(id, fields, self.max_batch).and_then(|(session_id, drafts)| {
+            intake::check_event_sizes(&drafts, self.max_event_bytes).map_err(refusal)?;
+            Ok((session_id, drafts))
+        });
         let last_retry = LAST_RETRY.min(self.lease / 3);
         let mut backoff = FIRST_RETRY.min(last_retry);
         loop {

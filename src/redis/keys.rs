@@ -54,6 +54,11 @@ impl Keys {
         self.session("snap", session_id)
     }
 
+    /// The version of the session's snapshot: a counter the compare-and-set of a fold checks.
+    pub fn snapshot_version(&self, session_id: &str) -> String {
+        self.session("snapv", session_id)
+    }
+
     // Shared by all sessions.
 
     /// Sorted set of session ids by creation time.
@@ -120,6 +125,7 @@ mod tests {
         assert_eq!(keys.log(session), "herald:log:{user:7.a-b}");
         assert_eq!(keys.idempotency_keys(session), "herald:keys:{user:7.a-b}");
         assert_eq!(keys.snapshot(session), "herald:snap:{user:7.a-b}");
+        assert_eq!(keys.snapshot_version(session), "herald:snapv:{user:7.a-b}");
         assert_eq!(keys.sessions(), "herald:sessions");
         assert_eq!(keys.ended(), "herald:ended");
         assert_eq!(keys.announcements(), "herald:events");
@@ -152,6 +158,7 @@ mod tests {
             keys.log(session),
             keys.idempotency_keys(session),
             keys.snapshot(session),
+            keys.snapshot_version(session),
         ] {
             assert_eq!(hash_tag(&key), session, "{key}");
         }

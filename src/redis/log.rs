@@ -21,34 +21,58 @@ use super::announcement::ANNOUNCE_LUA;
 use super::{Keys, connect, once_more};
 use crate::event::{EventDraft, EventKind, finalize_body, with_identity};
 use crate::log::{
-    AppendOutcome, Appended, Epoch, EventLog, LogError, LogHead, LogSlice, LoggedEvent,
+    AppendOutcome, Appended, Epoch, EventLog, LogError, LogHead, LogLimits, LogSlice, LoggedEvent,
+    Writer,
 };
 
 /// Idempotency keys remembered per session; the oldest are forgotten first.
 const MAX_KEYS_PER_SESSION: usize = 10_000;
 
-/// KEYS: head, log, idempotency keys. ARGV: max events, max keys, a fresh epoch, the
-/// announcement channel, the session id, then per event: name, idempotency key ("" for
-/// none), payload before `seq`, payload after `seq`. Returns `{ epoch, last_seq, seqs,
+/// KEYS: head, log, idempotency keys, the sessions index. ARGV: max events, max keys, a
+/// fresh epoch, the announcement channel, the session id, max bytes, max sessions, the idle
+/// TTL (ms), now (ms), the writer (`h` herald, `p` producer, `r` reopening producer), then
+/// per event: name, idempotency key ("" for none), payload before `seq`, payload after
+/// `seq`, whether it ends the session (`1`/`0`). Returns `{ epoch, last_seq, seqs,
 /// retained }` (numbers as decimal strings, so that Lua's float formatting never shows; a
-/// duplicate's seq negated), and announces the append ([`super::Announcement`]) when
-/// anything was logged, so every node can deliver the new events. Runs after
-/// [`ANNOUNCE_LUA`], which defines `announce`.
+/// duplicate's seq negated), or `{ "refused", code }` when nothing was logged, and
+/// announces the append ([`super::Announcement`]) when anything was logged, so every node
+/// can deliver the new events. Runs after [`ANNOUNCE_LUA`], which defines `announce`.
+///
+/// Retention: the oldest entries go while more than max events or max bytes are retained
+/// (`bytes` in the head counts the retained payloads), the newest always stays. Every key
+/// the append touches expires an idle TTL after it; the sessions index is scored by each
+/// session's last append, which is what the idle sweep reads.
 const APPEND: &str = r#"
-local head, log, keys = KEYS[1], KEYS[2], KEYS[3]
+local head, log, keys, sessions = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local max_events, max_keys = tonumber(ARGV[1]), tonumber(ARGV[2])
+local max_bytes, max_sessions = tonumber(ARGV[6]), tonumber(ARGV[7])
+local ttl, now, writer = ARGV[8], ARGV[9], ARGV[10]
+local first_event, stride = 11, 5
 local epoch = redis.call('HGET', head, 'epoch')
 if not epoch then
+  if redis.call('ZCARD', sessions) >= max_sessions and not redis.call('ZSCORE', sessions, ARGV[5]) then
+    return { 'refused', 'TOO_MANY_SESSIONS' }
+  end
   -- A new incarnation. What an earlier one left (its head lost: evicted, deleted) goes, or
   -- the stream's ids would no longer grow from 1 and its keys would hide new events.
   redis.call('DEL', log, keys)
   epoch = ARGV[3]
-  redis.call('HSET', head, 'epoch', epoch, 'seq', 0)
+  redis.call('HSET', head, 'epoch', epoch, 'seq', 0, 'bytes', 0)
+elseif writer == 'p' and redis.call('HGET', head, 'ended') == '1' then
+  for i = first_event, #ARGV, stride do
+    local key = ARGV[i + 1]
+    if key == '' or not redis.call('ZSCORE', keys, key) then
+      return { 'refused', 'SESSION_ENDED' }
+    end
+  end
 end
+if writer == 'r' then redis.call('HDEL', head, 'ended') end
 local seq = tonumber(redis.call('HGET', head, 'seq'))
 local first = seq
+local added = 0
+local ends = false
 local seqs = {}
-for i = 6, #ARGV, 4 do
+for i = first_event, #ARGV, stride do
   local name, key, before, after = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local seen = false
   if key ~= '' then
@@ -59,7 +83,10 @@ for i = 6, #ARGV, 4 do
   else
     seq = seq + 1
     local n = string.format('%d', seq)
-    redis.call('XADD', log, n .. '-1', 'k', name, 'd', before .. n .. after)
+    local data = before .. n .. after
+    added = added + string.len(data)
+    if ARGV[i + 4] == '1' then ends = true end
+    redis.call('XADD', log, n .. '-1', 'k', name, 'd', data)
     if key ~= '' then
       redis.call('ZADD', keys, n, key)
       local excess = redis.call('ZCARD', keys) - max_keys
@@ -68,31 +95,67 @@ for i = 6, #ARGV, 4 do
     table.insert(seqs, n)
   end
 end
-redis.call('HSET', head, 'seq', seq)
--- One exact trim per batch: trimming on every XADD cost more than the XADD itself.
-if seq > first then redis.call('XTRIM', log, 'MAXLEN', max_events) end
+local retained = redis.call('XLEN', log)
+if seq > first then
+  local bytes = math.max(0, tonumber(redis.call('HGET', head, 'bytes') or '0') + added)
+  -- One trim per batch: trimming on every XADD cost more than the XADD itself.
+  local cut = nil
+  local from = '-'
+  while retained > 1 and (retained > max_events or bytes > max_bytes) do
+    local want = math.min(math.max(retained - max_events, 1) + 15, 1000)
+    local entries = redis.call('XRANGE', log, from, '+', 'COUNT', want)
+    if #entries == 0 then break end
+    for _, entry in ipairs(entries) do
+      if retained <= 1 or (retained <= max_events and bytes <= max_bytes) then break end
+      bytes = math.max(0, bytes - string.len(entry[2][4] or ''))
+      retained = retained - 1
+      cut = entry[1]
+    end
+    from = '(' .. cut
+  end
+  if cut then
+    local cut_seq = tonumber(string.match(cut, '^(%d+)'))
+    redis.call('XTRIM', log, 'MINID', string.format('%d', cut_seq + 1) .. '-0')
+  end
+  redis.call('HSET', head, 'seq', seq, 'bytes', string.format('%d', bytes))
+  if ends then redis.call('HSET', head, 'ended', '1') end
+  redis.call('ZADD', sessions, now, ARGV[5])
+  redis.call('PEXPIRE', sessions, ttl)
+end
+redis.call('PEXPIRE', head, ttl)
+redis.call('PEXPIRE', log, ttl)
+redis.call('PEXPIRE', keys, ttl)
 local last = string.format('%d', seq)
 if seq > first then
   announce(ARGV[4], last, epoch, ARGV[5])
 end
-return { epoch, last, seqs, redis.call('XLEN', log) }
+return { epoch, last, seqs, retained }
 "#;
 
 pub struct RedisLog {
     redis: ConnectionManager,
     keys: Keys,
-    max_events: u64,
+    limits: LogLimits,
     append: Script,
 }
 
 impl RedisLog {
-    /// Connects (the connection manager reconnects by itself after Redis restarts).
+    /// Connects (the connection manager reconnects by itself after Redis restarts), retaining
+    /// `max_events` per session with no other limit.
     pub async fn connect(url: &str, prefix: &str, max_events: u64) -> Result<Self, LogError> {
+        Self::connect_with(url, prefix, LogLimits::events(max_events)).await
+    }
+
+    pub async fn connect_with(
+        url: &str,
+        prefix: &str,
+        limits: LogLimits,
+    ) -> Result<Self, LogError> {
         let (_, redis) = connect(url).await.map_err(backend)?;
         Ok(Self {
             redis,
             keys: Keys::new(prefix),
-            max_events: max_events.max(1),
+            limits,
             append: Script::new(&format!("{ANNOUNCE_LUA}{APPEND}")),
         })
     }
@@ -122,6 +185,37 @@ fn backend(error: redis::RedisError) -> LogError {
     LogError::Backend(error.to_string())
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The append script's reply: `(epoch, last_seq, seqs, retained)`, or the refusal it names.
+fn appended_or_refused(
+    session_id: &str,
+    reply: RedisValue,
+    limits: &LogLimits,
+) -> Result<(String, u64, Vec<i64>, u64), LogError> {
+    let text = |value: &RedisValue| match value {
+        RedisValue::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        _ => String::new(),
+    };
+    if let RedisValue::Array(items) = &reply
+        && let [marker, code] = items.as_slice()
+        && text(marker) == "refused"
+    {
+        return Err(match text(code).as_str() {
+            "TOO_MANY_SESSIONS" => LogError::TooManySessions {
+                max: limits.max_sessions,
+            },
+            "SESSION_ENDED" => LogError::SessionEnded(session_id.to_owned()),
+            other => LogError::Backend(format!("the append script refused: {other}")),
+        });
+    }
+    redis::from_redis_value(reply).map_err(|e| LogError::Backend(e.to_string()))
+}
+
 /// A payload serialized around the place where its `seq` goes.
 struct Split {
     before: String,
@@ -146,37 +240,56 @@ fn split(
 
 #[async_trait]
 impl EventLog for RedisLog {
-    async fn append(
+    async fn append_as(
         &self,
         session_id: &str,
         drafts: Vec<EventDraft>,
+        writer: Writer,
     ) -> Result<AppendOutcome, LogError> {
         let mut invocation = self.append.prepare_invoke();
         let [head_key, log_key, keys_key] = self.session_keys(session_id);
+        let limits = &self.limits;
         invocation
             .key(&head_key)
             .key(&log_key)
             .key(&keys_key)
-            .arg(self.max_events)
+            .key(self.keys.sessions())
+            .arg(limits.max_events)
             .arg(MAX_KEYS_PER_SESSION)
             .arg(Epoch::fresh().as_str())
             .arg(self.keys.announcements())
-            .arg(session_id);
+            .arg(session_id)
+            .arg(limits.max_bytes)
+            .arg(limits.max_sessions)
+            .arg(
+                u64::try_from(limits.idle_ttl.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            )
+            .arg(now_ms())
+            .arg(match writer {
+                Writer::Herald => "h",
+                Writer::Producer => "p",
+                Writer::Reopening => "r",
+            });
         let mut bodies = Vec::with_capacity(drafts.len());
         for draft in drafts {
+            let ends = draft.ends_session();
             let body = finalize_body(draft.data);
             let Split { before, after } = split(session_id, &body)?;
             invocation
                 .arg(draft.kind.as_str())
                 .arg(draft.idempotency_key.as_deref().unwrap_or(""))
                 .arg(before.clone())
-                .arg(after.clone());
+                .arg(after.clone())
+                .arg(if ends { "1" } else { "0" });
             bodies.push((draft.kind, body, before, after));
         }
-        let (epoch, last_seq, raw_seqs, retained): (String, u64, Vec<i64>, u64) = invocation
+        let reply: RedisValue = invocation
             .invoke_async(&mut self.redis.clone())
             .await
             .map_err(backend)?;
+        let (epoch, last_seq, raw_seqs, retained) = appended_or_refused(session_id, reply, limits)?;
         let epoch = Epoch::parse(&epoch)
             .ok_or_else(|| LogError::Backend("the append script returned no epoch".into()))?;
         let mut seqs = Vec::with_capacity(raw_seqs.len());

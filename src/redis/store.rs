@@ -16,22 +16,36 @@ use redis::{AsyncCommands, Script};
 use super::{Keys, connect, once_more};
 use crate::event::{SessionStatus, now_timestamp};
 use crate::log::{Appended, Epoch, EventLog};
-use crate::store::{Origin, SessionStore, SessionSummary, Snapshot, StoreError};
+use crate::store::{
+    Origin, SessionStore, SessionSummary, Snapshot, StoreError, StoreLimits, sort_summaries,
+};
 
-/// KEYS: snapshot, sessions index, ended index. ARGV: the JSON read (`""` if none), the
-/// JSON to write, session id, created (ms), ended (ms, or `""` while running).
+/// KEYS: snapshot, its version, sessions index, ended index. ARGV: the version read (`""`
+/// if none), the JSON to write, session id, created (ms), ended (ms, or `""` while
+/// running), the idle TTL (ms). The version is a counter beside the snapshot, so a fold
+/// sends the snapshot once, not the one it read as well.
 const COMPARE_AND_SET: &str = r#"
-local current = redis.call('GET', KEYS[1]) or ''
+local current = redis.call('GET', KEYS[2]) or ''
 if current ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], 'NX', ARGV[4], ARGV[3])
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[6])
+redis.call('INCR', KEYS[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+redis.call('ZADD', KEYS[3], 'NX', ARGV[4], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[6])
 if ARGV[5] ~= '' then
-  redis.call('ZADD', KEYS[3], 'NX', ARGV[5], ARGV[3])
+  redis.call('ZADD', KEYS[4], 'NX', ARGV[5], ARGV[3])
+  redis.call('PEXPIRE', KEYS[4], ARGV[6])
 else
-  redis.call('ZREM', KEYS[3], ARGV[3])
+  redis.call('ZREM', KEYS[4], ARGV[3])
 end
 return 1
 "#;
+
+/// A stored snapshot as read: its JSON (`None`: there is none) and its version.
+struct Read {
+    json: Option<String>,
+    version: String,
+}
 
 /// Folds racing with other nodes give up after this many tries (each try means another
 /// node made progress, so this is never reached in practice).
@@ -41,6 +55,7 @@ pub struct RedisStore {
     redis: ConnectionManager,
     keys: Keys,
     log: Arc<dyn EventLog>,
+    limits: StoreLimits,
     compare_and_set: Script,
 }
 
@@ -55,16 +70,27 @@ fn now_ms() -> u64 {
 }
 
 impl RedisStore {
+    /// A store with no limit on a snapshot's entries.
     pub async fn connect(
         url: &str,
         prefix: &str,
         log: Arc<dyn EventLog>,
+    ) -> Result<Self, StoreError> {
+        Self::connect_with(url, prefix, log, StoreLimits::default()).await
+    }
+
+    pub async fn connect_with(
+        url: &str,
+        prefix: &str,
+        log: Arc<dyn EventLog>,
+        limits: StoreLimits,
     ) -> Result<Self, StoreError> {
         let (_, redis) = connect(url).await.map_err(backend)?;
         Ok(Self {
             redis,
             keys: Keys::new(prefix),
             log,
+            limits,
             compare_and_set: Script::new(COMPARE_AND_SET),
         })
     }
@@ -80,12 +106,37 @@ impl RedisStore {
         .map_err(backend)
     }
 
-    /// Stores `snapshot` if the stored one is still `read` (`None`: there was none), keeping
-    /// the indexes in step; false when another node wrote in between.
+    /// The snapshot and its version, in one `MGET` (both keys share the session's slot).
+    async fn read_versioned(&self, session_id: &str) -> Result<Read, StoreError> {
+        let keys = [
+            self.keys.snapshot(session_id),
+            self.keys.snapshot_version(session_id),
+        ];
+        let (json, version): (Option<String>, Option<String>) = once_more(|| {
+            let mut redis = self.redis.clone();
+            let keys = &keys;
+            async move { redis.mget(keys).await }
+        })
+        .await
+        .map_err(backend)?;
+        Ok(Read {
+            json,
+            version: version.unwrap_or_default(),
+        })
+    }
+
+    fn idle_ttl_ms(&self) -> u64 {
+        u64::try_from(self.limits.idle_ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// Stores `snapshot` if the stored one is still at the version `read` saw, keeping the
+    /// indexes in step; false when another node wrote in between.
     async fn write(
         &self,
         session_id: &str,
-        read: Option<&str>,
+        read: &Read,
         snapshot: &Snapshot,
     ) -> Result<bool, StoreError> {
         let ended = if snapshot.summary.status.is_terminal() {
@@ -96,13 +147,15 @@ impl RedisStore {
         let mut invocation = self.compare_and_set.prepare_invoke();
         invocation
             .key(self.keys.snapshot(session_id))
+            .key(self.keys.snapshot_version(session_id))
             .key(self.keys.sessions())
             .key(self.keys.ended())
-            .arg(read.unwrap_or(""))
+            .arg(&read.version)
             .arg(serde_json::to_string(snapshot).map_err(backend)?)
             .arg(session_id)
             .arg(now_ms())
-            .arg(ended);
+            .arg(ended)
+            .arg(self.idle_ttl_ms());
         // A compare-and-set is safe to repeat: if the first went through, the second
         // finds the snapshot changed and the fold starts over.
         let written: i64 = once_more(|| {
@@ -149,8 +202,8 @@ impl SessionStore for RedisStore {
         };
         let (first, last) = (first.event.seq, last.event.seq);
         for _ in 0..MAX_TRIES {
-            let raw = self.read_raw(session_id).await?;
-            let mut snapshot = match &raw {
+            let read = self.read_versioned(session_id).await?;
+            let mut snapshot = match &read.json {
                 Some(json) => serde_json::from_str::<Snapshot>(json).map_err(backend)?,
                 None => Snapshot::new(session_id, epoch, now_timestamp()),
             };
@@ -169,11 +222,11 @@ impl SessionStore for RedisStore {
             };
             if done + 1 < first {
                 let missing = self.missing(session_id, done, first).await?;
-                snapshot.apply(&missing, epoch);
+                snapshot.apply_within(&missing, epoch, self.limits.max_entries);
             }
             // The fold skips what it already has (another node may have folded some).
-            snapshot.apply(events, epoch);
-            if self.write(session_id, raw.as_deref(), &snapshot).await? {
+            snapshot.apply_within(events, epoch, self.limits.max_entries);
+            if self.write(session_id, &read, &snapshot).await? {
                 return Ok(());
             }
         }
@@ -191,12 +244,13 @@ impl SessionStore for RedisStore {
 
     async fn set_origin(&self, session_id: &str, origin: &Origin) -> Result<(), StoreError> {
         for _ in 0..MAX_TRIES {
-            let Some(raw) = self.read_raw(session_id).await? else {
+            let read = self.read_versioned(session_id).await?;
+            let Some(raw) = &read.json else {
                 return Ok(());
             };
-            let mut snapshot: Snapshot = serde_json::from_str(&raw).map_err(backend)?;
+            let mut snapshot: Snapshot = serde_json::from_str(raw).map_err(backend)?;
             origin.apply_to(&mut snapshot);
-            if self.write(session_id, Some(&raw), &snapshot).await? {
+            if self.write(session_id, &read, &snapshot).await? {
                 return Ok(());
             }
         }
@@ -227,6 +281,8 @@ impl SessionStore for RedisStore {
                 out.push(snapshot.summary);
             }
         }
+        // The index is scored by last append (for the idle sweep); the list is by creation.
+        sort_summaries(&mut out);
         Ok(out)
     }
 
@@ -238,16 +294,40 @@ impl SessionStore for RedisStore {
             .zrangebyscore(&ended, 0, cutoff)
             .await
             .map_err(backend)?;
+        self.take(&ended, ids).await
+    }
+
+    async fn take_idle(&self, idle: Duration) -> Result<Vec<String>, StoreError> {
+        let mut redis = self.redis.clone();
+        let cutoff = now_ms().saturating_sub(idle.as_millis() as u64);
+        let sessions = self.keys.sessions();
+        let ids: Vec<String> = redis
+            .zrangebyscore(&sessions, 0, cutoff)
+            .await
+            .map_err(backend)?;
+        self.take(&sessions, ids).await
+    }
+}
+
+impl RedisStore {
+    /// Removes the sessions `ids` from both indexes and their snapshots, naming those this
+    /// node took: removing an id from `index` (ZREM) decides which node takes a session, so
+    /// each is dropped once.
+    async fn take(&self, index: &str, ids: Vec<String>) -> Result<Vec<String>, StoreError> {
+        let mut redis = self.redis.clone();
         let mut taken = Vec::with_capacity(ids.len());
         for id in ids {
-            // ZREM decides which node takes a session, so each is dropped once.
-            let removed: i64 = redis.zrem(&ended, &id).await.map_err(backend)?;
+            let removed: i64 = redis.zrem(index, &id).await.map_err(backend)?;
             if removed == 1 {
-                let _: () = redis.del(self.keys.snapshot(&id)).await.map_err(backend)?;
+                let _: () = redis
+                    .del(&[self.keys.snapshot(&id), self.keys.snapshot_version(&id)])
+                    .await
+                    .map_err(backend)?;
                 let _: () = redis
                     .zrem(self.keys.sessions(), &id)
                     .await
                     .map_err(backend)?;
+                let _: () = redis.zrem(self.keys.ended(), &id).await.map_err(backend)?;
                 taken.push(id);
             }
         }

@@ -1,24 +1,59 @@
 //! In-memory session store.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::{Origin, SessionStore, SessionSummary, Snapshot, StoreError};
+use super::{Origin, SessionStore, SessionSummary, Snapshot, StoreError, StoreLimits};
 use crate::event::{SessionStatus, now_timestamp};
 use crate::log::{Appended, Epoch};
 
-/// A std mutex: the critical sections fold a few fields and never await.
+/// Sessions are found under a read lock and then locked one by one, so folds into
+/// different sessions never wait for each other (as in [`crate::log::MemoryLog`]). Both
+/// are std locks: they guard plain data and are never held across an `.await`.
 #[derive(Default)]
 pub struct MemoryStore {
-    sessions: Mutex<HashMap<String, Snapshot>>,
+    sessions: RwLock<HashMap<String, Arc<Mutex<Entry>>>>,
+    limits: StoreLimits,
+}
+
+struct Entry {
+    snapshot: Snapshot,
+    /// When the snapshot last changed (for the idle sweep).
+    touched: Instant,
 }
 
 impl MemoryStore {
+    /// A store with no limit on a snapshot's entries.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    pub fn with_limits(limits: StoreLimits) -> Self {
+        Self {
+            sessions: RwLock::default(),
+            limits,
+        }
+    }
+
+    fn existing(&self, session_id: &str) -> Option<Arc<Mutex<Entry>>> {
+        self.sessions.read().unwrap().get(session_id).cloned()
+    }
+
+    /// Removes the sessions `expired` picks, and names them.
+    fn take_where(&self, expired: impl Fn(&Entry) -> bool) -> Vec<String> {
+        let mut sessions = self.sessions.write().unwrap();
+        let taken: Vec<String> = sessions
+            .iter()
+            .filter(|(_, entry)| expired(&entry.lock().unwrap()))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &taken {
+            sessions.remove(id);
+        }
+        taken
     }
 }
 
@@ -33,50 +68,69 @@ impl SessionStore for MemoryStore {
         if events.is_empty() {
             return Ok(());
         }
-        let mut sessions = self.sessions.lock().unwrap();
-        let snapshot = sessions
-            .entry(session_id.to_owned())
-            .or_insert_with(|| Snapshot::new(session_id, epoch, now_timestamp()));
-        snapshot.apply(events, epoch);
+        let entry = match self.existing(session_id) {
+            Some(entry) => entry,
+            None => self
+                .sessions
+                .write()
+                .unwrap()
+                .entry(session_id.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(Mutex::new(Entry {
+                        snapshot: Snapshot::new(session_id, epoch, now_timestamp()),
+                        touched: Instant::now(),
+                    }))
+                })
+                .clone(),
+        };
+        let mut entry = entry.lock().unwrap();
+        entry
+            .snapshot
+            .apply_within(events, epoch, self.limits.max_entries);
+        entry.touched = Instant::now();
         Ok(())
     }
 
     async fn get(&self, session_id: &str) -> Result<Option<Snapshot>, StoreError> {
-        Ok(self.sessions.lock().unwrap().get(session_id).cloned())
+        Ok(self
+            .existing(session_id)
+            .map(|entry| entry.lock().unwrap().snapshot.clone()))
     }
 
     async fn set_origin(&self, session_id: &str, origin: &Origin) -> Result<(), StoreError> {
-        if let Some(snapshot) = self.sessions.lock().unwrap().get_mut(session_id) {
-            origin.apply_to(snapshot);
+        if let Some(entry) = self.existing(session_id) {
+            origin.apply_to(&mut entry.lock().unwrap().snapshot);
         }
         Ok(())
     }
 
     async fn list(&self, status: Option<SessionStatus>) -> Result<Vec<SessionSummary>, StoreError> {
-        let sessions = self.sessions.lock().unwrap();
-        let mut out: Vec<SessionSummary> = sessions
-            .values()
-            .filter(|s| status.is_none_or(|wanted| s.summary.status == wanted))
-            .map(|s| s.summary.clone())
+        let entries: Vec<Arc<Mutex<Entry>>> =
+            self.sessions.read().unwrap().values().cloned().collect();
+        let mut out: Vec<SessionSummary> = entries
+            .iter()
+            .filter_map(|entry| {
+                let entry = entry.lock().unwrap();
+                let summary = &entry.snapshot.summary;
+                status
+                    .is_none_or(|wanted| summary.status == wanted)
+                    .then(|| summary.clone())
+            })
             .collect();
-        out.sort_by(|a, b| {
-            a.created_at
-                .cmp(&b.created_at)
-                .then_with(|| a.session_id.cmp(&b.session_id))
-        });
+        super::sort_summaries(&mut out);
         Ok(out)
     }
 
     async fn take_expired(&self, ttl: Duration) -> Result<Vec<String>, StoreError> {
-        let mut sessions = self.sessions.lock().unwrap();
-        let expired: Vec<String> = sessions
-            .values()
-            .filter(|s| s.ended_at.is_some_and(|at| at.elapsed() >= ttl))
-            .map(|s| s.summary.session_id.clone())
-            .collect();
-        for id in &expired {
-            sessions.remove(id);
-        }
-        Ok(expired)
+        Ok(self.take_where(|entry| {
+            entry
+                .snapshot
+                .ended_at
+                .is_some_and(|at| at.elapsed() >= ttl)
+        }))
+    }
+
+    async fn take_idle(&self, idle: Duration) -> Result<Vec<String>, StoreError> {
+        Ok(self.take_where(|entry| entry.touched.elapsed() >= idle))
     }
 }

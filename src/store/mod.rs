@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 
 pub use memory::MemoryStore;
 
-use crate::event::{ClarificationStatus, EventKind, SessionStatus};
+use crate::event::{ClarificationStatus, EventKind, ModelStatus, SessionStatus};
 use crate::log::{Appended, Epoch};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -73,8 +73,36 @@ pub struct Snapshot {
     pub error: Option<Value>,
     /// What the session's creator attached (`null` for sessions that only have events).
     pub metadata: Value,
+    /// Model results and clarifications left out to keep the snapshot within
+    /// `--max-snapshot-entries` (the log still has their events).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped_entries: u64,
     #[serde(skip)]
     pub ended_at: Option<Instant>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// How large the stores let a snapshot and their sessions' idleness grow (SPEC §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Model results plus clarifications one snapshot keeps; a new one over it takes the
+    /// place of the oldest settled one (a finished model result, a closed clarification).
+    pub max_entries: usize,
+    /// How long a session's snapshot lives after its last change when nothing sweeps it
+    /// (Redis keys expire after it).
+    pub idle_ttl: std::time::Duration,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        Self {
+            max_entries: usize::MAX,
+            idle_ttl: std::time::Duration::from_secs(30 * 24 * 3600),
+        }
+    }
 }
 
 impl Snapshot {
@@ -98,12 +126,19 @@ impl Snapshot {
             result: None,
             error: None,
             metadata: Value::Null,
+            dropped_entries: 0,
             ended_at: None,
         }
     }
 
-    /// Folds logged events into the snapshot.
+    /// Folds logged events into the snapshot, keeping every entry.
     pub fn apply(&mut self, events: &[Appended], epoch: &Epoch) {
+        self.apply_within(events, epoch, usize::MAX);
+    }
+
+    /// Folds logged events into the snapshot, keeping at most `max_entries` model results
+    /// and clarifications ([`StoreLimits::max_entries`]).
+    pub fn apply_within(&mut self, events: &[Appended], epoch: &Epoch, max_entries: usize) {
         if self.summary.epoch != *epoch {
             // The log was recreated under us: the old fold no longer describes it.
             let metadata = std::mem::take(&mut self.metadata);
@@ -120,7 +155,39 @@ impl Snapshot {
         for appended in events {
             if appended.event.seq > self.summary.last_seq {
                 self.apply_one(appended.event.kind, appended.event.seq, &appended.data);
+                self.keep_within(max_entries);
             }
+        }
+    }
+
+    /// Drops the oldest settled entries (else the oldest ones) until at most `max` remain.
+    fn keep_within(&mut self, max: usize) {
+        while self.model_results.len() + self.clarifications.len() > max.max(1) {
+            let settled_result = self.model_results.iter().position(|m| {
+                m.get("status")
+                    .and_then(Value::as_str)
+                    .and_then(ModelStatus::parse)
+                    .is_some_and(|s| s != ModelStatus::Processing)
+            });
+            let closed_clarification = self
+                .clarifications
+                .iter()
+                .position(|c| c.status != ClarificationStatus::Pending);
+            match (settled_result, closed_clarification) {
+                (Some(i), _) => {
+                    self.model_results.remove(i);
+                }
+                (None, Some(i)) => {
+                    self.clarifications.remove(i);
+                }
+                (None, None) if !self.model_results.is_empty() => {
+                    self.model_results.remove(0);
+                }
+                (None, None) => {
+                    self.clarifications.remove(0);
+                }
+            }
+            self.dropped_entries += 1;
         }
     }
 
@@ -172,8 +239,9 @@ impl Snapshot {
     }
 
     fn apply_model_result(&mut self, data: &Map<String, Value>) {
-        let key =
-            |m: &Map<String, Value>| (m.get("promptId").cloned(), m.get("modelName").cloned());
+        fn key(m: &Map<String, Value>) -> (Option<&Value>, Option<&Value>) {
+            (m.get("promptId"), m.get("modelName"))
+        }
         let wanted = key(data);
         match self.model_results.iter_mut().find(|m| key(m) == wanted) {
             Some(slot) => slot.clone_from(data),
@@ -225,6 +293,15 @@ impl Snapshot {
     }
 }
 
+/// The order of the session list: oldest first, ties by id.
+pub(crate) fn sort_summaries(summaries: &mut [SessionSummary]) {
+    summaries.sort_by(|a, b| {
+        a.created_at
+            .cmp(&b.created_at)
+            .then_with(|| a.session_id.cmp(&b.session_id))
+    });
+}
+
 /// What a session's creator attached to it: kept with the snapshot, never folded from events.
 #[derive(Debug, Clone, Default)]
 pub struct Origin {
@@ -266,4 +343,6 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn list(&self, status: Option<SessionStatus>) -> Result<Vec<SessionSummary>, StoreError>;
     /// Removes and names the sessions that ended more than `ttl` ago.
     async fn take_expired(&self, ttl: std::time::Duration) -> Result<Vec<String>, StoreError>;
+    /// Removes and names the sessions, ended or not, that changed last more than `idle` ago.
+    async fn take_idle(&self, idle: std::time::Duration) -> Result<Vec<String>, StoreError>;
 }
