@@ -141,13 +141,14 @@ pub struct Config {
     pub max_sessions: u64,
 
     /// Largest ingest event: the bytes of its serialized `data`; 413 EVENT_TOO_LARGE over it.
-    #[arg(long, env = "HERALD_MAX_EVENT_BYTES", default_value_t = 64 * 1024,
+    /// The default leaves room in one --max-payload Socket.IO packet for the envelope.
+    #[arg(long, env = "HERALD_MAX_EVENT_BYTES", default_value_t = 1_000_000,
           value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
     pub max_event_bytes: u64,
 
     /// Bytes of events retained per session for replay and history (as well as at most
     /// max-events-per-session); the oldest go first, the newest always stays.
-    #[arg(long, env = "HERALD_MAX_SESSION_BYTES", default_value_t = 1024 * 1024,
+    #[arg(long, env = "HERALD_MAX_SESSION_BYTES", default_value_t = 4 * 1024 * 1024,
           value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
     pub max_session_bytes: u64,
 

@@ -218,9 +218,22 @@ impl Server {
                 "shutting down: ending runs, closing sockets, finishing in-flight requests"
             );
             orchestrator.shutdown(grace).await;
+            tracing::debug!("shutdown: runs ended");
             // Closing sockets first ends long-polling requests, which would otherwise hold
-            // the graceful shutdown open until they time out.
-            hub_for_close.close().await;
+            // the graceful shutdown open until they time out. Every transport is told to
+            // close at once; waiting for each to confirm is bounded, since a socket that is
+            // mid-upgrade or whose peer vanished may only confirm at its ping timeout.
+            if tokio::time::timeout(SOCKETS_CLOSE_WITHIN.min(grace), hub_for_close.close())
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    within_ms = SOCKETS_CLOSE_WITHIN.min(grace).as_millis() as u64,
+                    "shutdown: some sockets did not confirm their close; going on"
+                );
+            } else {
+                tracing::debug!("shutdown: sockets closed");
+            }
             let _ = stop_tx.send(true);
         };
         let server = accept_until(listener, app, edge, signal);
@@ -242,6 +255,9 @@ impl Server {
         result
     }
 }
+
+/// How long shutdown waits for closed sockets to confirm before it drains HTTP.
+const SOCKETS_CLOSE_WITHIN: Duration = Duration::from_secs(2);
 
 /// Accepts connections until `shutdown` resolves, then asks each open HTTP connection to
 /// finish its request and close, and waits for them. (An upgraded websocket is no longer
@@ -290,6 +306,7 @@ async fn accept_until(
     draining.cancel();
     connections.close();
     connections.wait().await;
+    tracing::debug!("shutdown: connections drained");
 }
 
 /// A connection over `--max-connections`: closed at once, nothing read or written, so it

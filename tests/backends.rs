@@ -19,9 +19,12 @@ use std::time::{Duration, Instant};
 use common::is_timestamp;
 use common::redis::RedisServer;
 use herald::event::{EventDraft, EventKind, SessionStatus};
-use herald::log::{AppendOutcome, Appended, Epoch, EventLog, LogHead, LoggedEvent, MemoryLog};
+use herald::log::{
+    AppendOutcome, Appended, Epoch, EventLog, LogError, LogHead, LogLimits, LoggedEvent, MemoryLog,
+    Writer,
+};
 use herald::redis::{Announcement, Keys, RedisLog, RedisStore};
-use herald::store::{MemoryStore, Origin, SessionStore, Snapshot};
+use herald::store::{MemoryStore, Origin, SessionStore, Snapshot, StoreLimits};
 use serde_json::{Map, Value, json};
 
 /// Retention large enough that nothing is trimmed.
@@ -1389,6 +1392,299 @@ async fn redis_log_announces_each_append_in_the_format_nodes_decode() {
                 session_id: sid,
             }),
             "{payload:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Limits (SPEC §5, "Bounded everything"): the same on every backend.
+
+/// The limits the limits behaviours run under.
+fn tight_log() -> LogLimits {
+    LogLimits {
+        max_events: 1_000,
+        max_bytes: 2_000,
+        max_sessions: 3,
+        idle_ttl: Duration::from_secs(600),
+    }
+}
+
+fn tight_store() -> StoreLimits {
+    StoreLimits {
+        max_entries: 3,
+        idle_ttl: Duration::from_secs(600),
+    }
+}
+
+/// `limits_suite!(behaviour)`: `behaviour(log, store)` on a fresh log and store under
+/// [`tight_log`] and [`tight_store`], in memory and in Redis.
+macro_rules! limits_suite {
+    ($behaviour:ident) => {
+        mod $behaviour {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn memory() {
+                let log: Arc<dyn EventLog> = Arc::new(MemoryLog::with_limits(tight_log()));
+                let store: Arc<dyn SessionStore> =
+                    Arc::new(MemoryStore::with_limits(tight_store()));
+                bounded(super::$behaviour(log, store)).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                let server = RedisServer::start().await;
+                let prefix = prefix(stringify!($behaviour));
+                let log: Arc<dyn EventLog> = Arc::new(
+                    RedisLog::connect_with(&server.url(), &prefix, tight_log())
+                        .await
+                        .unwrap(),
+                );
+                let store: Arc<dyn SessionStore> = Arc::new(
+                    RedisStore::connect_with(&server.url(), &prefix, log.clone(), tight_store())
+                        .await
+                        .unwrap(),
+                );
+                bounded(super::$behaviour(log, store)).await;
+            }
+        }
+    };
+}
+
+/// A `progress` draft whose payload is about `bytes` long.
+fn padded(n: u64, bytes: usize) -> EventDraft {
+    draft(
+        EventKind::Progress,
+        json!({ "status": "PROCESSING", "progress": 1, "n": n, "pad": "x".repeat(bytes) }),
+    )
+}
+
+limits_suite!(retention_by_bytes_keeps_a_contiguous_newest_tail);
+async fn retention_by_bytes_keeps_a_contiguous_newest_tail(
+    log: Arc<dyn EventLog>,
+    _store: Arc<dyn SessionStore>,
+) {
+    let sid = "bytes";
+    for n in 1..=20 {
+        append(&*log, sid, vec![padded(n, 300)]).await;
+    }
+    let slice = log.read(sid, 0, READ_ALL).await.unwrap();
+    let retained: usize = slice.events.iter().map(|e| e.json.get().len()).sum();
+    assert!(retained <= 2_000, "{retained} bytes retained, over 2000");
+    let seqs = seqs_of(&slice.events);
+    assert_eq!(seqs.last(), Some(&20), "the newest stays: {seqs:?}");
+    assert!(seqs.len() >= 4, "as many as fit stay: {seqs:?}");
+    assert_eq!(
+        seqs,
+        (slice.head.first_seq..=20).collect::<Vec<_>>(),
+        "contiguous from first_seq"
+    );
+    // An event larger than the whole budget is still kept, alone.
+    append(&*log, sid, vec![padded(21, 5_000)]).await;
+    let slice = log.read(sid, 0, READ_ALL).await.unwrap();
+    assert_eq!(seqs_of(&slice.events), [21]);
+    assert_eq!(slice.head.first_seq, 21);
+    // And the next small ones push it out again.
+    append(&*log, sid, vec![padded(22, 10), padded(23, 10)]).await;
+    assert_eq!(read(&*log, sid, 0, READ_ALL).await, [22, 23]);
+}
+
+limits_suite!(new_sessions_over_the_cap_are_refused);
+async fn new_sessions_over_the_cap_are_refused(
+    log: Arc<dyn EventLog>,
+    store: Arc<dyn SessionStore>,
+) {
+    for sid in ["cap-1", "cap-2", "cap-3"] {
+        publish(&*log, &*store, sid, vec![progress(1)]).await;
+    }
+    match log.append("cap-4", vec![progress(1)]).await {
+        Err(LogError::TooManySessions { max: 3 }) => {}
+        other => panic!("a fourth session: {other:?}"),
+    }
+    assert!(store.get("cap-4").await.unwrap().is_none());
+    // Sessions already held still take events.
+    let out = publish(&*log, &*store, "cap-2", vec![progress(2)]).await;
+    assert_eq!(out.last_seq, 2);
+    // Once the idle ones are swept (as the hub does), new sessions fit again.
+    let taken = store.take_idle(Duration::ZERO).await.unwrap();
+    assert_eq!(taken.len(), 3, "{taken:?}");
+    for sid in &taken {
+        log.remove(sid).await.unwrap();
+    }
+    let out = publish(&*log, &*store, "cap-4", vec![progress(1)]).await;
+    assert_eq!(out.last_seq, 1);
+}
+
+limits_suite!(an_ended_session_refuses_new_producer_events);
+async fn an_ended_session_refuses_new_producer_events(
+    log: Arc<dyn EventLog>,
+    _store: Arc<dyn SessionStore>,
+) {
+    let sid = "ended";
+    let completed = draft(EventKind::Completed, json!({ "result": "done" }));
+    // A terminal progress does not end it: producers send one right before `completed`.
+    let terminal_progress = draft(
+        EventKind::Progress,
+        json!({ "status": "COMPLETED", "progress": 100 }),
+    );
+    let ending = vec![
+        keyed("p-1", progress(1)),
+        keyed("p-2", terminal_progress),
+        keyed("p-3", completed),
+    ];
+    let first = log
+        .append_as(sid, ending.clone(), Writer::Producer)
+        .await
+        .unwrap();
+    assert_eq!(first.last_seq, 3);
+    // The same batch again (a retry): duplicates, not a refusal.
+    let retry = log.append_as(sid, ending, Writer::Producer).await.unwrap();
+    assert_eq!((retry.duplicates, retry.last_seq), (3, 3));
+    // A new event, keyed or not: refused, and nothing logged.
+    for late in [keyed("p-4", progress(4)), progress(5)] {
+        match log.append_as(sid, vec![late], Writer::Producer).await {
+            Err(LogError::SessionEnded(id)) => assert_eq!(id, sid),
+            other => panic!("a late producer event: {other:?}"),
+        }
+    }
+    assert_eq!(log.head(sid).await.unwrap().last_seq, 3);
+    // herald itself still logs; a reopening producer is let in and the session is open.
+    let own = log.append(sid, vec![progress(6)]).await.unwrap();
+    assert_eq!(own.last_seq, 4);
+    let reopened = log
+        .append_as(sid, vec![progress(7)], Writer::Reopening)
+        .await
+        .unwrap();
+    assert_eq!(reopened.last_seq, 5);
+    let after = log
+        .append_as(sid, vec![progress(8)], Writer::Producer)
+        .await
+        .unwrap();
+    assert_eq!(after.last_seq, 6);
+    assert_eq!(read(&*log, sid, 0, READ_ALL).await, [1, 2, 3, 4, 5, 6]);
+}
+
+limits_suite!(a_snapshot_keeps_its_newest_and_pending_entries);
+async fn a_snapshot_keeps_its_newest_and_pending_entries(
+    log: Arc<dyn EventLog>,
+    store: Arc<dyn SessionStore>,
+) {
+    let sid = "entries";
+    let result = |prompt: &str, status: &str| {
+        draft(
+            EventKind::ModelResult,
+            json!({ "promptId": prompt, "modelName": "m", "status": status, "result": "r" }),
+        )
+    };
+    let pending = draft(
+        EventKind::Clarification,
+        json!({ "clarificationId": "c1", "question": "Which?", "status": "pending" }),
+    );
+    publish(
+        &*log,
+        &*store,
+        sid,
+        vec![pending, result("p1", "completed")],
+    )
+    .await;
+    for prompt in ["p2", "p3", "p4", "p5"] {
+        publish(&*log, &*store, sid, vec![result(prompt, "completed")]).await;
+    }
+    // An update of a kept entry is not a new one.
+    publish(&*log, &*store, sid, vec![result("p5", "failed")]).await;
+    let snapshot = get(&*store, sid).await;
+    let prompts: Vec<&str> = snapshot
+        .model_results
+        .iter()
+        .map(|m| m["promptId"].as_str().unwrap())
+        .collect();
+    assert_eq!(prompts, ["p4", "p5"], "the newest settled results stay");
+    assert_eq!(
+        snapshot.clarifications.len(),
+        1,
+        "the pending question stays"
+    );
+    assert_eq!(snapshot.summary.clarification_count, 1);
+    assert_eq!(snapshot.dropped_entries, 3);
+    let json = serde_json::to_value(&snapshot).unwrap();
+    assert_eq!(json["droppedEntries"], 3, "{json}");
+    assert_eq!(snapshot.summary.last_seq, 7);
+}
+
+limits_suite!(idle_sessions_are_taken_once);
+async fn idle_sessions_are_taken_once(log: Arc<dyn EventLog>, store: Arc<dyn SessionStore>) {
+    publish(&*log, &*store, "idle-1", vec![progress(1)]).await;
+    publish(&*log, &*store, "idle-2", vec![progress(1)]).await;
+    assert!(
+        store
+            .take_idle(Duration::from_secs(3600))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let mut taken = store.take_idle(Duration::ZERO).await.unwrap();
+    taken.sort();
+    assert_eq!(taken, ["idle-1", "idle-2"]);
+    assert!(store.take_idle(Duration::ZERO).await.unwrap().is_empty());
+    assert!(store.get("idle-1").await.unwrap().is_none());
+    assert!(store.list(None).await.unwrap().is_empty());
+}
+
+/// Redis: every key a session leaves behind expires, so a cluster that stops for good
+/// leaves nothing forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_every_session_key_expires() {
+    let server = RedisServer::start().await;
+    let prefix = prefix("expiry");
+    let log: Arc<dyn EventLog> = Arc::new(
+        RedisLog::connect_with(&server.url(), &prefix, tight_log())
+            .await
+            .unwrap(),
+    );
+    let store: Arc<dyn SessionStore> = Arc::new(
+        RedisStore::connect_with(&server.url(), &prefix, log.clone(), tight_store())
+            .await
+            .unwrap(),
+    );
+    let sid = "expires";
+    publish(
+        &*log,
+        &*store,
+        sid,
+        vec![
+            keyed("k", progress(1)),
+            draft(EventKind::Completed, json!({ "result": 1 })),
+        ],
+    )
+    .await;
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let named = Keys::new(&prefix);
+    for expected in [
+        named.head(sid),
+        named.log(sid),
+        named.idempotency_keys(sid),
+        named.snapshot(sid),
+        named.snapshot_version(sid),
+        named.sessions(),
+        named.ended(),
+    ] {
+        assert!(keys.contains(&expected), "{expected} in {keys:?}");
+    }
+    for key in &keys {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert!(
+            ttl > 0 && ttl <= 600_000,
+            "{key} expires within the idle TTL (PTTL {ttl})"
         );
     }
 }

@@ -129,6 +129,22 @@ impl Node {
         format!("http://{}{}", self.addr, path)
     }
 
+    /// The process id (for `/proc/<pid>/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the node is running")
+    }
+
+    /// The node's resident memory, in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("/proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
+
     /// Kills the process at once (SIGKILL, no graceful shutdown) and waits for it.
     pub async fn kill(&mut self) {
         let _ = self.child.start_kill();

@@ -70,7 +70,8 @@ describe('seed-shaped client receives every session event kind', () => {
         }
 
         // One batch with all five kinds (a producer timestamp on one of them is kept),
-        // then one single POST per kind.
+        // then one single POST per kind. The batch's `completed` ends the session, so the
+        // singles reopen it (a late event without `?reopen=true` gets 409 SESSION_ENDED).
         const batchData = KINDS.map((k, i) => sampleData(k, i + 1));
         batchData[1] = { ...batchData[1], timestamp: '2026-01-02T03:04:05.678Z' };
         const batchBody = await postOk(url, sessionId, KINDS.map((k, i) => ({ event: k, data: batchData[i] })));
@@ -81,7 +82,7 @@ describe('seed-shaped client receives every session event kind', () => {
 
         const singleData = KINDS.map((k, i) => ({ ...sampleData(k, i + 6), snake_case_field: 'kept', someCamelCase: true }));
         for (let i = 0; i < KINDS.length; i++) {
-          const body = await postOk(url, sessionId, { event: KINDS[i], data: singleData[i] });
+          const body = await postOk(url, sessionId, { event: KINDS[i], data: singleData[i] }, { query: '?reopen=true' });
           assert.equal(body.accepted, 1, `single 202 body: ${safeJson(body)}`);
           assert.equal(body.lastSeq, 6 + i, `single 202 body: ${safeJson(body)}`);
           assert.equal(body.duplicates, 0, `single 202 body: ${safeJson(body)}`);

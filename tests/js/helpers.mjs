@@ -259,8 +259,8 @@ export function eventsOf(socket, filter = () => true) {
 }
 
 /** POST /api/sessions/{id}/events; resolves to { status, body, headers }. */
-export async function post(baseUrl, sessionId, body, { headers = {} } = {}) {
-  const res = await fetch(`${baseUrl}/api/sessions/${encodeURIComponent(sessionId)}/events`, {
+export async function post(baseUrl, sessionId, body, { headers = {}, query = '' } = {}) {
+  const res = await fetch(`${baseUrl}/api/sessions/${encodeURIComponent(sessionId)}/events${query}`, {
     method: 'POST',
     headers: { 'content-type': 'application/json', ...headers },
     body: typeof body === 'string' ? body : JSON.stringify(body),
@@ -272,8 +272,8 @@ export async function post(baseUrl, sessionId, body, { headers = {} } = {}) {
 }
 
 /** POST and assert 202 with `{ accepted, lastSeq, ... }`; returns the body. */
-export async function postOk(baseUrl, sessionId, body) {
-  const r = await post(baseUrl, sessionId, body);
+export async function postOk(baseUrl, sessionId, body, options = {}) {
+  const r = await post(baseUrl, sessionId, body, options);
   assert.equal(r.status, 202, `POST events for ${sessionId}: expected 202, got ${r.status} ${safeJson(r.body, 1000)}`);
   return r.body;
 }

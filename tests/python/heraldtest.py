@@ -163,18 +163,20 @@ class HeraldServer:
 # --------------------------------------------------------------------------
 
 
-def post_events(base: str, sid: str, body, timeout: float = WAIT, headers=None) -> requests.Response:
+def post_events(base: str, sid: str, body, timeout: float = WAIT, headers=None, query: str = "") -> requests.Response:
+    """``query`` (e.g. ``"?reopen=true"``) is appended to the URL: a session whose log holds
+    a completed or error event takes more producer events only with reopen."""
     # serialise by hand: requests' json=None would send no body at all
     return requests.post(
-        f"{base}/api/sessions/{sid}/events",
+        f"{base}/api/sessions/{sid}/events{query}",
         data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json", **(headers or {})},
         timeout=timeout,
     )
 
 
-def post_ok(base: str, sid: str, body, headers=None) -> dict:
-    r = post_events(base, sid, body, headers=headers)
+def post_ok(base: str, sid: str, body, headers=None, query: str = "") -> dict:
+    r = post_events(base, sid, body, headers=headers, query=query)
     assert r.status_code == 202, f"POST events {body!r} -> {r.status_code} {r.text}"
     return r.json()
 

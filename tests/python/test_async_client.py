@@ -19,8 +19,8 @@ from heraldtest import (
 
 
 
-async def apost(base, sid, body):
-    return await asyncio.to_thread(post_ok, base, sid, body)
+async def apost(base, sid, body, query=""):
+    return await asyncio.to_thread(post_ok, base, sid, body, None, query)
 
 
 @pytest.mark.parametrize("transport", list(TRANSPORTS))
@@ -57,7 +57,8 @@ def test_async_string_subscribe_and_five_kinds(base, transport):
             r = await apost(base, sid, items[:3])
             assert r["accepted"] == 3 and r["seqs"] == [1, 2, 3] and r["lastSeq"] == 3, r
             for i, item in enumerate(items[3:], start=4):
-                r = await apost(base, sid, item)
+                # the error after completed reopens the ended session
+                r = await apost(base, sid, item, "?reopen=true")
                 assert r["seqs"] == [i] and r["lastSeq"] == i, r
 
             got = await c.wait_session_events(sid, 5)

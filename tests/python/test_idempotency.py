@@ -58,5 +58,5 @@ def test_keys_are_per_session(base, sid):
 def test_no_key_is_never_deduplicated(base, sid):
     plain = {"event": "error", "data": {"error": "same"}}
     post_ok(base, sid, plain)
-    r = post_ok(base, sid, plain)
+    r = post_ok(base, sid, plain, query="?reopen=true")
     assert r["accepted"] == 1 and r["duplicates"] == 0 and r["seqs"] == [2], r

@@ -66,7 +66,7 @@ test('subscribe: live events reach the typed handlers in order, onEvent sees eac
   // After unsubscribe nothing more is delivered.
   sub.unsubscribe();
   assert.equal(client.subscriptionCount, 0);
-  await postEvents(server.url, sid, { event: 'error', data: { error: 'late' } });
+  await postEvents(server.url, sid, { event: 'error', data: { error: 'late' } }, '?reopen=true');
   await new Promise((r) => setTimeout(r, 300));
   assert.equal(rec.events.length, 5);
 });

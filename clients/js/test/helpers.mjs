@@ -81,8 +81,9 @@ export async function waitUntil(fn, timeoutMs = 10000, what = 'condition') {
 }
 
 /** Producer ingest; returns the JSON body (asserting 202). */
-export async function postEvents(url, sessionId, body) {
-  const res = await fetch(`${url}/api/sessions/${encodeURIComponent(sessionId)}/events`, {
+/** `query` (e.g. `'?reopen=true'`): a session that has ended takes producer events only with reopen. */
+export async function postEvents(url, sessionId, body, query = '') {
+  const res = await fetch(`${url}/api/sessions/${encodeURIComponent(sessionId)}/events${query}`, {
     method: 'POST',
     headers: { 'content-type': 'application/json' },
     body: JSON.stringify(body),

@@ -21,8 +21,14 @@ def test_typed_events(herald_url, session_id):
     pub.model_result(session_id, prompt_id="p1", model_name="ocr-v2", provider="tesseract", duration=12,
                      result="text", status="completed")
     pub.clarification(session_id, clarification_id="c-1", question="Which language?", status="pending")
-    pub.error(session_id, "page 4 unreadable", code="OCR_FAILED")
-    pub.completed(session_id, result={"pages": 5})
+    # An error ends a session for producers, so the two terminal events go in one batch.
+    pub.publish_batch(session_id, [
+        {"event": "error", "data": {"error": "page 4 unreadable", "code": "OCR_FAILED"}},
+        {"event": "completed", "data": {"result": {"pages": 5}}},
+    ])
+    with pytest.raises(HeraldError) as late:
+        pub.error(session_id, "too late")
+    assert (late.value.status, late.value.code) == (409, "SESSION_ENDED")
     with HeraldClient(herald_url) as client:
         by_type = []
         sub = client.subscribe(session_id, on_event=got.append, on_completed=by_type.append)
