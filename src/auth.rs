@@ -1019,4 +1019,43 @@ mod tests {
             h
         }));
     }
+
+    /// Mutated tokens, API key specs, session patterns and credential headers: a token is
+    /// either refused with an auth error or is the one that was signed (never a forged
+    /// principal); nothing panics.
+    #[test]
+    fn fuzz_credentials() {
+        let auth = auth(JwtChecks::default(), &["worker:key-secret-1:publish"]);
+        let token = sign(
+            json!({ "sub": "alice", "exp": now() + 600, "sessions": ["user-42:*"], "scope": "read answer" }),
+            SECRET,
+        );
+        let seeds: &[&[u8]] = &[
+            token.as_bytes(),
+            b"key-secret-1",
+            b"worker:key-secret-1:publish+read",
+            b"user-42:*",
+            b"Bearer key-secret-1",
+            b"token=abc&EIO=4&transport=polling",
+        ];
+        crate::fuzzing::Fuzz::new("credentials").run(seeds, |input| {
+            let text = String::from_utf8_lossy(input);
+            match auth.authenticate(Some(&text)) {
+                Ok(principal) => assert!(
+                    matches!(principal.subject(), Some("alice" | "key:worker")),
+                    "forged principal {principal:?} from {text:?}"
+                ),
+                Err(error) => {
+                    let _ = (error.code(), error.detail());
+                }
+            }
+            let _ = ApiKey::parse(0, &text);
+            let _ = SessionPattern::parse(&text).matches("user-42:abc");
+            let mut headers = HeaderMap::new();
+            if let Ok(value) = axum::http::HeaderValue::from_bytes(input) {
+                headers.insert(header::AUTHORIZATION, value);
+            }
+            let _ = credential(&headers, Some(&text));
+        });
+    }
 }

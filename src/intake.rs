@@ -302,3 +302,62 @@ mod tests {
         assert_eq!(ingest_key("1-0", Some(2)), "herald:ingest:1-0:2");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::fuzzing::Fuzz;
+
+    const SEEDS: &[&[u8]] = &[
+        br#"{"event":"progress","data":{"status":"PROCESSING","progress":12.5,"prompts":{"total":2,"completed":0,"processing":1,"pending":1,"failed":0}},"idempotencyKey":"k-1"}"#,
+        br#"[{"event":"model_result","data":{"promptId":"p1","modelName":"m","status":"completed","result":"out","duration":42}},{"event":"completed","data":{"result":{"a":1}}}]"#,
+        br#"{"event":"clarification","data":{"clarificationId":"c-1","question":"Which year?","status":"pending"}}"#,
+        br#"{"event":"error","data":{"error":"boom","code":"MODEL_FAILED"}}"#,
+    ];
+
+    /// Whatever the body, the answer is a batch within bounds or an error clients are told
+    /// about with a 4xx status: never a panic, never a 5xx for bad input.
+    #[test]
+    fn fuzz_ingest_bodies() {
+        Fuzz::new("ingest body").run(SEEDS, |input| match parse_body("fuzz-session", input, 10) {
+            Ok(drafts) => {
+                assert!((1..=10).contains(&drafts.len()), "{} drafts", drafts.len());
+                let _ = check_event_sizes(&drafts, 64);
+            }
+            Err(error) => assert!(error.code().http_status().is_client_error(), "{error:?}"),
+        });
+    }
+
+    /// The Redis ingest stream's entries: `{ sessionId, event, data }` or `{ sessionId, events }`.
+    #[test]
+    fn fuzz_stream_payloads() {
+        let seeds: Vec<Vec<u8>> = SEEDS
+            .iter()
+            .map(|seed| {
+                let body: Value = serde_json::from_slice(seed).unwrap();
+                let entry = match body {
+                    Value::Array(events) => {
+                        serde_json::json!({"sessionId": "s-1", "events": events})
+                    }
+                    Value::Object(mut item) => {
+                        item.insert("sessionId".into(), "s-1".into());
+                        Value::Object(item)
+                    }
+                    _ => unreachable!(),
+                };
+                serde_json::to_vec(&entry).unwrap()
+            })
+            .collect();
+        let seeds: Vec<&[u8]> = seeds.iter().map(Vec::as_slice).collect();
+        Fuzz::new("ingest stream entry").run(&seeds, |input| {
+            let payload = String::from_utf8_lossy(input);
+            match parse_stream_payload(&payload, 10) {
+                Ok((session_id, drafts)) => {
+                    assert!(crate::event::validate_session_id(&session_id).is_ok());
+                    assert!((1..=10).contains(&drafts.len()));
+                }
+                Err(error) => assert!(error.code().http_status().is_client_error(), "{error:?}"),
+            }
+        });
+    }
+}

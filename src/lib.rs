@@ -9,6 +9,8 @@ pub mod demo;
 pub mod edge;
 pub mod error;
 pub mod event;
+#[cfg(test)]
+mod fuzzing;
 pub mod http;
 pub mod hub;
 pub mod intake;

@@ -564,3 +564,43 @@ fn refuse(socket: &SocketRef, hub: &Hub, ack: AckSender, refusal: &Refusal) {
         json!({ "ok": false, "error": { "code": refusal.code, "message": refusal.message } });
     ack.send(&reply).ok();
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::fuzzing::Fuzz;
+
+    /// A `subscribe` / `unsubscribe` payload is a valid session reference or a refusal with
+    /// a short message and a payload code: never a panic, never the whole input echoed.
+    #[test]
+    fn fuzz_subscribe_payloads() {
+        let seeds: &[&[u8]] = &[
+            br#""sess-1""#,
+            br#"{"sessionId":"sess-1","lastSeq":41,"epoch":"0123456789abcdef"}"#,
+            br#"{"sessionId":"sess-1","lastSeq":null}"#,
+        ];
+        Fuzz::new("subscribe payload").run(seeds, |input| {
+            let value = serde_json::from_slice(input)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(input).into_owned()));
+            match parse_subscribe(value) {
+                Ok((session_id, _)) => assert!(validate_session_id(&session_id).is_ok()),
+                Err(refusal) => {
+                    assert!(
+                        matches!(
+                            refusal.code,
+                            ErrorCode::InvalidPayload | ErrorCode::InvalidSessionId
+                        ),
+                        "{refusal:?}"
+                    );
+                    assert!(refusal.message.len() <= 300, "{refusal:?}");
+                    assert!(
+                        refusal
+                            .session_id
+                            .as_ref()
+                            .is_none_or(|id| id.len() <= crate::event::MAX_SESSION_ID_LEN)
+                    );
+                }
+            }
+        });
+    }
+}

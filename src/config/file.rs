@@ -262,16 +262,20 @@ struct Raw {
 
 impl ConfigFile {
     pub(crate) fn read(path: &Path) -> Result<Self, ConfigError> {
-        let shown = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: shown.clone(),
+            path: path.display().to_string(),
             source,
         })?;
+        Self::parse(path, &text)
+    }
+
+    fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
         let invalid = |message: String| ConfigError::Invalid {
             path: shown.clone(),
             message,
         };
-        let mut raw: Raw = toml::from_str(&text).map_err(|e| invalid(toml_error(&text, &e)))?;
+        let mut raw: Raw = toml::from_str(text).map_err(|e| invalid(toml_error(text, &e)))?;
         let api_key_digests = match raw.auth.remove("api_key_digests") {
             Some(value) => api_key_digests(value).map_err(invalid)?,
             None => Vec::new(),
@@ -509,5 +513,29 @@ impl Origin {
                 None => Origin::Default,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use crate::fuzzing::Fuzz;
+
+    /// A configuration file, however broken, is read or refused with a message that says
+    /// where: never a panic.
+    #[test]
+    fn fuzz_config_files() {
+        let example = include_bytes!("../../examples/herald.toml");
+        let seeds: &[&[u8]] = &[
+            example,
+            b"[limits]\nmax_batch = 10\n[[models]]\nname = \"m\"\nprovider = \"simulated\"\n",
+            b"[auth]\napi_key_digests = [{ name = \"w\", sha256 = \"00\", scope = \"publish\", sessions = [\"a*\"] }]\n",
+        ];
+        Fuzz::new("config file").run(seeds, |input| {
+            let text = String::from_utf8_lossy(input);
+            if let Err(error) = ConfigFile::parse(Path::new("herald.toml"), &text) {
+                assert!(error.to_string().contains("herald.toml"), "{error}");
+            }
+        });
     }
 }

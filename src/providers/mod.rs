@@ -254,3 +254,79 @@ mod line_tests {
         assert!(lines.next().await.is_none());
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use futures_util::StreamExt;
+
+    use crate::fuzzing::Fuzz;
+
+    const STREAMS: &[&[u8]] = &[
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"lo\"}}]}\n\ndata: [DONE]\n",
+        b"{\"message\":{\"content\":\"hi\"},\"done\":false}\r\n{\"done\":true}\n",
+        b"{\"error\":\"model 'x' not found, see https://provider.example/docs?key=sk-SECRET\"}\n",
+    ];
+
+    /// However a provider's bytes are cut into chunks, the lines that come out are the
+    /// lines that went in; every line then parses to a piece or an error whose client-facing
+    /// text holds nothing the provider sent.
+    #[test]
+    fn fuzz_provider_streams() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        Fuzz::new("provider stream").run(STREAMS, |input| {
+            let chunks = chunked(input);
+            let lines: Vec<String> = runtime.block_on(
+                super::lines(futures_util::stream::iter(chunks))
+                    .map(|line| line.expect("lines under the limit"))
+                    .collect(),
+            );
+            assert_eq!(lines, expected_lines(input));
+            for line in &lines {
+                for parsed in [
+                    super::openai::parse_line(line).map(|_| ()),
+                    super::ollama::parse_line(line).map(|_| ()),
+                ] {
+                    if let Err(error) = parsed {
+                        let public = error.public_message();
+                        assert!(
+                            !public.contains("SECRET") && !public.contains("http"),
+                            "{public}"
+                        );
+                        assert!(public.len() <= 80, "{public}");
+                    }
+                }
+            }
+        });
+    }
+
+    /// Chunk boundaries chosen from the input itself, so a failure replays exactly.
+    fn chunked(input: &[u8]) -> Vec<Result<bytes::Bytes, reqwest::Error>> {
+        let mut rng = fastrand::Rng::with_seed(
+            input.len() as u64 ^ u64::from(input.first().copied().unwrap_or(0)),
+        );
+        let mut chunks = Vec::new();
+        let mut rest = input;
+        while !rest.is_empty() {
+            let (chunk, tail) = rest.split_at(rng.usize(1..=rest.len().min(16)));
+            chunks.push(Ok(bytes::Bytes::copy_from_slice(chunk)));
+            rest = tail;
+        }
+        chunks
+    }
+
+    fn expected_lines(input: &[u8]) -> Vec<String> {
+        let mut lines: Vec<String> = input
+            .split_inclusive(|&b| b == b'\n')
+            .map(|line| String::from_utf8_lossy(line).into_owned())
+            .collect();
+        for line in &mut lines {
+            if line.ends_with('\n') {
+                let kept = line.trim_end_matches(['\r', '\n']).len();
+                line.truncate(kept);
+            }
+        }
+        lines
+    }
+}

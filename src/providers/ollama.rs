@@ -41,7 +41,7 @@ impl Provider for Ollama {
 }
 
 /// One NDJSON line: `{ message: { content }, done }`, or `{ error }`.
-fn parse_line(line: &str) -> Result<String, ProviderError> {
+pub(super) fn parse_line(line: &str) -> Result<String, ProviderError> {
     let value: Value =
         serde_json::from_str(line).map_err(|e| ProviderError::Malformed(format!("{e}: {line}")))?;
     if let Some(error) = value.get("error").and_then(Value::as_str) {

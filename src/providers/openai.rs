@@ -42,7 +42,7 @@ impl OpenAi {
 }
 
 /// What one SSE line contributes.
-enum Line {
+pub(super) enum Line {
     Piece(String),
     Done,
     Skip,
@@ -73,7 +73,7 @@ impl Provider for OpenAi {
 
 /// `data: {choices:[{delta:{content}}]}`, `data: [DONE]`, or anything else an SSE stream
 /// may carry (comments, `event:` lines, blank separators).
-fn parse_line(line: &str) -> Result<Line, ProviderError> {
+pub(super) fn parse_line(line: &str) -> Result<Line, ProviderError> {
     let Some(data) = line.strip_prefix("data:") else {
         return Ok(Line::Skip);
     };

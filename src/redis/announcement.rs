@@ -56,3 +56,29 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::Announcement;
+    use crate::fuzzing::Fuzz;
+
+    /// Another node's announcement (or anything else on the channel) decodes to one that
+    /// re-encodes to itself, or to nothing.
+    #[test]
+    fn fuzz_announcements() {
+        let seeds: &[&[u8]] = &[
+            b"42 0123456789abcdef0123456789abcdef sess-1",
+            b"1 00000000000000000000000000000001 a b c",
+        ];
+        Fuzz::new("announcement").run(seeds, |input| {
+            let payload = String::from_utf8_lossy(input);
+            if let Some(announcement) = Announcement::parse(&payload) {
+                let again = format!(
+                    "{} {} {}",
+                    announcement.last_seq, announcement.epoch, announcement.session_id
+                );
+                assert_eq!(Announcement::parse(&again), Some(announcement));
+            }
+        });
+    }
+}
