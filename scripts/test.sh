@@ -64,4 +64,9 @@ if [ "${SKIP_BENCH_SMOKE:-0}" != 1 ]; then
   bash scripts/bench-smoke.sh
 fi
 
+if [ "${SKIP_FUZZ_SMOKE:-0}" != 1 ]; then
+  step "socket-level fuzz smoke run (random and mutated frames and requests at a running herald)"
+  bash scripts/fuzz-smoke.sh
+fi
+
 step "all tests passed"

@@ -2,7 +2,8 @@
 //! way a hostile or broken peer would (bit flips, splices, truncations, hostile JSON tokens,
 //! deep nesting), and random JSON. Every run is bounded: `HERALD_FUZZ_ITERS` inputs per
 //! parser (default 20,000). `HERALD_FUZZ_SEED` replays a run; a failure names its seed and
-//! input.
+//! input. The socket-level fuzz client (`examples/fuzzclient.rs`) builds its frames with it
+//! too.
 
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::time::Instant;
@@ -91,15 +92,26 @@ pub struct Fuzz {
 }
 
 impl Fuzz {
+    /// A parser's fuzz run, its seed and size from the environment.
     pub fn new(name: &'static str) -> Self {
         let seed = env_number("HERALD_FUZZ_SEED").unwrap_or_else(|| fastrand::u64(..));
         let iters = env_number("HERALD_FUZZ_ITERS").map_or(DEFAULT_ITERS, |n| n as usize);
+        Self::with_seed(name, seed, iters)
+    }
+
+    pub fn with_seed(name: &'static str, seed: u64, iters: usize) -> Self {
         Self {
             name,
             rng: fastrand::Rng::with_seed(seed),
             seed,
             iters,
         }
+    }
+
+    /// For the fuzz client's own choices (which transport, how many frames).
+    #[allow(dead_code)]
+    pub fn rng(&mut self) -> &mut fastrand::Rng {
+        &mut self.rng
     }
 
     /// Runs `check` on `iters` inputs derived from `seeds`; returns how many ran. A panic
@@ -129,7 +141,7 @@ impl Fuzz {
     }
 
     /// A seed as is, mutated, spliced with another, random JSON, or random bytes.
-    fn input(&mut self, seeds: &[&[u8]]) -> Vec<u8> {
+    pub fn input(&mut self, seeds: &[&[u8]]) -> Vec<u8> {
         let pick = |rng: &mut fastrand::Rng| seeds[rng.usize(..seeds.len())].to_vec();
         match self.rng.u8(..100) {
             0..5 => pick(&mut self.rng),

@@ -48,6 +48,23 @@ struct SocketState {
     expiry: Option<CancellationToken>,
     /// A std mutex: touched briefly by this socket's own handlers, never across an await.
     inner: Mutex<StateInner>,
+    /// For the gauges: see the `Drop` impl.
+    hub: Hub,
+}
+
+/// The connection and its subscriptions are counted for exactly as long as this state lives
+/// (it is created with the socket's handlers and dropped with them). Counting in the connect
+/// and disconnect handlers instead went negative: socketioxide may run a socket's disconnect
+/// handler without its connect handler, when the socket closes in between.
+impl Drop for SocketState {
+    fn drop(&mut self) {
+        let subscriptions = self.inner.get_mut().map_or(0, |inner| inner.sessions.len());
+        let metrics = self.hub.metrics();
+        for _ in 0..subscriptions {
+            metrics.subscriptions.dec();
+        }
+        metrics.connections.dec();
+    }
 }
 
 struct StateInner {
@@ -125,17 +142,9 @@ struct ErrorEvent<'a> {
 
 /// Registers the `/` namespace on `io`.
 pub fn register(io: &SocketIo, hub: Hub, limits: SocketLimits, auth: Auth) {
-    let on_connect = {
-        let hub = hub.clone();
-        move |socket: SocketRef| {
-            let hub = hub.clone();
-            async move {
-                hub.metrics().connections.inc();
-                let payload =
-                    json!({ "socketId": socket.id.to_string(), "timestamp": now_timestamp() });
-                socket.emit("connected", &payload).ok();
-            }
-        }
+    let on_connect = move |socket: SocketRef| async move {
+        let payload = json!({ "socketId": socket.id.to_string(), "timestamp": now_timestamp() });
+        socket.emit("connected", &payload).ok();
     };
     // Authentication runs here, before CONNECT: a refusal is the client's `connect_error`,
     // whose message starts with the code (`TOKEN_EXPIRED: ...`).
@@ -227,7 +236,9 @@ fn install(socket: &SocketRef, hub: Hub, limits: SocketLimits, principal: Princi
             closed: false,
             latest: None,
         }),
+        hub: hub.clone(),
     });
+    hub.metrics().connections.inc();
     let on_event = {
         let hub = hub.clone();
         let state = state.clone();
@@ -277,17 +288,11 @@ fn install(socket: &SocketRef, hub: Hub, limits: SocketLimits, principal: Princi
     socket.on_fallback(on_event);
     expire_at(socket, &state);
     socket.on_disconnect(move |_socket: SocketRef| {
-        let hub = hub.clone();
         let state = state.clone();
         async move {
             if let Some(expiry) = &state.expiry {
                 expiry.cancel();
             }
-            let count = state.inner.lock().unwrap().sessions.len();
-            for _ in 0..count {
-                hub.metrics().subscriptions.dec();
-            }
-            hub.metrics().connections.dec();
         }
     });
 }
