@@ -5,16 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 frames="${HERALD_FUZZ_FRAMES:-60000}"
+source scripts/start-herald.sh
 out="$(mktemp -d)"
-trap 'kill "$pid" 2>/dev/null || true; rm -rf "$out"' EXIT
-HERALD_API_KEYS="fuzz:fuzz-smoke-secret:admin+publish+create+read+answer+cancel" \
-  target/debug/herald serve --port 0 >"$out/stdout" 2>"$out/stderr" &
-pid=$!
-for _ in $(seq 1 100); do
-  grep -q 'listening on' "$out/stdout" 2>/dev/null && break
-  sleep 0.1
-done
-url="$(grep -oE 'http://[0-9.]+:[0-9]+' "$out/stdout")" || { cat "$out/stderr"; exit 1; }
+trap 'kill "${HERALD_PID:-}" 2>/dev/null || true; rm -rf "$out"' EXIT
+start_herald "$out" env HERALD_API_KEYS="fuzz:fuzz-smoke-secret:admin+publish+create+read+answer+cancel" \
+  target/debug/herald serve --port 0
+pid="$HERALD_PID" url="$HERALD_URL"
 target/debug/examples/fuzzclient --url "$url" --pid "$pid" --key fuzz-smoke-secret \
   --frames "$frames" --rounds 3 --seconds 300 ${HERALD_FUZZ_SEED:+--seed "$HERALD_FUZZ_SEED"}
 if grep -q 'panicked' "$out/stderr"; then

@@ -1434,21 +1434,29 @@ macro_rules! limits_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn redis() {
                 let server = RedisServer::start().await;
-                let prefix = prefix(stringify!($behaviour));
-                let log: Arc<dyn EventLog> = Arc::new(
-                    RedisLog::connect_with(&server.url(), &prefix, tight_log())
-                        .await
-                        .unwrap(),
-                );
-                let store: Arc<dyn SessionStore> = Arc::new(
-                    RedisStore::connect_with(&server.url(), &prefix, log.clone(), tight_store())
-                        .await
-                        .unwrap(),
-                );
+                let (log, store) = tight_redis(&server, &prefix(stringify!($behaviour))).await;
                 bounded(super::$behaviour(log, store)).await;
             }
         }
     };
+}
+
+/// A Redis log and store under `prefix` with the tight limits.
+async fn tight_redis(
+    server: &RedisServer,
+    prefix: &str,
+) -> (Arc<dyn EventLog>, Arc<dyn SessionStore>) {
+    let log: Arc<dyn EventLog> = Arc::new(
+        RedisLog::connect_with(&server.url(), prefix, tight_log())
+            .await
+            .unwrap(),
+    );
+    let store: Arc<dyn SessionStore> = Arc::new(
+        RedisStore::connect_with(&server.url(), prefix, log.clone(), tight_store())
+            .await
+            .unwrap(),
+    );
+    (log, store)
 }
 
 /// A `progress` draft whose payload is about `bytes` long.
@@ -1636,16 +1644,7 @@ async fn idle_sessions_are_taken_once(log: Arc<dyn EventLog>, store: Arc<dyn Ses
 async fn redis_every_session_key_expires() {
     let server = RedisServer::start().await;
     let prefix = prefix("expiry");
-    let log: Arc<dyn EventLog> = Arc::new(
-        RedisLog::connect_with(&server.url(), &prefix, tight_log())
-            .await
-            .unwrap(),
-    );
-    let store: Arc<dyn SessionStore> = Arc::new(
-        RedisStore::connect_with(&server.url(), &prefix, log.clone(), tight_store())
-            .await
-            .unwrap(),
-    );
+    let (log, store) = tight_redis(&server, &prefix).await;
     let sid = "expires";
     publish(
         &*log,
