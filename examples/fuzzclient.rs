@@ -400,17 +400,14 @@ async fn polling(
     frames: u64,
 ) -> Result<(), String> {
     let base = format!("{}/socket.io/?EIO=4&transport=polling", target.url);
-    let open = target
+    let answer = target
         .http
         .get(with_token(&base, target, fuzz))
         .send()
-        .await
-        .map_err(|e| format!("polling handshake: {e}"))?;
-    let status = open.status().as_u16();
-    tally.status(status);
-    let body = open.text().await.unwrap_or_default();
+        .await;
+    let (status, body) = answered(answer, tally, "polling handshake").await?;
     if status != 200 {
-        return check_status(status, "polling handshake", &body);
+        return Ok(());
     }
     check_polling_payload(&body, tally)?;
     let sid = serde_json::from_str::<Value>(body.trim_start_matches('0'))
@@ -432,23 +429,16 @@ async fn polling(
             .post(&session)
             .body(packets.join("\u{1e}"))
             .send()
-            .await
-            .map_err(|e| format!("polling post: {e}"))?;
-        let status = answer.status().as_u16();
-        tally.status(status);
-        let body = answer.text().await.unwrap_or_default();
-        check_status(status, "polling post", &body)?;
+            .await;
+        let (status, _) = answered(answer, tally, "polling post").await?;
         if status != 200 {
             return Ok(());
         }
         // Whatever herald has queued by now; a poll with nothing queued is left to time out.
         let poll =
             tokio::time::timeout(Duration::from_millis(50), target.http.get(&session).send());
-        if let Ok(Ok(answer)) = poll.await {
-            let status = answer.status().as_u16();
-            tally.status(status);
-            let body = answer.text().await.unwrap_or_default();
-            check_status(status, "polling get", &body)?;
+        if let Ok(answer @ Ok(_)) = poll.await {
+            let (status, body) = answered(answer, tally, "polling get").await?;
             if status == 200 {
                 check_polling_payload(&body, tally)?;
             } else {
@@ -531,17 +521,10 @@ async fn http_request(fuzz: &mut Fuzz, target: &Target, tally: &Tally) -> Result
     };
     tally.http_requests.fetch_add(1, Ordering::Relaxed);
     tally.frames.fetch_add(1, Ordering::Relaxed);
-    let answer = target
-        .http
-        .execute(request)
-        .await
-        .map_err(|e| format!("{method} {path}: {e}"))?;
-    let status = answer.status().as_u16();
-    tally.status(status);
-    let body = answer.text().await.unwrap_or_default();
-    check_status(status, &format!("{method} {path}"), &body)?;
+    let what = format!("{method} {path}");
+    let (status, body) = answered(target.http.execute(request).await, tally, &what).await?;
     if path.starts_with("/api") && status >= 400 {
-        check_error_shape(&body).map_err(|e| format!("{method} {path} -> {status}: {e}"))?;
+        check_error_shape(&body).map_err(|e| format!("{what} -> {status}: {e}"))?;
     }
     tally.answers_checked.fetch_add(1, Ordering::Relaxed);
     Ok(())
@@ -588,6 +571,20 @@ fn session_id(fuzz: &mut Fuzz) -> String {
             .collect(),
         _ => format!("fz-{}", fuzz.rng().usize(..SESSIONS)),
     }
+}
+
+/// An HTTP answer's status (counted) and body, once its status is checked.
+async fn answered(
+    answer: reqwest::Result<reqwest::Response>,
+    tally: &Tally,
+    what: &str,
+) -> Result<(u16, String), String> {
+    let answer = answer.map_err(|e| format!("{what}: {e}"))?;
+    let status = answer.status().as_u16();
+    tally.status(status);
+    let body = answer.text().await.unwrap_or_default();
+    check_status(status, what, &body)?;
+    Ok((status, body))
 }
 
 fn check_status(status: u16, what: &str, body: &str) -> Result<(), String> {
