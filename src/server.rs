@@ -22,7 +22,8 @@ use hyper_util::service::TowerToHyperService;
 use socketioxide::SocketIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
@@ -164,12 +165,13 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then drains in this order: stop accepting
-    /// connections; end the running sessions (each publishes its last events, which reach
-    /// its subscribers); drop every socket's transport (clients reconnect elsewhere, or here
-    /// once the node is back, and resume by replay); let in-flight HTTP requests finish;
-    /// stop the background work (the ingest consumer between two entries, handing its lease
-    /// back). Each step is bounded by the configured shutdown timeout; nothing is aborted
-    /// in the middle of a write.
+    /// connections and requests (those in flight go on); end the running sessions (each publishes its last
+    /// events, which reach its subscribers); drop every socket's transport (clients
+    /// reconnect elsewhere, or here once the node is back, and resume by replay); let
+    /// in-flight HTTP requests finish while the background work stops (the ingest consumer
+    /// between two entries, handing its lease back). The whole drain fits in the configured
+    /// shutdown timeout, counted from the signal: each step has what the earlier ones left,
+    /// and connections still open at the deadline are dropped.
     pub async fn serve(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -209,65 +211,93 @@ impl Server {
                 stop.clone(),
             ));
         }
-        let (stop_tx, mut stop_rx) = watch::channel(false);
         let grace = Duration::from_secs(config.shutdown_timeout_secs);
-        let hub_for_close = hub.clone();
+        let (began_tx, began_rx) = oneshot::channel();
         let signal = async move {
             shutdown.await;
+            let _ = began_tx.send(Instant::now() + grace);
+        };
+        let stop_background = stop.clone();
+        let wind_down = move |deadline: Instant| async move {
             tracing::info!(
                 "shutting down: ending runs, closing sockets, finishing in-flight requests"
             );
-            orchestrator.shutdown(grace).await;
-            tracing::debug!("shutdown: runs ended");
-            // Closing sockets first ends long-polling requests, which would otherwise hold
-            // the graceful shutdown open until they time out. Every transport is told to
-            // close at once; waiting for each to confirm is bounded, since a socket that is
-            // mid-upgrade or whose peer vanished may only confirm at its ping timeout.
-            if tokio::time::timeout(SOCKETS_CLOSE_WITHIN.min(grace), hub_for_close.close())
+            if tokio::time::timeout_at(deadline, orchestrator.shutdown(grace))
                 .await
                 .is_err()
             {
+                tracing::warn!("shutdown: runs did not end within the shutdown timeout");
+            }
+            tracing::debug!("shutdown: runs ended");
+            close_sockets(&hub, deadline).await;
+            stop_background.cancel();
+        };
+        let server = accept_until(listener, app, edge, signal, began_rx, wind_down);
+        match server.await {
+            Drained::Cleanly => {}
+            Drained::DeadlinePassed { open } => {
                 tracing::warn!(
-                    within_ms = SOCKETS_CLOSE_WITHIN.min(grace).as_millis() as u64,
-                    "shutdown: some sockets did not confirm their close; going on"
+                    connections = open,
+                    "shutdown timeout elapsed with requests still open; dropping them"
                 );
-            } else {
-                tracing::debug!("shutdown: sockets closed");
             }
-            let _ = stop_tx.send(true);
-        };
-        let server = accept_until(listener, app, edge, signal);
-        let result = tokio::select! {
-            () = server => Ok(()),
-            _ = async {
-                let _ = stop_rx.wait_for(|stopped| *stopped).await;
-                tokio::time::sleep(grace).await;
-            } => {
-                tracing::warn!("shutdown grace period elapsed with requests still open");
-                Ok(())
-            }
-        };
+        }
         stop.cancel();
         tasks.close();
-        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
-            tracing::warn!("background work did not stop within the shutdown grace period");
+        // The background work stops between two steps; it was told to when the sockets
+        // closed. A short allowance past the deadline lets an ingest consumer hand its
+        // lease back rather than leave it to expire.
+        if tokio::time::timeout(BACKGROUND_STOP_WITHIN, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background work did not stop in time");
         }
-        result
+        Ok(())
     }
 }
 
 /// How long shutdown waits for closed sockets to confirm before it drains HTTP.
 const SOCKETS_CLOSE_WITHIN: Duration = Duration::from_secs(2);
 
-/// Accepts connections until `shutdown` resolves, then asks each open HTTP connection to
-/// finish its request and close, and waits for them. (An upgraded websocket is no longer
-/// an HTTP connection: the hub closes those.)
-async fn accept_until(
+/// How long the background work has to stop once the HTTP drain is over.
+const BACKGROUND_STOP_WITHIN: Duration = Duration::from_secs(1);
+
+/// Closes every socket. Closing them ends long-polling requests, which would otherwise
+/// hold the drain open until they time out. Every transport is told to close at once;
+/// waiting for each to confirm is bounded, since a socket that is mid-upgrade or whose
+/// peer vanished may only confirm at its ping timeout.
+async fn close_sockets(hub: &Hub, deadline: Instant) {
+    let within = deadline.min(Instant::now() + SOCKETS_CLOSE_WITHIN);
+    if tokio::time::timeout_at(within, hub.close()).await.is_err() {
+        tracing::warn!("shutdown: some sockets did not confirm their close; going on");
+    } else {
+        tracing::debug!("shutdown: sockets closed");
+    }
+}
+
+/// How the HTTP drain ended.
+enum Drained {
+    Cleanly,
+    DeadlinePassed { open: usize },
+}
+
+/// Accepts connections until `shutdown` resolves, then stops accepting and asks each open
+/// HTTP connection to finish the request it is serving and close; runs `wind_down` (which
+/// ends the long-polls), and waits for the connections until the deadline `began` carries.
+/// (An upgraded websocket is no longer an HTTP connection: the hub closes those.)
+async fn accept_until<W, F>(
     listener: TcpListener,
     app: axum::Router,
     edge: EdgeLimits,
     shutdown: impl Future<Output = ()>,
-) {
+    began: oneshot::Receiver<Instant>,
+    wind_down: W,
+) -> Drained
+where
+    W: FnOnce(Instant) -> F,
+    F: Future<Output = ()>,
+{
     let slots = Arc::new(Semaphore::new(
         edge.max_connections.min(Semaphore::MAX_PERMITS),
     ));
@@ -302,11 +332,23 @@ async fn accept_until(
             draining.clone(),
         ));
     }
+    // Nothing new from here: no connection, and no further request on a kept-alive one (a
+    // client reconnecting over one would open a socket that holds the drain open).
     drop(listener);
     draining.cancel();
+    let deadline = began.await.unwrap_or_else(|_| Instant::now());
+    wind_down(deadline).await;
     connections.close();
-    connections.wait().await;
+    if tokio::time::timeout_at(deadline, connections.wait())
+        .await
+        .is_err()
+    {
+        return Drained::DeadlinePassed {
+            open: connections.len(),
+        };
+    }
     tracing::debug!("shutdown: connections drained");
+    Drained::Cleanly
 }
 
 /// A connection over `--max-connections`: closed at once, nothing read or written, so it

@@ -468,3 +468,45 @@ async fn a_credential_over_its_ingest_event_rate_gets_429_and_other_credentials_
     );
     server.shutdown().await;
 }
+
+/// Shutdown stops taking connections at once and fits in `--shutdown-timeout-secs`: a
+/// request whose body never finishes (here under a 30 s body timeout) is dropped at the
+/// deadline rather than waited for.
+#[tokio::test]
+async fn shutdown_stops_accepting_at_once_and_fits_in_its_timeout() {
+    let app = spawn_app_with(|c| {
+        c.shutdown_timeout_secs = 2;
+        c.body_timeout_ms = 30_000;
+    })
+    .await;
+    let addr = app.addr;
+    let mut stuck = TcpStream::connect(addr).await.unwrap();
+    stuck
+        .write_all(
+            b"POST /api/sessions/held/events HTTP/1.1\r\nHost: herald\r\n\
+              Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"event\"",
+        )
+        .await
+        .unwrap();
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    assert!(healthz_on(&mut idle).await.starts_with("HTTP/1.1 200"));
+
+    let signalled = Instant::now();
+    let stopping = tokio::spawn(app.shutdown_within(Duration::from_secs(10)));
+    loop {
+        match TcpStream::connect(addr).await {
+            Err(_) => break,
+            Ok(_) if signalled.elapsed() < WAIT => tokio::task::yield_now().await,
+            Ok(_) => panic!("the node still accepts connections {WAIT:?} after the signal"),
+        }
+    }
+    // A kept-alive connection serves nothing more: it is closed without an answer.
+    assert_eq!(read_until_closed(&mut idle, WAIT).await, "");
+    stopping.await.expect("shutdown finishes");
+    let took = signalled.elapsed();
+    assert!(
+        took < Duration::from_millis(3500),
+        "the drain fits in --shutdown-timeout-secs, whatever is still open: {took:?}"
+    );
+    drop(stuck);
+}

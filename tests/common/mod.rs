@@ -213,12 +213,17 @@ impl TestServer {
     }
 
     /// Stops the server the way SIGTERM does and waits for it to finish.
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
+        self.shutdown_within(WAIT).await
+    }
+
+    /// [`TestServer::shutdown`], failing unless the server finishes within `limit`.
+    pub async fn shutdown_within(mut self, limit: Duration) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(handle) = self.handle.take() {
-            tokio::time::timeout(WAIT, handle)
+            tokio::time::timeout(limit, handle)
                 .await
                 .expect("graceful shutdown finishes")
                 .expect("server task ok");

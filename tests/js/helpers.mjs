@@ -42,7 +42,9 @@ export function spawnHerald(extraArgs = [], { env = {}, readyTimeoutMs = 30000, 
   const args = ['serve', '--host', '127.0.0.1', '--port', '0', ...(dev ? ['--dev'] : []), ...extraArgs];
   const proc = spawn(bin, args, {
     stdio: ['ignore', 'pipe', 'pipe'],
-    env: { ...process.env, ...env },
+    // A drain bounded well inside `stop()`'s wait, so a slow drain shows as herald's own
+    // warning and a clean exit, and only a real hang as a failed stop.
+    env: { HERALD_SHUTDOWN_TIMEOUT_SECS: '4', ...process.env, ...env },
   });
   live.add(proc);
 
