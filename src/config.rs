@@ -366,6 +366,17 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
     pub run_log_deadline_secs: u64,
 
+    /// A directory for this node's sessions (logs, snapshots, idempotency keys, owners):
+    /// they survive a restart or a crash (docs/durability.md). Without it, and without
+    /// Redis, everything stays in this process's memory. Not with `--redis-url`.
+    #[arg(
+        long,
+        env = "HERALD_DATA_DIR",
+        help_heading = "Server",
+        conflicts_with = "redis_url"
+    )]
+    pub data_dir: Option<PathBuf>,
+
     /// Redis URL (e.g. redis://127.0.0.1:6379): nodes sharing it share sessions, logs and
     /// rooms. Without it everything stays in this process.
     #[arg(long, env = "HERALD_REDIS_URL", help_heading = "Redis")]

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod datadir;
 pub mod demo;
 pub mod edge;
 pub mod error;

@@ -65,6 +65,8 @@ pub enum ServerError {
     Auth(#[from] AuthConfigError),
     #[error("cannot use Redis at {url}: {message}")]
     Redis { url: String, message: String },
+    #[error(transparent)]
+    DataDir(#[from] crate::datadir::DataDirError),
     #[error("server failed: {0}")]
     Serve(#[from] std::io::Error),
 }
@@ -553,9 +555,24 @@ async fn detach_handshake_head(mut request: Request) -> Request {
 
 type Backends = (Arc<dyn EventLog>, Arc<dyn SessionStore>, Option<Cluster>);
 
-/// In-memory log and store, or (with `--redis-url`) Redis ones shared by every node.
+/// In-memory log and store, or (with `--data-dir`) this node's on disk, or (with
+/// `--redis-url`) Redis ones shared by every node.
 async fn backends(config: &Config) -> Result<Backends, ServerError> {
     let Some(url) = &config.redis_url else {
+        if let Some(path) = &config.data_dir {
+            let path = path.clone();
+            let (log_limits, store_limits) = (config.log_limits(), config.store_limits());
+            let (log, store) = tokio::task::spawn_blocking(move || {
+                crate::datadir::open(&path, log_limits, store_limits)
+            })
+            .await
+            .map_err(|e| ServerError::Serve(io::Error::other(e)))??;
+            tracing::info!(
+                path = %config.data_dir.as_deref().unwrap_or(std::path::Path::new("")).display(),
+                "sessions, logs and snapshots live in the data dir"
+            );
+            return Ok((Arc::new(log), Arc::new(store), None));
+        }
         let log = Arc::new(MemoryLog::with_limits(config.log_limits()));
         let store = MemoryStore::with_limits(config.store_limits());
         return Ok((log, Arc::new(store), None));

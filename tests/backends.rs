@@ -3,8 +3,8 @@
 //! concurrency) and the [`SessionStore`] (the fold, listing, metadata, expiry).
 //!
 //! A behaviour is an async function over `Arc<dyn EventLog>` / `Arc<dyn SessionStore>`;
-//! `log_suite!` and `store_suite!` turn it into a `memory` and a `redis` test
-//! (`cargo test --test backends redis`). Each Redis test runs its own `redis-server`
+//! `log_suite!` and `store_suite!` turn it into a `memory`, a `disk` (the data dir) and a
+//! `redis` test (`cargo test --test backends redis`). Each Redis test runs its own `redis-server`
 //! (tests/common/redis.rs) and uses its own key prefix. Behaviours that only exist with
 //! several nodes (two `RedisLog`s or `RedisStore`s on one Redis) are Redis-only tests at
 //! the end.
@@ -43,6 +43,17 @@ fn memory_log(max_events: u64) -> Arc<dyn EventLog> {
 
 fn memory_store() -> Arc<dyn SessionStore> {
     Arc::new(MemoryStore::new())
+}
+
+/// A log and store in a fresh data dir, which lives as long as the returned guard.
+fn disk_backends(
+    log_limits: LogLimits,
+    store_limits: StoreLimits,
+) -> (tempfile::TempDir, Arc<dyn EventLog>, Arc<dyn SessionStore>) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let (log, store) = herald::datadir::open(dir.path(), log_limits, store_limits)
+        .unwrap_or_else(|e| panic!("datadir::open: {e}"));
+    (dir, Arc::new(log), Arc::new(store))
 }
 
 /// A key prefix no other test uses.
@@ -88,6 +99,13 @@ macro_rules! log_suite {
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn disk() {
+                let (_dir, log, _) =
+                    disk_backends(LogLimits::events($max_events), StoreLimits::default());
+                bounded(super::$behaviour(log)).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn redis() {
                 let server = RedisServer::start().await;
                 let prefix = prefix(stringify!($behaviour));
@@ -108,6 +126,13 @@ macro_rules! store_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn memory() {
                 bounded(super::$behaviour(memory_log(KEEP_ALL), memory_store())).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn disk() {
+                let (_dir, log, store) =
+                    disk_backends(LogLimits::events(KEEP_ALL), StoreLimits::default());
+                bounded(super::$behaviour(log, store)).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1432,6 +1457,12 @@ macro_rules! limits_suite {
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn disk() {
+                let (_dir, log, store) = disk_backends(tight_log(), tight_store());
+                bounded(super::$behaviour(log, store)).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn redis() {
                 let server = RedisServer::start().await;
                 let (log, store) = tight_redis(&server, &prefix(stringify!($behaviour))).await;
@@ -1686,4 +1717,124 @@ async fn redis_every_session_key_expires() {
             "{key} expires within the idle TTL (PTTL {ttl})"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// The data dir across restarts (one node; memory forgets, Redis is shared by nodes).
+
+/// Opens the data dir at `path` again, as a restarted node does.
+fn reopen(path: &std::path::Path) -> (Arc<dyn EventLog>, Arc<dyn SessionStore>) {
+    let (log, store) =
+        herald::datadir::open(path, LogLimits::events(KEEP_ALL), StoreLimits::default())
+            .unwrap_or_else(|e| panic!("datadir::open again: {e}"));
+    (Arc::new(log), Arc::new(store))
+}
+
+/// A reopened data dir has every session as it was: the same epoch and seqs, its events
+/// byte for byte, its idempotency keys (a retry is still a duplicate), its ended mark, its
+/// snapshot with metadata and owner; and numbering goes on without a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_a_reopened_data_dir_has_every_session_as_it_was() {
+    let (dir, log, store) = disk_backends(LogLimits::events(KEEP_ALL), StoreLimits::default());
+    let sid = "s-reopen";
+    let first = publish(
+        &*log,
+        &*store,
+        sid,
+        vec![keyed("k1", progress(1)), progress(2)],
+    )
+    .await;
+    store
+        .set_origin(
+            sid,
+            &Origin {
+                metadata: Some(json!({ "team": "a" })),
+                owner: Some("alice".into()),
+            },
+        )
+        .await
+        .unwrap();
+    publish(
+        &*log,
+        &*store,
+        "s-ended",
+        vec![draft(EventKind::Completed, json!({ "result": 1 }))],
+    )
+    .await;
+    let before: Vec<String> = log
+        .read(sid, 0, READ_ALL)
+        .await
+        .unwrap()
+        .events
+        .iter()
+        .map(|e| e.json.get().to_owned())
+        .collect();
+    let snapshot_before = comparable(&get(&*store, sid).await);
+    drop((log, store));
+
+    let (log, store) = reopen(dir.path());
+    let head = log.head(sid).await.unwrap();
+    assert_eq!(
+        head.epoch.as_ref(),
+        Some(&first.epoch),
+        "the epoch is unchanged"
+    );
+    assert_eq!((head.first_seq, head.last_seq), (1, 2));
+    let after: Vec<String> = log
+        .read(sid, 0, READ_ALL)
+        .await
+        .unwrap()
+        .events
+        .iter()
+        .map(|e| e.json.get().to_owned())
+        .collect();
+    assert_eq!(after, before, "the same bytes");
+    assert_eq!(comparable(&get(&*store, sid).await), snapshot_before);
+    let snapshot = get(&*store, sid).await;
+    assert_eq!(snapshot.summary.owner.as_deref(), Some("alice"));
+    assert_eq!(snapshot.metadata, json!({ "team": "a" }));
+
+    let retry = append(&*log, sid, vec![keyed("k1", progress(1)), progress(3)]).await;
+    assert_eq!(retry.duplicates, 1, "the key is remembered");
+    assert_eq!(retry.seqs, vec![Some(1), Some(3)], "numbering goes on");
+    let refused = log
+        .append_as("s-ended", vec![progress(9)], Writer::Producer)
+        .await;
+    assert!(
+        matches!(refused, Err(LogError::SessionEnded(_))),
+        "an ended session stays ended: {refused:?}"
+    );
+    let mut sessions = listed(&*store, None).await;
+    sessions.sort();
+    assert_eq!(sessions, ["s-ended", "s-reopen"]);
+}
+
+/// A crash between an append (durable) and its fold (not waited for) leaves the snapshot
+/// behind its log: opening the data dir folds it forward, so the snapshot never lacks an
+/// acknowledged event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_a_snapshot_behind_its_log_is_folded_forward_on_open() {
+    let (dir, log, store) = disk_backends(LogLimits::events(KEEP_ALL), StoreLimits::default());
+    publish(&*log, &*store, "s-behind", progresses(1..=2)).await;
+    // Logged, never folded: as if the node died between the two.
+    append(
+        &*log,
+        "s-behind",
+        vec![draft(EventKind::Completed, json!({ "result": "done" }))],
+    )
+    .await;
+    append(&*log, "s-unfolded", progresses(1..=3)).await;
+    drop((log, store));
+
+    let (log, store) = reopen(dir.path());
+    let behind = get(&*store, "s-behind").await;
+    assert_eq!(behind.summary.last_seq, 3);
+    assert_eq!(behind.summary.status, SessionStatus::Completed);
+    assert_eq!(behind.result, Some(json!("done")));
+    assert_eq!(
+        comparable(&behind),
+        folded(&*log, "s-behind", Value::Null).await
+    );
+    let unfolded = get(&*store, "s-unfolded").await;
+    assert_eq!(unfolded.summary.last_seq, 3);
 }
