@@ -667,6 +667,16 @@ impl Hub {
         Ok(self.inner.store.set_origin(session_id, origin).await?)
     }
 
+    /// See [`SessionStore::record_run`].
+    pub async fn record_run(&self, session_id: &str, running: bool) -> Result<(), HubError> {
+        Ok(self.inner.store.record_run(session_id, running).await?)
+    }
+
+    /// See [`SessionStore::interrupted_runs`].
+    pub async fn interrupted_runs(&self) -> Result<Vec<String>, HubError> {
+        Ok(self.inner.store.interrupted_runs().await?)
+    }
+
     /// Who owns a session (SPEC §5): the subject of the token that created it.
     pub async fn owner(&self, session_id: &str) -> Result<Option<String>, HubError> {
         Ok(self

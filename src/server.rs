@@ -187,6 +187,14 @@ impl Server {
             cluster,
             edge,
         } = self;
+        match orchestrator.fail_interrupted().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                runs = n,
+                "ended the runs a crash interrupted (NODE_LOST): runs do not resume yet"
+            ),
+            Err(error) => tracing::warn!(%error, "could not end the runs a crash interrupted"),
+        }
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(sweep_forever(

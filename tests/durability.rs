@@ -206,3 +206,66 @@ async fn sigkill_during_ingest_loses_no_acknowledged_event() {
         }
     }
 }
+
+/// A run the node was running when it was killed does not hang on restart: the data dir
+/// recorded it, and the restarted node ends it `NODE_LOST` (once), keeping what it had
+/// logged. (Resuming runs is SPEC §7's next step; until then this is what a crash costs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_interrupted_by_a_crash_ends_node_lost_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap().to_owned();
+    let args = ["--data-dir", data_dir.as_str()];
+    let mut node = Node::start("node", &args).await;
+    let (status, created) = node
+        .post_json(
+            "/api/wizard/sessions",
+            &json!({ "prompts": ["A story about [clarify] a fox"], "models": ["sim-fast"] }),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let session_id = created["sessionId"].as_str().unwrap().to_owned();
+    // A producer-fed session beside it, which no restart may end.
+    let (status, _) = node
+        .post_events("fed-1", &json!([common::progress(1)]))
+        .await;
+    assert_eq!(status, 202);
+    let mut client = node.connect().await;
+    let ack = client
+        .call(
+            "subscribe",
+            &json!({ "sessionId": session_id, "lastSeq": 0 }),
+        )
+        .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    client.wait_for("clarification").await;
+    node.kill().await;
+
+    let node = Node::start("node-restarted", &args).await;
+    let mut client = node.connect().await;
+    let ack = client
+        .call(
+            "subscribe",
+            &json!({ "sessionId": session_id, "lastSeq": 0 }),
+        )
+        .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    let error = client.wait_for("error").await;
+    assert_eq!(error["code"], "NODE_LOST", "{error}");
+    let snapshot = node
+        .snapshot(&session_id)
+        .await
+        .expect("the session survived");
+    assert_eq!(snapshot["status"], "FAILED");
+    let events = node.history(&session_id).await.unwrap();
+    let errors = events.iter().filter(|e| e["event"] == "error").count();
+    assert_eq!(errors, 1, "one terminal error: {events:?}");
+    assert!(
+        events.iter().any(|e| e["event"] == "clarification"),
+        "what the run logged before the crash is kept"
+    );
+    let fed = node.snapshot("fed-1").await.unwrap();
+    assert_eq!(
+        fed["status"], "PROCESSING",
+        "a producer-fed session is not a run"
+    );
+}

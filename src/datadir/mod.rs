@@ -16,7 +16,9 @@
 //! - `events`: id `0x00` seq (big-endian) → kind byte + the event's JSON;
 //! - `keys`: id `0x00` idempotency key → seq; `key_order`: id `0x00` seq → key, so the
 //!   oldest keys are forgotten first;
-//! - `snapshots`: id → the snapshot and when it last changed and ended (JSON).
+//! - `snapshots`: id → the snapshot and when it last changed and ended (JSON);
+//! - `runs`: the ids of the sessions this node's orchestrator is running (written durably
+//!   when a run starts and ends), so a restart after a crash knows which it interrupted.
 
 mod log;
 mod store;
@@ -49,6 +51,7 @@ pub(crate) struct DataDir {
     keys: PartitionHandle,
     key_order: PartitionHandle,
     snapshots: PartitionHandle,
+    runs: PartitionHandle,
     /// Per session, the lock that orders its writes (appends and folds alike). std locks,
     /// taken only on blocking threads.
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
@@ -84,6 +87,7 @@ impl DataDir {
             keys: partition("keys")?,
             key_order: partition("key_order")?,
             snapshots: partition("snapshots")?,
+            runs: partition("runs")?,
             keyspace,
             locks: Mutex::default(),
         }))

@@ -286,4 +286,35 @@ impl SessionStore for DiskStore {
         self.blocking(move |store| store.take_where(|times| times.touched.elapsed() >= idle))
             .await
     }
+
+    async fn record_run(&self, session_id: &str, running: bool) -> Result<(), StoreError> {
+        let session_id = session_id.to_owned();
+        self.blocking(move |store| {
+            let runs = &store.dir.runs;
+            let mut batch = store
+                .dir
+                .keyspace
+                .batch()
+                .durability(Some(fjall::PersistMode::SyncAll));
+            if running {
+                batch.insert(runs, session_id.as_str(), []);
+            } else {
+                batch.remove(runs, session_id.as_str());
+            }
+            batch.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn interrupted_runs(&self) -> Result<Vec<String>, StoreError> {
+        self.blocking(move |store| {
+            let mut ids = Vec::new();
+            for pair in store.dir.runs.iter() {
+                let (key, _) = pair.map_err(backend)?;
+                ids.push(String::from_utf8_lossy(&key).into_owned());
+            }
+            Ok(ids)
+        })
+        .await
+    }
 }

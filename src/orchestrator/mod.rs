@@ -357,11 +357,17 @@ impl Orchestrator {
         {
             tracing::warn!(session_id, %error, "could not record this node as the session's runner");
         }
+        if let Err(error) = self.inner.hub.record_run(&session_id, true).await {
+            tracing::warn!(session_id, %error, "could not record the run in the data dir");
+        }
         let this = self.clone();
         let id = session_id.clone();
         self.inner.runs.spawn(async move {
             run.run(tx, rx).await;
             this.inner.running.lock().unwrap().remove(&id);
+            if let Err(error) = this.inner.hub.record_run(&id, false).await {
+                tracing::warn!(session_id = id, %error, "could not record the run's end");
+            }
             if let Some(cluster) = &this.inner.cluster
                 && let Err(error) = cluster.release(&id).await
             {
@@ -487,6 +493,21 @@ impl Orchestrator {
             }
             Err(error) => Some(Err(OrchestratorError::NodeUnavailable(error.to_string()))),
         }
+    }
+
+    /// Ends the runs a crash of this node interrupted (recorded in the data dir, which
+    /// outlives the process): each gets `error { code: "NODE_LOST" }`, as a lost node's
+    /// runs do in a cluster. Returns how many. (Runs do not resume yet: SPEC §7.)
+    pub async fn fail_interrupted(&self) -> Result<usize, OrchestratorError> {
+        let interrupted = self.inner.hub.interrupted_runs().await?;
+        for session_id in &interrupted {
+            match self.fail_lost(session_id).await {
+                Ok(()) | Err(OrchestratorError::SessionNotFound(_)) => {}
+                Err(error) => return Err(error),
+            }
+            self.inner.hub.record_run(session_id, false).await?;
+        }
+        Ok(interrupted.len())
     }
 
     /// Ends a session whose node was lost: `error { code: "NODE_LOST" }`, unless it

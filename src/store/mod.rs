@@ -345,4 +345,15 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn take_expired(&self, ttl: std::time::Duration) -> Result<Vec<String>, StoreError>;
     /// Removes and names the sessions, ended or not, that changed last more than `idle` ago.
     async fn take_idle(&self, idle: std::time::Duration) -> Result<Vec<String>, StoreError>;
+    /// Records that this node's orchestrator runs `session_id` (`running`), or no longer
+    /// does. A backend that outlives the process (the data dir) keeps the record, so that a
+    /// node restarted after a crash knows which runs the crash interrupted. (In Redis the
+    /// cluster's claims do this, across nodes.)
+    async fn record_run(&self, _session_id: &str, _running: bool) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// The runs recorded as running and never recorded as ended ([`SessionStore::record_run`]).
+    async fn interrupted_runs(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
 }
