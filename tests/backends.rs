@@ -1722,6 +1722,16 @@ async fn redis_every_session_key_expires() {
 // ---------------------------------------------------------------------------------------
 // The data dir across restarts (one node; memory forgets, Redis is shared by nodes).
 
+/// Every retained event of a session, as the bytes it was logged as.
+async fn logged_bytes(log: &dyn EventLog, session_id: &str) -> Vec<String> {
+    let slice = log.read(session_id, 0, READ_ALL).await.unwrap();
+    slice
+        .events
+        .iter()
+        .map(|e| e.json.get().to_owned())
+        .collect()
+}
+
 /// Opens the data dir at `path` again, as a restarted node does.
 fn reopen(path: &std::path::Path) -> (Arc<dyn EventLog>, Arc<dyn SessionStore>) {
     let (log, store) =
@@ -1761,14 +1771,7 @@ async fn disk_a_reopened_data_dir_has_every_session_as_it_was() {
         vec![draft(EventKind::Completed, json!({ "result": 1 }))],
     )
     .await;
-    let before: Vec<String> = log
-        .read(sid, 0, READ_ALL)
-        .await
-        .unwrap()
-        .events
-        .iter()
-        .map(|e| e.json.get().to_owned())
-        .collect();
+    let before = logged_bytes(&*log, sid).await;
     let snapshot_before = comparable(&get(&*store, sid).await);
     drop((log, store));
 
@@ -1780,14 +1783,7 @@ async fn disk_a_reopened_data_dir_has_every_session_as_it_was() {
         "the epoch is unchanged"
     );
     assert_eq!((head.first_seq, head.last_seq), (1, 2));
-    let after: Vec<String> = log
-        .read(sid, 0, READ_ALL)
-        .await
-        .unwrap()
-        .events
-        .iter()
-        .map(|e| e.json.get().to_owned())
-        .collect();
+    let after = logged_bytes(&*log, sid).await;
     assert_eq!(after, before, "the same bytes");
     assert_eq!(comparable(&get(&*store, sid).await), snapshot_before);
     let snapshot = get(&*store, sid).await;

@@ -207,6 +207,17 @@ async fn sigkill_during_ingest_loses_no_acknowledged_event() {
     }
 }
 
+/// Subscribes with `lastSeq: 0`, so the whole log is replayed.
+async fn subscribe_from_start(client: &mut common::Client, session_id: &str) {
+    let ack = client
+        .call(
+            "subscribe",
+            &json!({ "sessionId": session_id, "lastSeq": 0 }),
+        )
+        .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+}
+
 /// A run the node was running when it was killed does not hang on restart: the data dir
 /// recorded it, and the restarted node ends it `NODE_LOST` (once), keeping what it had
 /// logged. (Resuming runs is SPEC §7's next step; until then this is what a crash costs.)
@@ -230,25 +241,13 @@ async fn a_run_interrupted_by_a_crash_ends_node_lost_on_restart() {
         .await;
     assert_eq!(status, 202);
     let mut client = node.connect().await;
-    let ack = client
-        .call(
-            "subscribe",
-            &json!({ "sessionId": session_id, "lastSeq": 0 }),
-        )
-        .await;
-    assert_eq!(ack["ok"], true, "{ack}");
+    subscribe_from_start(&mut client, &session_id).await;
     client.wait_for("clarification").await;
     node.kill().await;
 
     let node = Node::start("node-restarted", &args).await;
     let mut client = node.connect().await;
-    let ack = client
-        .call(
-            "subscribe",
-            &json!({ "sessionId": session_id, "lastSeq": 0 }),
-        )
-        .await;
-    assert_eq!(ack["ok"], true, "{ack}");
+    subscribe_from_start(&mut client, &session_id).await;
     let error = client.wait_for("error").await;
     assert_eq!(error["code"], "NODE_LOST", "{error}");
     let snapshot = node

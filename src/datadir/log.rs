@@ -1,18 +1,16 @@
 //! [`DiskLog`]: the event log in the data dir.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use fjall::PersistMode;
-use serde_json::value::to_raw_value;
 
 use super::{DataDir, Head, encode_event, idempotency_key, seq_key, seq_of, session_prefix};
-use crate::event::{EventDraft, finalize};
+use crate::event::EventDraft;
 use crate::log::{
-    AppendOutcome, Appended, Epoch, EventLog, LogError, LogHead, LogLimits, LogSlice, LoggedEvent,
-    Writer,
+    AppendOutcome, Appended, Epoch, EventLog, LogError, LogHead, LogLimits, LogSlice, Numbered,
+    Writer, number,
 };
 
 /// Idempotency keys remembered per session; the oldest are forgotten first (as in memory).
@@ -92,43 +90,25 @@ impl DiskLog {
             }
         }
         let mut batch = dir.keyspace.batch().durability(Some(PersistMode::SyncAll));
-        let mut seqs = Vec::with_capacity(drafts.len());
-        let mut appended = Vec::with_capacity(drafts.len());
-        let mut new_keys: HashMap<String, u64> = HashMap::new();
-        let mut next = head.last_seq;
-        let mut ends = false;
-        for draft in drafts {
-            if let Some(key) = &draft.idempotency_key {
-                let seen = match new_keys.get(key) {
-                    Some(seq) => Some(*seq),
-                    None => known(key)?,
-                };
-                if let Some(seq) = seen {
-                    seqs.push(Some(seq));
-                    continue;
-                }
-            }
-            next += 1;
-            ends |= draft.ends_session();
-            let data = finalize(session_id, next, draft.data);
-            let event = Arc::new(LoggedEvent {
-                seq: next,
-                kind: draft.kind,
-                json: to_raw_value(&data)?,
-            });
-            head.bytes += event.json.get().len() as u64;
-            if let Some(key) = draft.idempotency_key {
-                batch.insert(
-                    &dir.keys,
-                    idempotency_key(session_id, &key),
-                    next.to_be_bytes(),
-                );
-                batch.insert(&dir.key_order, seq_key(session_id, next), key.as_bytes());
-                new_keys.insert(key, next);
-            }
-            seqs.push(Some(next));
-            appended.push(Appended { event, data });
+        let Numbered {
+            appended,
+            seqs,
+            new_keys,
+            last_seq: next,
+            ends,
+        } = number(session_id, drafts, head.last_seq, known)?;
+        for (key, seq) in &new_keys {
+            batch.insert(
+                &dir.keys,
+                idempotency_key(session_id, key),
+                seq.to_be_bytes(),
+            );
+            batch.insert(&dir.key_order, seq_key(session_id, *seq), key.as_bytes());
         }
+        head.bytes += appended
+            .iter()
+            .map(|a| a.event.json.get().len() as u64)
+            .sum::<u64>();
         head.keys += new_keys.len() as u64;
         self.forget_oldest_keys(session_id, &mut head, &mut batch)?;
         head.last_seq = next;

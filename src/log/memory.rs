@@ -4,13 +4,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
-use serde_json::value::to_raw_value;
 
 use super::{
-    AppendOutcome, Appended, Epoch, EventLog, LogError, LogHead, LogLimits, LogSlice, LoggedEvent,
-    Writer,
+    AppendOutcome, Epoch, EventLog, LogError, LogHead, LogLimits, LogSlice, LoggedEvent, Numbered,
+    Writer, number,
 };
-use crate::event::{EventDraft, finalize};
+use crate::event::EventDraft;
 
 /// Idempotency keys remembered per session; the oldest are forgotten first.
 const MAX_KEYS_PER_SESSION: usize = 10_000;
@@ -141,39 +140,17 @@ impl EventLog for MemoryLog {
             return Err(LogError::SessionEnded(session_id.to_owned()));
         }
         let reopen = writer == Writer::Reopening;
-        // Build the whole batch first and commit it at the end, so that a failure leaves
+        // Number the whole batch first and commit it at the end, so that a failure leaves
         // the log untouched (all-or-nothing).
-        let mut seqs = Vec::with_capacity(drafts.len());
-        let mut appended = Vec::with_capacity(drafts.len());
-        // Keys first seen in this batch; a batch may repeat its own key.
-        let mut new_keys: HashMap<String, u64> = HashMap::new();
-        let mut next = log.last_seq;
-        let mut ends = false;
-        for draft in drafts {
-            if let Some(key) = &draft.idempotency_key {
-                let seen = log.keys.get(key).or_else(|| new_keys.get(key)).copied();
-                if let Some(seq) = seen {
-                    seqs.push(Some(seq));
-                    continue;
-                }
-            }
-            next += 1;
-            ends |= draft.ends_session();
-            let data = finalize(session_id, next, draft.data);
-            let json = to_raw_value(&data)?;
-            if let Some(key) = draft.idempotency_key {
-                new_keys.insert(key, next);
-            }
-            seqs.push(Some(next));
-            appended.push(Appended {
-                event: Arc::new(LoggedEvent {
-                    seq: next,
-                    kind: draft.kind,
-                    json,
-                }),
-                data,
-            });
-        }
+        let Numbered {
+            appended,
+            seqs,
+            new_keys,
+            last_seq: next,
+            ends,
+        } = number(session_id, drafts, log.last_seq, |key| {
+            Ok::<_, LogError>(log.keys.get(key).copied())
+        })?;
         for (key, seq) in new_keys {
             log.remember_key(key, seq);
         }

@@ -10,6 +10,7 @@
 mod epoch;
 mod memory;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -155,6 +156,71 @@ impl LogLimits {
             idle_ttl: std::time::Duration::from_secs(30 * 24 * 3600),
         }
     }
+}
+
+/// A batch numbered by [`number`]: what a backend then commits.
+#[derive(Debug)]
+pub(crate) struct Numbered {
+    pub appended: Vec<Appended>,
+    pub seqs: Vec<Option<u64>>,
+    /// Keys first seen in this batch, each with its event's `seq`.
+    pub new_keys: HashMap<String, u64>,
+    /// `seq` of the batch's last new event (`last_seq` when none is new).
+    pub last_seq: u64,
+    /// The batch holds a terminal event.
+    pub ends: bool,
+}
+
+/// Numbers a batch after `last_seq`: a draft whose idempotency key `known` (or an earlier
+/// draft of the batch) already has keeps that `seq` and is skipped; the others get the
+/// next numbers and are serialized, once. The memory and data-dir logs share it (Redis
+/// numbers in its Lua script).
+pub(crate) fn number<E>(
+    session_id: &str,
+    drafts: Vec<EventDraft>,
+    last_seq: u64,
+    mut known: impl FnMut(&str) -> Result<Option<u64>, E>,
+) -> Result<Numbered, E>
+where
+    E: From<serde_json::Error>,
+{
+    let mut numbered = Numbered {
+        appended: Vec::with_capacity(drafts.len()),
+        seqs: Vec::with_capacity(drafts.len()),
+        new_keys: HashMap::new(),
+        last_seq,
+        ends: false,
+    };
+    for draft in drafts {
+        if let Some(key) = &draft.idempotency_key {
+            let seen = match numbered.new_keys.get(key) {
+                Some(seq) => Some(*seq),
+                None => known(key)?,
+            };
+            if let Some(seq) = seen {
+                numbered.seqs.push(Some(seq));
+                continue;
+            }
+        }
+        numbered.last_seq += 1;
+        let seq = numbered.last_seq;
+        numbered.ends |= draft.ends_session();
+        let data = crate::event::finalize(session_id, seq, draft.data);
+        let json = serde_json::value::to_raw_value(&data)?;
+        if let Some(key) = draft.idempotency_key {
+            numbered.new_keys.insert(key, seq);
+        }
+        numbered.seqs.push(Some(seq));
+        numbered.appended.push(Appended {
+            event: Arc::new(LoggedEvent {
+                seq,
+                kind: draft.kind,
+                json,
+            }),
+            data,
+        });
+    }
+    Ok(numbered)
 }
 
 /// Who appends, which decides whether an ended session takes the events.
