@@ -19,10 +19,9 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("HERALD_LOG")
-                .unwrap_or_else(|_| EnvFilter::new("info,socketioxide=warn,engineioxide=warn")),
-        )
+        .with_env_filter(EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| {
+            EnvFilter::new("info,socketioxide=warn,engineioxide=warn,fjall=warn,lsm_tree=warn")
+        }))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();

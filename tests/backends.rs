@@ -1834,3 +1834,29 @@ async fn disk_a_snapshot_behind_its_log_is_folded_forward_on_open() {
     let unfolded = get(&*store, "s-unfolded").await;
     assert_eq!(unfolded.summary.last_seq, 3);
 }
+
+/// One data dir, one process: a second open while the first holds it is refused with a
+/// clear error (two writers would corrupt it); once the first is closed it opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_a_data_dir_in_use_is_refused() {
+    let (dir, log, store) = disk_backends(LogLimits::events(KEEP_ALL), StoreLimits::default());
+    let second = herald::datadir::open(
+        dir.path(),
+        LogLimits::events(KEEP_ALL),
+        StoreLimits::default(),
+    );
+    match second {
+        Err(error @ herald::datadir::DataDirError::InUse { .. }) => {
+            assert!(
+                error
+                    .to_string()
+                    .contains("in use by another herald process"),
+                "{error}"
+            );
+        }
+        Err(other) => panic!("expected InUse, got {other}"),
+        Ok(_) => panic!("a data dir in use was opened a second time"),
+    }
+    drop((log, store));
+    let _ = reopen(dir.path());
+}

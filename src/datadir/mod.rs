@@ -40,6 +40,45 @@ use crate::store::StoreLimits;
 pub enum DataDirError {
     #[error("cannot open the data dir {path}: {message}")]
     Open { path: String, message: String },
+    /// Two processes writing one data dir would corrupt it: the second is refused.
+    #[error(
+        "the data dir {path} is in use by another herald process (its lock file {lock} is held)"
+    )]
+    InUse { path: String, lock: String },
+}
+
+/// The lock file that keeps a data dir to one process.
+const LOCK_FILE: &str = "herald.lock";
+
+/// Takes the data dir's lock for as long as the process holds the returned file (the OS
+/// releases it when the process ends, however it ends).
+fn lock(path: &Path) -> Result<std::fs::File, DataDirError> {
+    let shown = || path.display().to_string();
+    std::fs::create_dir_all(path).map_err(|e| DataDirError::Open {
+        path: shown(),
+        message: e.to_string(),
+    })?;
+    let lock_path = path.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| DataDirError::Open {
+            path: shown(),
+            message: e.to_string(),
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(DataDirError::InUse {
+            path: shown(),
+            lock: lock_path.display().to_string(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(DataDirError::Open {
+            path: shown(),
+            message: e.to_string(),
+        }),
+    }
 }
 
 /// The open data dir: the keyspace and its partitions, shared by [`DiskLog`] and
@@ -55,6 +94,8 @@ pub(crate) struct DataDir {
     /// Per session, the lock that orders its writes (appends and folds alike). std locks,
     /// taken only on blocking threads.
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// The data dir's lock file, held while this is open.
+    _lock: std::fs::File,
 }
 
 /// A session's log head as stored.
@@ -71,6 +112,7 @@ pub(crate) struct Head {
 
 impl DataDir {
     fn open(path: &Path) -> Result<Arc<Self>, DataDirError> {
+        let lock = lock(path)?;
         let failed = |e: fjall::Error| DataDirError::Open {
             path: path.display().to_string(),
             message: e.to_string(),
@@ -90,6 +132,7 @@ impl DataDir {
             runs: partition("runs")?,
             keyspace,
             locks: Mutex::default(),
+            _lock: lock,
         }))
     }
 
