@@ -243,7 +243,8 @@ impl Server {
             stop_background.cancel();
         };
         let server = accept_until(listener, app, edge, signal, began_rx, wind_down);
-        match server.await {
+        let (drained, deadline) = server.await;
+        match drained {
             Drained::Cleanly => {}
             Drained::DeadlinePassed { open } => {
                 tracing::warn!(
@@ -255,12 +256,11 @@ impl Server {
         stop.cancel();
         tasks.close();
         // The background work stops between two steps; it was told to when the sockets
-        // closed. A short allowance past the deadline lets an ingest consumer hand its
-        // lease back rather than leave it to expire.
-        if tokio::time::timeout(BACKGROUND_STOP_WITHIN, tasks.wait())
-            .await
-            .is_err()
-        {
+        // closed, and has until the deadline (at least a short allowance past a drain that
+        // used it all), so an ingest consumer hands its lease back rather than leave it to
+        // expire.
+        let until = deadline.max(Instant::now() + BACKGROUND_STOP_WITHIN);
+        if tokio::time::timeout_at(until, tasks.wait()).await.is_err() {
             tracing::warn!("background work did not stop in time");
         }
         Ok(())
@@ -303,7 +303,7 @@ async fn accept_until<W, F>(
     shutdown: impl Future<Output = ()>,
     began: oneshot::Receiver<Instant>,
     wind_down: W,
-) -> Drained
+) -> (Drained, Instant)
 where
     W: FnOnce(Instant) -> F,
     F: Future<Output = ()>,
@@ -353,12 +353,11 @@ where
         .await
         .is_err()
     {
-        return Drained::DeadlinePassed {
-            open: connections.len(),
-        };
+        let open = connections.len();
+        return (Drained::DeadlinePassed { open }, deadline);
     }
     tracing::debug!("shutdown: connections drained");
-    Drained::Cleanly
+    (Drained::Cleanly, deadline)
 }
 
 /// A connection over `--max-connections`: closed at once, nothing read or written, so it
