@@ -40,10 +40,7 @@ impl DiskLog {
         &self,
         work: impl FnOnce(&Self) -> Result<T, LogError> + Send + 'static,
     ) -> Result<T, LogError> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || work(&this))
-            .await
-            .map_err(|e| LogError::Backend(format!("data dir task failed: {e}")))?
+        super::blocking(self, work, LogError::Backend).await
     }
 
     fn append_now(

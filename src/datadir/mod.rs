@@ -201,6 +201,24 @@ pub fn open(
     Ok((log, store))
 }
 
+/// Runs `work` on `this` on a blocking thread (the disk is waited for there, never on the
+/// runtime's workers); a task that panicked becomes the backend's error through `failed`.
+async fn blocking<S, T, E>(
+    this: &S,
+    work: impl FnOnce(&S) -> Result<T, E> + Send + 'static,
+    failed: fn(String) -> E,
+) -> Result<T, E>
+where
+    S: Clone + Send + 'static,
+    T: Send + 'static,
+    E: Send + 'static,
+{
+    let this = this.clone();
+    tokio::task::spawn_blocking(move || work(&this))
+        .await
+        .map_err(|e| failed(format!("data dir task failed: {e}")))?
+}
+
 /// `id 0x00`: the start of every key of one session.
 fn session_prefix(session_id: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(session_id.len() + 9);

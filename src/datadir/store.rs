@@ -197,10 +197,7 @@ impl DiskStore {
         &self,
         work: impl FnOnce(&Self) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || work(&this))
-            .await
-            .map_err(|e| StoreError::Backend(format!("data dir task failed: {e}")))?
+        super::blocking(self, work, StoreError::Backend).await
     }
 }
 
