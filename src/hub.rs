@@ -667,14 +667,29 @@ impl Hub {
         Ok(self.inner.store.set_origin(session_id, origin).await?)
     }
 
-    /// See [`SessionStore::record_run`].
-    pub async fn record_run(&self, session_id: &str, running: bool) -> Result<(), HubError> {
-        Ok(self.inner.store.record_run(session_id, running).await?)
+    /// See [`SessionStore::keeps_runs`].
+    pub fn keeps_runs(&self) -> bool {
+        self.inner.store.keeps_runs()
     }
 
-    /// See [`SessionStore::interrupted_runs`].
-    pub async fn interrupted_runs(&self) -> Result<Vec<String>, HubError> {
-        Ok(self.inner.store.interrupted_runs().await?)
+    /// See [`SessionStore::save_run`].
+    pub async fn save_run(&self, session_id: &str, checkpoint: &[u8]) -> Result<(), HubError> {
+        Ok(self.inner.store.save_run(session_id, checkpoint).await?)
+    }
+
+    /// See [`SessionStore::load_run`].
+    pub async fn load_run(&self, session_id: &str) -> Result<Option<Vec<u8>>, HubError> {
+        Ok(self.inner.store.load_run(session_id).await?)
+    }
+
+    /// See [`SessionStore::drop_run`].
+    pub async fn drop_run(&self, session_id: &str) -> Result<(), HubError> {
+        Ok(self.inner.store.drop_run(session_id).await?)
+    }
+
+    /// See [`SessionStore::saved_runs`].
+    pub async fn saved_runs(&self) -> Result<Vec<String>, HubError> {
+        Ok(self.inner.store.saved_runs().await?)
     }
 
     /// Who owns a session (SPEC §5): the subject of the token that created it.

@@ -187,13 +187,13 @@ impl Server {
             cluster,
             edge,
         } = self;
-        match orchestrator.fail_interrupted().await {
-            Ok(0) => {}
-            Ok(n) => tracing::warn!(
-                runs = n,
-                "ended the runs a crash interrupted (NODE_LOST): runs do not resume yet"
-            ),
-            Err(error) => tracing::warn!(%error, "could not end the runs a crash interrupted"),
+        // In a cluster, watching the nodes resumes what is left (handed over, or lost).
+        if cluster.is_none() {
+            match orchestrator.resume_saved().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(runs = n, "resumed the runs saved before the restart"),
+                Err(error) => tracing::warn!(%error, "could not resume the saved runs"),
+            }
         }
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
@@ -470,20 +470,35 @@ impl AsyncWrite for Counted {
 }
 
 /// Keeps this node's liveness fresh and ends the sessions of nodes that were lost.
+/// Refreshes this node's lease, resumes the runs of nodes whose lease ran out, and takes
+/// its share of the runs handed over (woken at once when a node hands some over).
 async fn watch_nodes(cluster: Cluster, orchestrator: Orchestrator) {
     let mut tick = tokio::time::interval(cluster.lease() / 3);
     loop {
-        tick.tick().await;
-        match cluster.heartbeat().await {
-            Ok(lost) => {
-                for session_id in lost {
-                    tracing::warn!(session_id, "the node running this session was lost");
-                    if let Err(error) = orchestrator.fail_lost(&session_id).await {
-                        tracing::warn!(session_id, %error, "could not end a lost session");
+        let heartbeat = tokio::select! {
+            _ = tick.tick() => true,
+            () = cluster.handed_over() => false,
+        };
+        if heartbeat {
+            match cluster.heartbeat().await {
+                Ok(lost) => {
+                    for session_id in lost {
+                        tracing::warn!(
+                            session_id,
+                            "the node running this session was lost; resuming its run"
+                        );
+                        if let Err(error) = orchestrator.resume(&session_id).await {
+                            tracing::warn!(session_id, %error, "could not resume a lost node's run");
+                        }
                     }
                 }
+                Err(error) => tracing::warn!(%error, "cluster heartbeat failed"),
             }
-            Err(error) => tracing::warn!(%error, "cluster heartbeat failed"),
+        }
+        match orchestrator.resume_saved().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(runs = n, "resumed runs another node handed over"),
+            Err(error) => tracing::warn!(%error, "could not resume the runs handed over"),
         }
     }
 }

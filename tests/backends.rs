@@ -1071,6 +1071,33 @@ async fn store_follows_a_new_epoch(log: Arc<dyn EventLog>, store: Arc<dyn Sessio
     );
 }
 
+store_suite!(store_keeps_run_checkpoints);
+/// A run's checkpoint (SPEC §7) is saved whole, replaced by the next, listed while it is
+/// saved, and gone once dropped; each session's is its own.
+async fn store_keeps_run_checkpoints(_log: Arc<dyn EventLog>, store: Arc<dyn SessionStore>) {
+    assert_eq!(store.load_run("run-a").await.unwrap(), None);
+    assert!(store.saved_runs().await.unwrap().is_empty());
+    store.save_run("run-a", b"{\"first\":1}").await.unwrap();
+    store.save_run("run-b", b"{\"other\":2}").await.unwrap();
+    store.save_run("run-a", b"{\"second\":2}").await.unwrap();
+    assert_eq!(
+        store.load_run("run-a").await.unwrap().as_deref(),
+        Some(&b"{\"second\":2}"[..])
+    );
+    let mut saved = store.saved_runs().await.unwrap();
+    saved.sort();
+    assert_eq!(saved, ["run-a", "run-b"]);
+    store.drop_run("run-a").await.unwrap();
+    assert_eq!(store.load_run("run-a").await.unwrap(), None);
+    assert_eq!(store.saved_runs().await.unwrap(), ["run-b"]);
+    assert_eq!(
+        store.load_run("run-b").await.unwrap().as_deref(),
+        Some(&b"{\"other\":2}"[..])
+    );
+    // Dropping what is not saved is no error.
+    store.drop_run("run-a").await.unwrap();
+}
+
 store_suite!(store_folds_each_event_once);
 /// Applying events that are already folded (a retried publish whose first attempt landed)
 /// changes nothing: the snapshot stays the fold of the log.

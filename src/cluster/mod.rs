@@ -8,10 +8,12 @@
 //! - **Commands.** A cancel or clarification answer posted to a node that does not run the
 //!   session is forwarded to the node that does ([`Keys::node`], reply on [`Keys::reply`]),
 //!   found in the [`Keys::owners`] hash.
-//! - **Liveness.** Each node refreshes [`Keys::alive`] (a key with a TTL of one lease,
-//!   `--cluster-lease-ms`, 10 s). Sessions whose owner stopped refreshing are ended `FAILED`
-//!   with `code: NODE_LOST` by whichever node notices first (see `docs/deployment.md` for
-//!   why they are not taken over). A missing key is evidence only if its node could have
+//! - **Runs under a lease.** Each node refreshes [`Keys::alive`] (a key with a TTL of one
+//!   lease, `--cluster-lease-ms`, 10 s). A session whose owner stopped refreshing is claimed
+//!   by whichever node notices first (a compare-and-set on its owner entry, so exactly one
+//!   does), which resumes its run from its checkpoint. A node stopping hands its runs over at
+//!   once instead: it drops its claims and names the sessions on [`Keys::handover`], and the
+//!   first node to claim each (`HSETNX`) resumes it. A missing key is evidence only if its node could have
 //!   refreshed it: after a Redis outage every key may have expired although every node is
 //!   alive, so a node that could not reach Redis (or just started) judges nobody until its
 //!   heartbeats have succeeded for [`JUDGE_AFTER`] leases, time enough for the others to
@@ -45,6 +47,16 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// started) judges other nodes again: one for them to refresh their keys, one more for
 /// their reconnection backoff and a slow tick.
 pub const JUDGE_AFTER: u32 = 2;
+
+/// KEYS: owners. ARGV: session id, the lost node, this node. Moves the session's claim from
+/// the lost node to this one, unless another node did first.
+const TAKE_OVER: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  return 1
+end
+return 0
+"#;
 
 /// A command for the node that runs a session.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -110,6 +122,8 @@ struct Inner {
     lease: Duration,
     /// A std mutex: plain data, never held across an await.
     judge: Mutex<Judge>,
+    /// Woken when another node hands runs over.
+    handover: tokio::sync::Notify,
 }
 
 /// Whether this node has the evidence to judge other nodes lost: only once its own
@@ -161,6 +175,7 @@ impl Cluster {
                 handler: OnceLock::new(),
                 lease,
                 judge: Mutex::new(Judge::new(lease)),
+                handover: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -191,6 +206,37 @@ impl Cluster {
             .hset(self.keys().owners(), session_id, &self.inner.node_id)
             .await?;
         Ok(())
+    }
+
+    /// Claims `session_id` for this node if no node holds it (a run handed over); whether
+    /// this node got it.
+    pub async fn claim_if_free(&self, session_id: &str) -> Result<bool, ClusterError> {
+        let claimed: bool = self
+            .inner
+            .redis
+            .clone()
+            .hset_nx(self.keys().owners(), session_id, &self.inner.node_id)
+            .await?;
+        Ok(claimed)
+    }
+
+    /// Leaves `session_id`'s run to the other nodes: drops this node's claim, then wakes
+    /// them ([`Cluster::handed_over`]).
+    pub async fn hand_over(&self, session_id: &str) -> Result<(), ClusterError> {
+        self.release(session_id).await?;
+        let _: i64 = self
+            .inner
+            .redis
+            .clone()
+            .publish(self.keys().handover(), session_id)
+            .await?;
+        Ok(())
+    }
+
+    /// Returns when another node has handed runs over (at once if one did since the last
+    /// call).
+    pub async fn handed_over(&self) {
+        self.inner.handover.notified().await;
     }
 
     /// Forgets that this node runs `session_id` (its run ended).
@@ -257,7 +303,7 @@ impl Cluster {
     }
 
     /// Refreshes this node's liveness and returns the sessions whose owner is lost, each
-    /// claimed by this node alone (so that exactly one node ends each). Returns none while
+    /// claimed by this node alone (so that exactly one node resumes each). Returns none while
     /// this node lacks the evidence to judge (see the module docs).
     pub async fn heartbeat(&self) -> Result<Vec<String>, ClusterError> {
         let outcome = self.refresh_and_judge().await;
@@ -296,7 +342,13 @@ impl Cluster {
             if is_alive {
                 continue;
             }
-            let taken: i64 = redis.hdel(self.keys().owners(), &session_id).await?;
+            let taken: i64 = redis::Script::new(TAKE_OVER)
+                .key(self.keys().owners())
+                .arg(&session_id)
+                .arg(&node)
+                .arg(&self.inner.node_id)
+                .invoke_async(&mut redis)
+                .await?;
             if taken == 1 {
                 lost.push(session_id);
             }
@@ -346,8 +398,11 @@ impl Cluster {
         let events = self.keys().announcements();
         let commands = self.keys().node(&self.inner.node_id);
         let replies = self.keys().reply(&self.inner.node_id);
+        let handover = self.keys().handover();
         let mut pubsub = self.inner.client.get_async_pubsub().await?;
-        pubsub.subscribe(&[&events, &commands, &replies]).await?;
+        pubsub
+            .subscribe(&[&events, &commands, &replies, &handover])
+            .await?;
         *retry = FIRST_RETRY;
         tracing::info!(
             node = self.inner.node_id,
@@ -367,6 +422,8 @@ impl Cluster {
                 self.on_command(payload);
             } else if channel == replies {
                 self.on_reply(&payload);
+            } else if channel == handover {
+                self.inner.handover.notify_one();
             }
         }
         Ok(())

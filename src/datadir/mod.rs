@@ -17,8 +17,8 @@
 //! - `keys`: id `0x00` idempotency key → seq; `key_order`: id `0x00` seq → key, so the
 //!   oldest keys are forgotten first;
 //! - `snapshots`: id → the snapshot and when it last changed and ended (JSON);
-//! - `runs`: the ids of the sessions this node's orchestrator is running (written durably
-//!   when a run starts and ends), so a restart after a crash knows which it interrupted.
+//! - `runs`: id → the checkpoint of the session's run while it runs (written durably before
+//!   the run logs what it accounts for), so a restart resumes the runs it interrupted.
 
 mod log;
 mod store;

@@ -284,34 +284,56 @@ impl SessionStore for DiskStore {
             .await
     }
 
-    async fn record_run(&self, session_id: &str, running: bool) -> Result<(), StoreError> {
+    fn keeps_runs(&self) -> bool {
+        true
+    }
+
+    async fn save_run(&self, session_id: &str, checkpoint: &[u8]) -> Result<(), StoreError> {
+        let (session_id, checkpoint) = (session_id.to_owned(), checkpoint.to_vec());
+        self.blocking(move |store| store.write_run(&session_id, Some(&checkpoint)))
+            .await
+    }
+
+    async fn load_run(&self, session_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let session_id = session_id.to_owned();
         self.blocking(move |store| {
-            let runs = &store.dir.runs;
-            let mut batch = store
-                .dir
-                .keyspace
-                .batch()
-                .durability(Some(fjall::PersistMode::SyncAll));
-            if running {
-                batch.insert(runs, session_id.as_str(), []);
-            } else {
-                batch.remove(runs, session_id.as_str());
-            }
-            batch.commit().map_err(backend)
+            let value = store.dir.runs.get(session_id.as_str()).map_err(backend)?;
+            Ok(value.map(|bytes| bytes.to_vec()))
         })
         .await
     }
 
-    async fn interrupted_runs(&self) -> Result<Vec<String>, StoreError> {
+    async fn drop_run(&self, session_id: &str) -> Result<(), StoreError> {
+        let session_id = session_id.to_owned();
+        self.blocking(move |store| store.write_run(&session_id, None))
+            .await
+    }
+
+    async fn saved_runs(&self) -> Result<Vec<String>, StoreError> {
         self.blocking(move |store| {
             let mut ids = Vec::new();
-            for pair in store.dir.runs.iter() {
-                let (key, _) = pair.map_err(backend)?;
-                ids.push(String::from_utf8_lossy(&key).into_owned());
+            for key in store.dir.runs.keys() {
+                ids.push(String::from_utf8_lossy(&key.map_err(backend)?).into_owned());
             }
             Ok(ids)
         })
         .await
+    }
+}
+
+impl DiskStore {
+    /// Writes (`Some`) or removes a run's checkpoint, on disk before it returns.
+    fn write_run(&self, session_id: &str, checkpoint: Option<&[u8]>) -> Result<(), StoreError> {
+        let runs = &self.dir.runs;
+        let mut batch = self
+            .dir
+            .keyspace
+            .batch()
+            .durability(Some(fjall::PersistMode::SyncAll));
+        match checkpoint {
+            Some(bytes) => batch.insert(runs, session_id, bytes),
+            None => batch.remove(runs, session_id),
+        }
+        batch.commit().map_err(backend)
     }
 }

@@ -72,6 +72,10 @@ pub struct ModelResult {
     pub status: ModelStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Which start of this model on this prompt the event belongs to, from 2: present only
+    /// once a run resumed on another node (or after a restart) started the unit again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
 }
 
 /// `clarification`: a question a model asked, and what became of it.
@@ -227,6 +231,7 @@ mod tests {
             result: "partial".into(),
             status: ModelStatus::Processing,
             error: None,
+            attempt: None,
         };
         emits(
             result.clone(),

@@ -101,6 +101,22 @@ impl Admission {
     }
 
     /// Sessions running now (all subjects).
+    /// A slot for a run resumed from another node (or from before a restart): counted like
+    /// any other, but never refused, since the run was admitted when it was created and
+    /// refusing it now would lose it. The caps may be exceeded until runs end.
+    pub fn readmit(&self, subject: Option<&str>) -> RunSlot {
+        let mut counts = self.counts.lock().unwrap();
+        counts.total += 1;
+        let subject: Option<Arc<str>> = subject.map(Arc::from);
+        if let Some(key) = &subject {
+            *counts.per_subject.entry(key.clone()).or_insert(0) += 1;
+        }
+        RunSlot {
+            counts: self.counts.clone(),
+            subject,
+        }
+    }
+
     #[cfg(test)]
     fn running(&self) -> usize {
         self.counts.lock().unwrap().total

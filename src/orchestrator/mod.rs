@@ -15,6 +15,7 @@
 //! the memory log holds a mutex). The request whose event the log reports as a duplicate
 //! gets 409.
 
+mod checkpoint;
 pub mod config;
 mod limits;
 mod run;
@@ -38,6 +39,7 @@ use crate::intake::{IntakeError, Runs};
 use crate::log::LogError;
 use crate::providers::{self, Provider};
 use crate::store::Origin;
+use checkpoint::Checkpoint;
 use config::{ModelConfig, ModelsFile, OrchestratorSettings};
 use limits::{Admission, Cap};
 pub use limits::{RETRY_AFTER_SECS, RunLimits};
@@ -144,9 +146,10 @@ pub mod keys {
     /// The error event that ends a session whose node was lost.
     pub const LOST: &str = "herald:lost";
 
-    /// The `n`th event a run logs (from 1), so a retried publish is not logged twice.
-    pub fn run_event(n: u64) -> String {
-        format!("herald:run:{n}")
+    /// The `n`th event (from 1) a run's `generation` logs, so a retried publish is not
+    /// logged twice. A resumed run starts a new generation (see `checkpoint`).
+    pub fn run_event(generation: u32, n: u64) -> String {
+        format!("herald:run:{generation}:{n}")
     }
 
     /// The `answered` event of a clarification answered in the log: it is answered once.
@@ -320,7 +323,14 @@ impl Orchestrator {
             .admit(owner.as_deref())
             .map_err(OrchestratorError::TooManyRuns)?;
         let session_id = uuid::Uuid::new_v4().to_string();
-        let run = Run::new(
+        // Claimed before anything is saved, so no other node takes the run for an orphan.
+        if let Some(cluster) = &self.inner.cluster {
+            cluster.claim(&session_id).await.map_err(|error| {
+                tracing::warn!(%error, "could not record this node as a new session's runner");
+                OrchestratorError::BackendUnavailable
+            })?;
+        }
+        let mut run = Run::new(
             session_id.clone(),
             self.inner.hub.clone(),
             strategy,
@@ -330,11 +340,12 @@ impl Orchestrator {
             self.inner.global.clone(),
             slot,
             limits,
+            owner.clone(),
         );
-        self.inner
-            .hub
-            .publish(&session_id, vec![run.first_progress()])
-            .await?;
+        if let Err(error) = run.log_first().await {
+            self.release(&session_id).await;
+            return Err(error.into());
+        }
         let origin = Origin {
             metadata: request.metadata.map(Value::Object),
             owner,
@@ -342,6 +353,12 @@ impl Orchestrator {
         if origin.metadata.is_some() || origin.owner.is_some() {
             self.inner.hub.set_origin(&session_id, &origin).await?;
         }
+        self.start(session_id.clone(), run);
+        Ok(session_id)
+    }
+
+    /// Runs `run` in the background until it ends or this node hands it over.
+    fn start(&self, session_id: String, run: Run) {
         let (tx, rx) = mpsc::channel(RUN_QUEUE);
         let handle = RunHandle {
             tx: tx.clone(),
@@ -352,34 +369,156 @@ impl Orchestrator {
             .lock()
             .unwrap()
             .insert(session_id.clone(), handle);
-        if let Some(cluster) = &self.inner.cluster
-            && let Err(error) = cluster.claim(&session_id).await
-        {
-            tracing::warn!(session_id, %error, "could not record this node as the session's runner");
-        }
-        if let Err(error) = self.inner.hub.record_run(&session_id, true).await {
-            tracing::warn!(session_id, %error, "could not record the run in the data dir");
-        }
         let this = self.clone();
-        let id = session_id.clone();
         self.inner.runs.spawn(async move {
-            run.run(tx, rx).await;
-            this.inner.running.lock().unwrap().remove(&id);
-            if let Err(error) = this.inner.hub.record_run(&id, false).await {
-                tracing::warn!(session_id = id, %error, "could not record the run's end");
-            }
-            if let Some(cluster) = &this.inner.cluster
-                && let Err(error) = cluster.release(&id).await
-            {
-                tracing::warn!(session_id = id, %error, "could not release the session");
+            let end = run.run(tx, rx).await;
+            this.inner.running.lock().unwrap().remove(&session_id);
+            if end.is_final() {
+                this.forget_run(&session_id).await;
+            } else {
+                this.hand_over(&session_id).await;
             }
         });
-        Ok(session_id)
     }
 
-    /// Shutdown: starts no new run, ends every running one (each publishes its last events,
-    /// `error { code: "NODE_LOST" }`, and releases its claim), and waits up to `grace` for
-    /// them. Runs are told, never aborted, so none is cut off in the middle of a publish.
+    /// The run is over for good: its checkpoint and its claim go.
+    async fn forget_run(&self, session_id: &str) {
+        if self.inner.hub.keeps_runs()
+            && let Err(error) = self.inner.hub.drop_run(session_id).await
+        {
+            // Harmless: whoever finds it next sees the session has ended.
+            tracing::warn!(session_id, %error, "could not drop the ended run's checkpoint");
+        }
+        self.release(session_id).await;
+    }
+
+    /// Leaves the run, whose checkpoint is current, to another node (cluster mode), or to
+    /// this one once it restarts (data dir).
+    async fn hand_over(&self, session_id: &str) {
+        if let Some(cluster) = &self.inner.cluster
+            && let Err(error) = cluster.hand_over(session_id).await
+        {
+            // The claim then points at a node about to be gone: its lease hands it over.
+            tracing::warn!(session_id, %error, "could not hand the run over; the lease will");
+        }
+    }
+
+    async fn release(&self, session_id: &str) {
+        if let Some(cluster) = &self.inner.cluster
+            && let Err(error) = cluster.release(session_id).await
+        {
+            tracing::warn!(session_id, %error, "could not release the session");
+        }
+    }
+
+    /// Resumes the runs saved in the store that no node runs: on a restarted data dir,
+    /// all of them; in a cluster, those handed over, each taken by exactly one node.
+    /// Returns how many this node took.
+    pub async fn resume_saved(&self) -> Result<usize, OrchestratorError> {
+        if self.inner.stopping.load(Ordering::Acquire) {
+            return Ok(0);
+        }
+        let mut taken = 0;
+        for session_id in self.inner.hub.saved_runs().await? {
+            if self.running(&session_id).is_some() {
+                continue;
+            }
+            if let Some(cluster) = &self.inner.cluster {
+                match cluster.claim_if_free(&session_id).await {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(error) => {
+                        tracing::warn!(%error, "could not look for runs to resume");
+                        return Ok(taken);
+                    }
+                }
+            }
+            taken += 1;
+            self.resume(&session_id).await?;
+        }
+        Ok(taken)
+    }
+
+    /// Resumes the run of `session_id` from its checkpoint, once this node holds its claim
+    /// (cluster mode) or is the only one (data dir). A run that cannot be resumed ends
+    /// `NODE_LOST`, saying why; one that has ended is only forgotten.
+    pub async fn resume(&self, session_id: &str) -> Result<(), OrchestratorError> {
+        let hub = &self.inner.hub;
+        let saved = hub.load_run(session_id).await?;
+        let snapshot = hub.snapshot(session_id).await?;
+        let Some(snapshot) = snapshot.filter(|s| !s.summary.status.is_terminal()) else {
+            self.forget_run(session_id).await;
+            return Ok(());
+        };
+        let resumable = match saved {
+            None => Err("it was lost before its first checkpoint, or its node kept none".into()),
+            Some(bytes) => Checkpoint::decode(&bytes)
+                .map_err(|why| why.to_string())
+                .and_then(|checkpoint| self.resolve(checkpoint).map_err(|why| why.to_string())),
+        };
+        let (checkpoint, models) = match resumable {
+            Ok(found) => found,
+            Err(why) => {
+                tracing::warn!(
+                    session_id,
+                    why,
+                    "a run could not be resumed; it ends NODE_LOST"
+                );
+                let result = self.fail_lost(session_id, &why).await;
+                self.forget_run(session_id).await;
+                return result;
+            }
+        };
+        if self.inner.stopping.load(Ordering::Acquire) {
+            self.hand_over(session_id).await;
+            return Ok(());
+        }
+        let slot = self.inner.admission.readmit(checkpoint.owner.as_deref());
+        tracing::info!(
+            session_id,
+            generation = checkpoint.generation + 1,
+            "resuming a run"
+        );
+        let run = Run::resume(
+            session_id.to_owned(),
+            hub.clone(),
+            checkpoint,
+            &snapshot,
+            models,
+            self.inner.settings.clone(),
+            self.inner.global.clone(),
+            slot,
+            &self.inner.limits,
+        );
+        self.start(session_id.to_owned(), run);
+        Ok(())
+    }
+
+    /// This node's models for a checkpoint's, by name.
+    fn resolve(
+        &self,
+        checkpoint: Checkpoint,
+    ) -> Result<(Checkpoint, Vec<Arc<Model>>), checkpoint::Unresumable> {
+        let models = checkpoint
+            .models
+            .iter()
+            .map(|name| {
+                self.inner
+                    .models
+                    .iter()
+                    .find(|m| m.config.name == *name)
+                    .cloned()
+                    .ok_or_else(|| checkpoint::Unresumable::UnknownModel(name.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((checkpoint, models))
+    }
+
+    /// Shutdown: starts no new run and stops every running one, waiting up to `grace` for
+    /// them. Where checkpoints outlive the process (data dir, Redis) each run is handed over
+    /// as it stands: another node resumes it at once (cluster), or this one once restarted.
+    /// In memory nothing can resume it: it ends with `error { code: "NODE_LOST" }`. Runs are
+    /// told, never aborted, so none is cut off in the middle of a publish.
     pub async fn shutdown(&self, grace: std::time::Duration) {
         self.inner.stopping.store(true, Ordering::Release);
         let running: Vec<mpsc::Sender<Command>> = self
@@ -495,31 +634,18 @@ impl Orchestrator {
         }
     }
 
-    /// Ends the runs a crash of this node interrupted (recorded in the data dir, which
-    /// outlives the process): each gets `error { code: "NODE_LOST" }`, as a lost node's
-    /// runs do in a cluster. Returns how many. (Runs do not resume yet: SPEC §7.)
-    pub async fn fail_interrupted(&self) -> Result<usize, OrchestratorError> {
-        let interrupted = self.inner.hub.interrupted_runs().await?;
-        for session_id in &interrupted {
-            match self.fail_lost(session_id).await {
-                Ok(()) | Err(OrchestratorError::SessionNotFound(_)) => {}
-                Err(error) => return Err(error),
-            }
-            self.inner.hub.record_run(session_id, false).await?;
-        }
-        Ok(interrupted.len())
-    }
-
-    /// Ends a session whose node was lost: `error { code: "NODE_LOST" }`, unless it
-    /// already ended.
-    pub async fn fail_lost(&self, session_id: &str) -> Result<(), OrchestratorError> {
+    /// Ends a session whose run no node can resume (`why`): `error { code: "NODE_LOST" }`,
+    /// unless it already ended.
+    pub async fn fail_lost(&self, session_id: &str, why: &str) -> Result<(), OrchestratorError> {
         let snapshot = self.snapshot(session_id).await?;
         if snapshot.summary.status.is_terminal() {
             return Ok(());
         }
         let error = ErrorEvent::new(
             ErrorCode::NodeLost,
-            "the node running this session stopped; start the session again",
+            format!(
+                "the node running this session stopped and its run could not be resumed ({why}); start the session again"
+            ),
         );
         // Every node that notices the loss may get here; the key lets one error through.
         self.publish_once(session_id, error.draft(), keys::LOST.into())
@@ -797,10 +923,10 @@ mod tests {
 
     #[test]
     fn herald_keys_are_in_the_reserved_namespace() {
-        assert_eq!(keys::run_event(7), "herald:run:7");
+        assert_eq!(keys::run_event(2, 7), "herald:run:2:7");
         assert_eq!(keys::answer("c-1"), "herald:answer:c-1");
         for key in [
-            keys::run_event(1),
+            keys::run_event(1, 1),
             keys::answer("c"),
             keys::CANCEL.into(),
             keys::LOST.into(),

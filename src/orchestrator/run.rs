@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
 use serde::Serialize;
@@ -12,6 +12,10 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::checkpoint::{
+    Answered, Checkpoint, FORMAT, PromptStatus, SavedClarification, SavedEvent, SavedPrompt,
+    SavedQuestion, SavedUnit,
+};
 use super::config::OrchestratorSettings;
 use super::limits::{RunLimits, RunSlot};
 use super::{Model, OrchestratorError, Prompt, Strategy, keys};
@@ -50,6 +54,8 @@ pub(crate) enum Command {
         prompt: usize,
         model: usize,
         question: String,
+        /// The model's whole output that asked, which the conversation goes on from.
+        output: String,
         reply: oneshot::Sender<String>,
     },
     Respond {
@@ -66,22 +72,18 @@ pub(crate) enum Command {
     },
 }
 
-/// A prompt's state, as the run's result names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-enum PromptStatus {
-    Pending,
-    Processing,
-    Completed,
-    Failed,
-}
-
 /// One model's work on one prompt.
+#[derive(Default)]
 struct Unit {
     started: Option<Instant>,
     outcome: Option<Result<String, String>>,
     duration_ms: u64,
     attempts: u32,
+    /// How many times the unit started, on any node: above 1 once a resumed run started it
+    /// again (its events then say `attempt`).
+    starts: u32,
+    /// The questions it asked and the answers it got, in order.
+    answered: Vec<Answered>,
 }
 
 struct PromptState {
@@ -95,8 +97,11 @@ enum Clarification {
         prompt: usize,
         model: usize,
         question: String,
+        /// The model's output that asked.
+        output: String,
         deadline: Instant,
-        reply: oneshot::Sender<String>,
+        /// The worker waiting for the answer; `None` until a resumed run's worker waits.
+        reply: Option<oneshot::Sender<String>>,
     },
     Closed {
         status: ClarificationStatus,
@@ -106,19 +111,43 @@ enum Clarification {
 }
 
 /// How a run ended.
-enum End {
+pub(crate) enum End {
     Completed,
     AllFailed,
     Cancelled,
     Expired,
     Stopped,
+    /// This node stopped and left the run to another node (or to itself, restarted): its
+    /// checkpoint stays.
+    HandedOver,
+    /// It was resumed after its end was decided: its last events are logged now.
+    EndedBefore,
     /// Its events could not be logged within the run's log deadline.
     LogLost,
+}
+
+impl End {
+    /// Whether the run is over for good, so its checkpoint can go.
+    pub fn is_final(&self) -> bool {
+        !matches!(self, End::HandedOver)
+    }
 }
 
 pub(crate) struct Run {
     session_id: String,
     hub: Hub,
+    /// The subject the session is owned by, for the per-subject cap after a resume.
+    owner: Option<String>,
+    /// Whether the run saves checkpoints: only where they outlive the process.
+    checkpoints: bool,
+    /// This run's generation of idempotency keys: one more than the checkpoint's it was
+    /// resumed from (see [`super::checkpoint`]).
+    generation: u32,
+    /// A resumed run's outbox, logged before anything else.
+    outbox: Vec<EventDraft>,
+    /// Clarifications answered in the log while no node ran the session: applied once the
+    /// resumed run's workers wait for them.
+    answered_meanwhile: Vec<(String, String)>,
     strategy: Strategy,
     prompts: Vec<PromptState>,
     models: Vec<Arc<Model>>,
@@ -157,26 +186,24 @@ impl Run {
         global: Arc<Semaphore>,
         slot: RunSlot,
         limits: &RunLimits,
+        owner: Option<String>,
     ) -> Self {
         let prompts = prompts
             .into_iter()
             .map(|prompt| PromptState {
                 prompt,
                 status: PromptStatus::Pending,
-                units: models
-                    .iter()
-                    .map(|_| Unit {
-                        started: None,
-                        outcome: None,
-                        duration_ms: 0,
-                        attempts: 0,
-                    })
-                    .collect(),
+                units: models.iter().map(|_| Unit::default()).collect(),
             })
             .collect();
         Self {
             session_id,
+            checkpoints: hub.keeps_runs(),
             hub,
+            owner,
+            generation: 1,
+            outbox: Vec::new(),
+            answered_meanwhile: Vec::new(),
             strategy,
             prompts,
             models,
@@ -190,6 +217,122 @@ impl Run {
             log_deadline: limits.log_deadline,
             log_failing: Arc::default(),
             unlogged: Vec::new(),
+        }
+    }
+
+    /// The run a checkpoint describes, on this node: its models resolved (`models`, in the
+    /// checkpoint's order), its pending clarifications' deadlines kept, and the answers the
+    /// log got while no node ran it (`snapshot`) queued for its workers.
+    #[allow(clippy::too_many_arguments)]
+    pub fn resume(
+        session_id: String,
+        hub: Hub,
+        checkpoint: Checkpoint,
+        snapshot: &crate::store::Snapshot,
+        models: Vec<Arc<Model>>,
+        settings: OrchestratorSettings,
+        global: Arc<Semaphore>,
+        slot: RunSlot,
+        limits: &RunLimits,
+    ) -> Self {
+        let prompts = checkpoint
+            .prompts
+            .into_iter()
+            .zip(checkpoint.units)
+            .map(|(saved, units)| PromptState {
+                prompt: Prompt {
+                    id: saved.id,
+                    text: saved.text,
+                },
+                status: saved.status,
+                units: units.into_iter().map(Unit::restored).collect(),
+            })
+            .collect();
+        let mut answered_meanwhile = Vec::new();
+        let clarifications = checkpoint
+            .clarifications
+            .into_iter()
+            .map(|saved| {
+                let slot = match saved.pending {
+                    Some(q) => {
+                        if let Some(answer) = answered_in(snapshot, &saved.id) {
+                            answered_meanwhile.push((saved.id.clone(), answer));
+                        }
+                        Clarification::Pending {
+                            prompt: q.prompt,
+                            model: q.model,
+                            question: q.question,
+                            output: q.output,
+                            deadline: instant_of(q.deadline_ms),
+                            reply: None,
+                        }
+                    }
+                    None => Clarification::Closed {
+                        status: saved.status,
+                        answer: saved.answer,
+                    },
+                };
+                (saved.id, slot)
+            })
+            .collect();
+        let mut run = Self::new(
+            session_id,
+            hub,
+            checkpoint.strategy,
+            Vec::new(),
+            models,
+            settings,
+            global,
+            slot,
+            limits,
+            checkpoint.owner,
+        );
+        run.prompts = prompts;
+        run.clarifications = clarifications;
+        run.done = checkpoint.done;
+        run.generation = checkpoint.generation + 1;
+        run.outbox = checkpoint
+            .outbox
+            .into_iter()
+            .map(EventDraft::from)
+            .collect();
+        run.answered_meanwhile = answered_meanwhile;
+        if checkpoint.ended {
+            run.end();
+        }
+        run
+    }
+
+    /// The run's state now, with `outbox` (keyed) about to be logged.
+    fn checkpoint(&self, outbox: &[EventDraft]) -> Checkpoint {
+        Checkpoint {
+            format: FORMAT,
+            strategy: self.strategy,
+            prompts: self
+                .prompts
+                .iter()
+                .map(|p| SavedPrompt {
+                    id: p.prompt.id.clone(),
+                    text: p.prompt.text.clone(),
+                    status: p.status,
+                })
+                .collect(),
+            models: self.models.iter().map(|m| m.config.name.clone()).collect(),
+            owner: self.owner.clone(),
+            units: self
+                .prompts
+                .iter()
+                .map(|p| p.units.iter().map(Unit::saved).collect())
+                .collect(),
+            done: self.done,
+            clarifications: self
+                .clarifications
+                .iter()
+                .map(|(id, c)| saved_clarification(id, c))
+                .collect(),
+            generation: self.generation,
+            outbox: outbox.iter().map(SavedEvent::from).collect(),
+            ended: self.slot.is_none(),
         }
     }
 
@@ -211,8 +354,14 @@ impl Run {
         self.prompts.len() as u64 * per_prompt
     }
 
-    pub fn first_progress(&self) -> EventDraft {
-        self.progress(SessionStatus::Processing, None)
+    /// Logs the new run's first `progress`, after its first checkpoint: the run can be
+    /// resumed from the moment anyone can see it. Fails at once, for the caller to refuse
+    /// the session, rather than retrying.
+    pub async fn log_first(&mut self) -> Result<(), crate::hub::HubError> {
+        let mut events = vec![self.progress(SessionStatus::Processing, None)];
+        self.key(&mut events);
+        let saved = self.checkpoints.then(|| self.checkpoint(&events).encode());
+        self.log_once(saved.as_deref(), &events).await
     }
 
     /// A `progress` event from the current counts. Progress is the share of finished work,
@@ -268,16 +417,32 @@ impl Run {
             result: output,
             status,
             error,
+            attempt: (unit.starts > 1).then_some(unit.starts),
         }
         .draft()
     }
 
-    /// Runs the session to its end.
-    pub async fn run(mut self, tx: mpsc::Sender<Command>, mut rx: mpsc::Receiver<Command>) {
+    /// Runs the session to its end (or until this node hands it over); says how it ended.
+    pub async fn run(mut self, tx: mpsc::Sender<Command>, mut rx: mpsc::Receiver<Command>) -> End {
+        let resumed = self.generation > 1;
+        if resumed {
+            // Saves the new generation before it logs anything, and logs what the last
+            // checkpoint accounted for.
+            let outbox = std::mem::take(&mut self.outbox);
+            self.publish(outbox).await;
+            if self.slot.is_none() {
+                return End::EndedBefore;
+            }
+        }
         let mut workers = JoinSet::new();
         self.spawn_workers(&mut workers, &tx);
         // The API keeps its own sender; the run must not wait on its own.
         drop(tx);
+        for (clarification_id, answer) in std::mem::take(&mut self.answered_meanwhile) {
+            if let Err(error) = self.answer(&clarification_id, answer).await {
+                tracing::warn!(session_id = %self.session_id, %error, "could not apply an answer logged while the run was handed over");
+            }
+        }
         let end = loop {
             let deadline = self.next_deadline();
             let command = tokio::select! {
@@ -308,7 +473,7 @@ impl Run {
         // Dropping the workers drops their in-flight provider requests.
         workers.abort_all();
         let end = match end {
-            End::Stopped => end,
+            End::Stopped | End::HandedOver => end,
             _ if !self.unlogged.is_empty() => self.log_after_outage(end, &mut rx).await,
             _ => end,
         };
@@ -316,10 +481,17 @@ impl Run {
             tracing::error!(session_id = %self.session_id, events = self.unlogged.len(), "the node stopped before the log was back; the run's last events were not logged");
         }
         tracing::debug!(session_id = %self.session_id, ended = end.name(), "run ended");
+        end
     }
 
-    fn spawn_workers(&self, workers: &mut JoinSet<()>, tx: &mpsc::Sender<Command>) {
-        for (p, state) in self.prompts.iter().enumerate() {
+    /// Starts a worker for every unit still to run: all of them in a new run; in a resumed
+    /// one, those without a result, each from where its checkpoint left it.
+    fn spawn_workers(&mut self, workers: &mut JoinSet<()>, tx: &mpsc::Sender<Command>) {
+        for p in 0..self.prompts.len() {
+            let state = &self.prompts[p];
+            if matches!(state.status, PromptStatus::Completed | PromptStatus::Failed) {
+                continue;
+            }
             let worker = Worker {
                 tx: tx.clone(),
                 session_id: self.session_id.as_str().into(),
@@ -331,19 +503,28 @@ impl Run {
             };
             match self.strategy {
                 Strategy::All => {
-                    for (m, model) in self.models.iter().enumerate() {
-                        let worker = worker.clone();
-                        let model = model.clone();
+                    for m in 0..self.models.len() {
+                        if self.prompts[p].units[m].outcome.is_some() {
+                            continue;
+                        }
+                        let (worker, model) = (worker.clone(), self.models[m].clone());
+                        let resume = self.resume_point(p, m);
                         workers.spawn(async move {
-                            worker.run_model(m, &model).await;
+                            worker.run_model(m, &model, resume).await;
                         });
                     }
                 }
                 Strategy::Fallback => {
+                    // Models before the first without a result failed (a success ends the
+                    // prompt); the fallback goes on from it.
+                    let first = state.units.iter().position(|u| u.outcome.is_none());
+                    let Some(first) = first else { continue };
                     let models = self.models.clone();
+                    let mut resume = Some(self.resume_point(p, first));
                     workers.spawn(async move {
-                        for (m, model) in models.iter().enumerate() {
-                            if worker.run_model(m, model).await {
+                        for (m, model) in models.iter().enumerate().skip(first) {
+                            let from = resume.take().unwrap_or_default();
+                            if worker.run_model(m, model, from).await {
                                 break;
                             }
                         }
@@ -353,23 +534,51 @@ impl Run {
         }
     }
 
+    /// Where the unit of prompt `p` on model `m` goes on from: the answers it got, and the
+    /// question it is waiting on, whose worker is attached here.
+    fn resume_point(&mut self, p: usize, m: usize) -> Resume {
+        let answered = self.prompts[p].units[m].answered.clone();
+        let waiting = self.clarifications.values_mut().find_map(|c| match c {
+            Clarification::Pending {
+                prompt,
+                model,
+                output,
+                reply: reply @ None,
+                ..
+            } if *prompt == p && *model == m => {
+                let (tx, rx) = oneshot::channel();
+                *reply = Some(tx);
+                Some((output.clone(), rx))
+            }
+            _ => None,
+        });
+        Resume { answered, waiting }
+    }
+
     /// Logs the run's events, retrying while the log is unreachable (a Redis restart or
     /// failover) for up to the run's log deadline. Every event carries an idempotency key, so
     /// an attempt that reached the log although its reply was lost is not logged twice.
     /// The actor waits meanwhile, so its workers wait too, and the run's order holds. Past
     /// the deadline the events are kept in `unlogged`, and so is everything published after
     /// them: the run ends and [`Run::log_after_outage`] logs them.
-    async fn publish(&mut self, mut events: Vec<EventDraft>) {
+    async fn publish(&mut self, events: Vec<EventDraft>) {
+        self.publish_as(events, true).await;
+    }
+
+    /// [`Run::publish`], with a checkpoint saved first (`checkpoint`, where the store keeps
+    /// them) so a node that resumes the run knows what these events did.
+    async fn publish_as(&mut self, mut events: Vec<EventDraft>, checkpoint: bool) {
         self.key(&mut events);
         if !self.unlogged.is_empty() {
             self.unlogged.append(&mut events);
             return;
         }
+        let saved = (checkpoint && self.checkpoints).then(|| self.checkpoint(&events).encode());
         let deadline = Instant::now() + self.log_deadline;
         let mut pause = PUBLISH_FIRST_PAUSE;
         loop {
-            let error = match self.hub.publish(&self.session_id, events.clone()).await {
-                Ok(_) => {
+            let error = match self.log_once(saved.as_deref(), &events).await {
+                Ok(()) => {
                     self.log_failing.store(false, Ordering::Release);
                     return;
                 }
@@ -387,11 +596,27 @@ impl Run {
         }
     }
 
-    /// Gives each event the run's next reserved idempotency key.
+    /// Saves the checkpoint (when there is one), then logs the events.
+    async fn log_once(
+        &self,
+        checkpoint: Option<&[u8]>,
+        events: &[EventDraft],
+    ) -> Result<(), crate::hub::HubError> {
+        if let Some(checkpoint) = checkpoint {
+            self.hub.save_run(&self.session_id, checkpoint).await?;
+        }
+        if !events.is_empty() {
+            self.hub.publish(&self.session_id, events.to_vec()).await?;
+        }
+        Ok(())
+    }
+
+    /// Gives each event without one the run's next reserved idempotency key. (Events that
+    /// must be logged once whoever logs them, such as an answer, carry their own.)
     fn key(&self, events: &mut [EventDraft]) {
-        for event in events {
+        for event in events.iter_mut().filter(|e| e.idempotency_key.is_none()) {
             let n = self.published.fetch_add(1, Ordering::Relaxed) + 1;
-            event.idempotency_key = Some(keys::run_event(n));
+            event.idempotency_key = Some(keys::run_event(self.generation, n));
         }
     }
 
@@ -436,7 +661,7 @@ impl Run {
                 command = rx.recv(), if commands_open => match command {
                     Some(Command::Stop { reply }) => {
                         let _ = reply.send(());
-                        return End::Stopped;
+                        return if self.checkpoints { End::HandedOver } else { End::Stopped };
                     }
                     Some(Command::Cancel { reply }) | Some(Command::Respond { reply, .. }) => {
                         let _ = reply.send(Err(OrchestratorError::BackendUnavailable));
@@ -454,7 +679,9 @@ impl Run {
     async fn handle(&mut self, command: Command) -> Option<End> {
         match command {
             Command::Started { prompt, model } => {
-                self.prompts[prompt].units[model].started = Some(Instant::now());
+                let unit = &mut self.prompts[prompt].units[model];
+                unit.started = Some(Instant::now());
+                unit.starts += 1;
                 let started = ModelStatus::Processing;
                 let mut events =
                     vec![self.model_result(prompt, model, started, String::new(), None)];
@@ -470,7 +697,8 @@ impl Run {
                 output,
             } => {
                 let event = self.model_result(prompt, model, ModelStatus::Processing, output, None);
-                self.publish(vec![event]).await;
+                // Streamed output is not checkpointed: a resumed unit starts again.
+                self.publish_as(vec![event], false).await;
             }
             Command::Finished {
                 prompt,
@@ -486,6 +714,7 @@ impl Run {
                 prompt,
                 model,
                 question,
+                output,
                 reply,
             } => {
                 let clarification_id = uuid::Uuid::new_v4().to_string();
@@ -505,8 +734,9 @@ impl Run {
                         prompt,
                         model,
                         question,
+                        output,
                         deadline,
-                        reply,
+                        reply: Some(reply),
                     },
                 );
                 let progress = self.progress(SessionStatus::Processing, None);
@@ -526,10 +756,15 @@ impl Run {
                 let mut events = self.close_clarifications();
                 events.push(self.progress(SessionStatus::Failed, None));
                 let error = ErrorEvent::new(ErrorCode::Cancelled, "the session was cancelled");
-                events.push(error.draft());
+                events.push(keyed(error.draft(), keys::CANCEL));
                 self.publish(events).await;
                 let _ = reply.send(Ok(()));
                 return Some(End::Cancelled);
+            }
+            Command::Stop { reply } if self.checkpoints => {
+                // The checkpoint is current: another node, or this one restarted, resumes.
+                let _ = reply.send(());
+                return Some(End::HandedOver);
             }
             Command::Stop { reply } => {
                 self.end();
@@ -539,7 +774,7 @@ impl Run {
                     ErrorCode::NodeLost,
                     "the node running this session shut down; start the session again",
                 );
-                events.push(error.draft());
+                events.push(keyed(error.draft(), keys::LOST));
                 self.publish(events).await;
                 let _ = reply.send(());
                 return Some(End::Stopped);
@@ -622,12 +857,17 @@ impl Run {
             prompt,
             model,
             question,
+            output,
             reply,
             ..
         } = previous
         else {
             unreachable!("closed clarifications returned above")
         };
+        self.prompts[prompt].units[model].answered.push(Answered {
+            output,
+            answer: answer.clone(),
+        });
         let event = self.clarification_event(
             clarification_id,
             prompt,
@@ -636,6 +876,8 @@ impl Run {
             ClarificationStatus::Answered,
             Some(&answer),
         );
+        // The key an answer given in the log carries too: one `answered` per question.
+        let event = keyed(event, &keys::answer(clarification_id));
         let progress = self.progress(SessionStatus::Processing, None);
         self.publish(vec![event, progress]).await;
         if !self.unlogged.is_empty() {
@@ -643,7 +885,9 @@ impl Run {
             return Err(OrchestratorError::BackendUnavailable);
         }
         // The worker may be gone (the run is ending); the answer is logged either way.
-        let _ = reply.send(answer);
+        if let Some(reply) = reply {
+            let _ = reply.send(answer);
+        }
         Ok(())
     }
 
@@ -818,9 +1062,109 @@ impl End {
             End::Cancelled => "cancelled",
             End::Expired => "expired",
             End::Stopped => "stopped at shutdown",
+            End::HandedOver => "handed over at shutdown",
+            End::EndedBefore => "its end, decided before it was resumed, is logged",
             End::LogLost => "its log was unreachable for too long",
         }
     }
+}
+
+impl Unit {
+    fn saved(&self) -> SavedUnit {
+        SavedUnit {
+            starts: self.starts,
+            started_ms: self.started.map(|at| unix_ms_of(at)),
+            outcome: self.outcome.clone(),
+            duration_ms: self.duration_ms,
+            attempts: self.attempts,
+            answered: self.answered.clone(),
+        }
+    }
+
+    fn restored(saved: SavedUnit) -> Self {
+        Self {
+            started: saved.started_ms.map(instant_of),
+            outcome: saved.outcome,
+            duration_ms: saved.duration_ms,
+            attempts: saved.attempts,
+            starts: saved.starts,
+            answered: saved.answered,
+        }
+    }
+}
+
+fn saved_clarification(id: &str, clarification: &Clarification) -> SavedClarification {
+    match clarification {
+        Clarification::Pending {
+            prompt,
+            model,
+            question,
+            output,
+            deadline,
+            ..
+        } => SavedClarification {
+            id: id.to_owned(),
+            status: ClarificationStatus::Pending,
+            answer: None,
+            pending: Some(SavedQuestion {
+                prompt: *prompt,
+                model: *model,
+                question: question.clone(),
+                output: output.clone(),
+                deadline_ms: unix_ms_of(*deadline),
+            }),
+        },
+        Clarification::Closed { status, answer } => SavedClarification {
+            id: id.to_owned(),
+            status: *status,
+            answer: answer.clone(),
+            pending: None,
+        },
+    }
+}
+
+/// The answer the log holds for a clarification, if it was answered there.
+fn answered_in(snapshot: &crate::store::Snapshot, clarification_id: &str) -> Option<String> {
+    snapshot
+        .clarifications
+        .iter()
+        .find(|c| c.clarification_id == clarification_id)
+        .filter(|c| c.status == ClarificationStatus::Answered)
+        .and_then(|c| c.answer.clone())
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Wall-clock time of an instant, so it means the same on another node.
+fn unix_ms_of(at: Instant) -> u64 {
+    let now = Instant::now();
+    let unix = now_unix_ms();
+    if at >= now {
+        unix.saturating_add((at - now).as_millis() as u64)
+    } else {
+        unix.saturating_sub((now - at).as_millis() as u64)
+    }
+}
+
+/// The instant of a wall-clock time, on this node.
+fn instant_of(unix_ms: u64) -> Instant {
+    let now = Instant::now();
+    let unix = now_unix_ms();
+    if unix_ms >= unix {
+        now + Duration::from_millis(unix_ms - unix)
+    } else {
+        now.checked_sub(Duration::from_millis(unix - unix_ms))
+            .unwrap_or(now)
+    }
+}
+
+fn keyed(mut event: EventDraft, key: &str) -> EventDraft {
+    event.idempotency_key = Some(key.to_owned());
+    event
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -844,22 +1188,45 @@ struct Worker {
     settings: OrchestratorSettings,
 }
 
+/// Where a unit goes on from when a resumed run starts it (empty for a new unit).
+#[derive(Default)]
+struct Resume {
+    /// The questions it asked and their answers: the conversation so far.
+    answered: Vec<Answered>,
+    /// The question it waits on: the output that asked, and where the answer comes.
+    waiting: Option<(String, oneshot::Receiver<String>)>,
+}
+
 impl Worker {
-    /// Runs `model` on the prompt to its end: retries, clarifications and all. Returns
-    /// whether it succeeded. A closed channel means the run is over: stop quietly.
-    async fn run_model(&self, m: usize, model: &Model) -> bool {
+    /// Runs `model` on the prompt to its end: retries, clarifications and all, going on
+    /// from `resume`. Returns whether it succeeded. A closed channel means the run is over:
+    /// stop quietly.
+    async fn run_model(&self, m: usize, model: &Model, resume: Resume) -> bool {
         let (prompt, tx) = (self.prompt, &self.tx);
-        if tx
-            .send(Command::Started { prompt, model: m })
-            .await
-            .is_err()
-        {
-            return false;
-        }
         let mut messages = vec![
             ChatMessage::new(Role::System, SYSTEM_PROMPT),
             ChatMessage::new(Role::User, self.text.clone()),
         ];
+        for Answered { output, answer } in resume.answered {
+            messages.push(ChatMessage::new(Role::Assistant, output));
+            messages.push(ChatMessage::new(Role::User, answer));
+        }
+        match resume.waiting {
+            // Paused on a question: it goes on once answered, as it would have.
+            Some((output, answer)) => {
+                let Ok(answer) = answer.await else {
+                    return false;
+                };
+                messages.push(ChatMessage::new(Role::Assistant, output));
+                messages.push(ChatMessage::new(Role::User, answer));
+            }
+            None => {
+                let started = Command::Started { prompt, model: m };
+                if tx.send(started).await.is_err() {
+                    return false;
+                }
+            }
+        }
         let mut attempts = 0;
         let mut failures = 0;
         let outcome = loop {
@@ -872,6 +1239,7 @@ impl Worker {
                             prompt,
                             model: m,
                             question: question.to_owned(),
+                            output: output.clone(),
                             reply,
                         };
                         if tx.send(ask).await.is_err() {

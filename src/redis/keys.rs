@@ -59,7 +59,22 @@ impl Keys {
         self.session("snapv", session_id)
     }
 
+    /// The checkpoint of the session's run (JSON), while it runs.
+    pub fn run(&self, session_id: &str) -> String {
+        self.session("run", session_id)
+    }
+
     // Shared by all sessions.
+
+    /// Set of the sessions with a run checkpoint: the runs that have not ended.
+    pub fn runs(&self) -> String {
+        self.shared("runs")
+    }
+
+    /// Channel a node stopping names the runs it hands over on, so another takes them at once.
+    pub fn handover(&self) -> String {
+        self.shared("handover")
+    }
 
     /// Sorted set of session ids by creation time.
     pub fn sessions(&self) -> String {

@@ -307,6 +307,63 @@ impl SessionStore for RedisStore {
             .map_err(backend)?;
         self.take(&sessions, ids).await
     }
+
+    fn keeps_runs(&self) -> bool {
+        true
+    }
+
+    /// The checkpoint expires with the session's other keys (the idle TTL), refreshed by
+    /// every save; the index entry goes with [`SessionStore::drop_run`]. Two commands, not a
+    /// transaction: the keys are in different slots under Redis Cluster, and an index entry
+    /// whose checkpoint is gone reads as no checkpoint.
+    async fn save_run(&self, session_id: &str, checkpoint: &[u8]) -> Result<(), StoreError> {
+        let ttl_ms = u64::try_from(self.limits.idle_ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut redis = self.redis.clone();
+        let _: () = redis
+            .pset_ex(self.keys.run(session_id), checkpoint, ttl_ms)
+            .await
+            .map_err(backend)?;
+        let _: () = redis
+            .sadd(self.keys.runs(), session_id)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn load_run(&self, session_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = self.keys.run(session_id);
+        once_more(|| {
+            let mut redis = self.redis.clone();
+            let key = &key;
+            async move { redis.get(key).await }
+        })
+        .await
+        .map_err(backend)
+    }
+
+    async fn drop_run(&self, session_id: &str) -> Result<(), StoreError> {
+        let mut redis = self.redis.clone();
+        let _: () = redis
+            .del(self.keys.run(session_id))
+            .await
+            .map_err(backend)?;
+        let _: () = redis
+            .srem(self.keys.runs(), session_id)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn saved_runs(&self) -> Result<Vec<String>, StoreError> {
+        let runs = self.keys.runs();
+        once_more(|| {
+            let mut redis = self.redis.clone();
+            let runs = &runs;
+            async move { redis.smembers(runs).await }
+        })
+        .await
+        .map_err(backend)
+    }
 }
 
 impl RedisStore {

@@ -17,6 +17,9 @@ use crate::log::{Appended, Epoch};
 pub struct MemoryStore {
     sessions: RwLock<HashMap<String, Arc<Mutex<Entry>>>>,
     limits: StoreLimits,
+    /// Run checkpoints: kept so the behaviour is the backends' one, though nothing can
+    /// resume from them once the process is gone.
+    runs: Mutex<HashMap<String, Vec<u8>>>,
 }
 
 struct Entry {
@@ -35,6 +38,7 @@ impl MemoryStore {
         Self {
             sessions: RwLock::default(),
             limits,
+            runs: Mutex::default(),
         }
     }
 
@@ -132,5 +136,30 @@ impl SessionStore for MemoryStore {
 
     async fn take_idle(&self, idle: Duration) -> Result<Vec<String>, StoreError> {
         Ok(self.take_where(|entry| entry.touched.elapsed() >= idle))
+    }
+
+    fn keeps_runs(&self) -> bool {
+        false
+    }
+
+    async fn save_run(&self, session_id: &str, checkpoint: &[u8]) -> Result<(), StoreError> {
+        self.runs
+            .lock()
+            .unwrap()
+            .insert(session_id.to_owned(), checkpoint.to_vec());
+        Ok(())
+    }
+
+    async fn load_run(&self, session_id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.runs.lock().unwrap().get(session_id).cloned())
+    }
+
+    async fn drop_run(&self, session_id: &str) -> Result<(), StoreError> {
+        self.runs.lock().unwrap().remove(session_id);
+        Ok(())
+    }
+
+    async fn saved_runs(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.runs.lock().unwrap().keys().cloned().collect())
     }
 }

@@ -345,15 +345,17 @@ pub trait SessionStore: Send + Sync + 'static {
     async fn take_expired(&self, ttl: std::time::Duration) -> Result<Vec<String>, StoreError>;
     /// Removes and names the sessions, ended or not, that changed last more than `idle` ago.
     async fn take_idle(&self, idle: std::time::Duration) -> Result<Vec<String>, StoreError>;
-    /// Records that this node's orchestrator runs `session_id` (`running`), or no longer
-    /// does. A backend that outlives the process (the data dir) keeps the record, so that a
-    /// node restarted after a crash knows which runs the crash interrupted. (In Redis the
-    /// cluster's claims do this, across nodes.)
-    async fn record_run(&self, _session_id: &str, _running: bool) -> Result<(), StoreError> {
-        Ok(())
-    }
-    /// The runs recorded as running and never recorded as ended ([`SessionStore::record_run`]).
-    async fn interrupted_runs(&self) -> Result<Vec<String>, StoreError> {
-        Ok(Vec::new())
-    }
+    /// Whether the run checkpoints below outlive this process (the data dir, Redis): only
+    /// then can another process resume a run, and only then is checkpointing worth its cost.
+    fn keeps_runs(&self) -> bool;
+    /// Saves the checkpoint of the run of `session_id`, replacing its last one. It is durable
+    /// when this returns: a run saves it before it logs the events the checkpoint accounts
+    /// for (see `orchestrator::checkpoint`).
+    async fn save_run(&self, session_id: &str, checkpoint: &[u8]) -> Result<(), StoreError>;
+    /// The last checkpoint saved for `session_id`'s run, if it has one.
+    async fn load_run(&self, session_id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Forgets the run's checkpoint: it ended, or was given up.
+    async fn drop_run(&self, session_id: &str) -> Result<(), StoreError>;
+    /// The sessions with a saved run checkpoint: the runs that have not ended.
+    async fn saved_runs(&self) -> Result<Vec<String>, StoreError>;
 }

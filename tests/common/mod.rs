@@ -5,6 +5,7 @@
 pub mod fake_llm;
 pub mod node;
 pub mod redis;
+pub mod runs;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
