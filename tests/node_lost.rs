@@ -1,23 +1,173 @@
-//! A node running orchestrated sessions dies (SIGKILL): within the lease another node ends
-//! its sessions `FAILED` with `code: NODE_LOST`, so none hangs; producer-fed sessions on
-//! the dead node's Redis are untouched. And the converse: a Redis outage longer than the
-//! lease, with every node alive, ends no session `NODE_LOST`.
+//! A node running orchestrated sessions dies (SIGKILL): once its lease runs out another node
+//! resumes its runs (SPEC §7), and a run no node can resume ends `FAILED` with
+//! `code: NODE_LOST`, so none hangs; producer-fed sessions are untouched. A node shut down
+//! hands its runs over at once. And the converse: a Redis outage longer than the lease, with
+//! every node alive, takes no run from its node.
 
 mod common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use common::WAIT;
+use common::fake_llm::{FakeBehavior, FakeLlm};
 use common::node::Node;
 use common::progress;
 use common::redis::RedisServer;
+use common::runs::{FakeModel, check_history, poll, write_config};
 use serde_json::json;
 
+/// The lease the kill tests run with (the default is 10 s).
+const KILL_LEASE: Duration = Duration::from_millis(3000);
+
+async fn create(node: &Node, body: serde_json::Value) -> String {
+    let (status, created) = node.post_json("/api/wizard/sessions", &body).await;
+    assert_eq!(status, 201, "{}: {created}", node.name);
+    created["sessionId"].as_str().unwrap().to_owned()
+}
+
+/// Three nodes; the one running a session is killed mid-stream. Once its lease has run out,
+/// another node resumes the run from its checkpoint: the interrupted unit starts again
+/// (`attempt: 2`), the finished one is not asked again, and a client on a surviving node
+/// sees one contiguous history ending in `completed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sessions_of_a_killed_node_end_node_lost_within_the_lease() {
+async fn the_run_of_a_killed_node_is_resumed_by_another_once_its_lease_runs_out() {
+    let quick = FakeLlm::start(FakeBehavior::default()).await;
+    let steady = FakeLlm::start(FakeBehavior {
+        tokens: 200,
+        token_delay: Duration::from_millis(50),
+        ..FakeBehavior::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &[
+            FakeModel {
+                name: "quick",
+                fake: &quick,
+            },
+            FakeModel {
+                name: "steady",
+                fake: &steady,
+            },
+        ],
+        "update_interval_ms = 100",
+    );
+    let redis = RedisServer::start().await;
+    let (url, lease_ms) = (redis.url(), KILL_LEASE.as_millis().to_string());
+    let args = [
+        "--config",
+        config.to_str().unwrap(),
+        "--redis-url",
+        url.as_str(),
+        "--redis-prefix",
+        "resume",
+        "--cluster-lease-ms",
+        lease_ms.as_str(),
+    ];
+    let survivors_since = Instant::now();
+    let survivors = [
+        Node::start("survivor-1", &args).await,
+        Node::start("survivor-2", &args).await,
+    ];
+    let mut doomed = Node::start("doomed", &args).await;
+    let session_id = create(
+        &doomed,
+        json!({ "prompts": [{ "id": "fox", "text": "fox" }], "models": ["quick", "steady"] }),
+    )
+    .await;
+    let mut client = survivors[0].connect().await;
+    let ack = client
+        .call(
+            "subscribe",
+            &json!({ "sessionId": session_id, "lastSeq": 0 }),
+        )
+        .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    let mut seen = Vec::new();
+    let mut quick_done = false;
+    loop {
+        let (name, data) = client.next().await;
+        if data.get("seq").is_none() {
+            continue;
+        }
+        quick_done |=
+            name == "model_result" && data["modelName"] == "quick" && data["status"] == "completed";
+        let streaming = name == "model_result"
+            && data["modelName"] == "steady"
+            && !data["result"].as_str().unwrap_or("").is_empty();
+        seen.push(json!({ "event": name, "seq": data["seq"], "data": data }));
+        if quick_done && streaming {
+            break;
+        }
+    }
+    doomed.kill().await;
+    let killed_at = Instant::now();
+    // The second attempt need not be slow.
+    steady.set(|b| b.token_delay = Duration::ZERO);
+
+    loop {
+        let (name, data) = client.next_within(WAIT * 3).await;
+        if data.get("seq").is_none() {
+            continue;
+        }
+        let resumed = name == "model_result" && data["attempt"] == 2;
+        seen.push(json!({ "event": name, "seq": data["seq"], "data": data }));
+        if resumed {
+            break;
+        }
+    }
+    // The lease runs out, then a survivor's next heartbeat (a third of a lease) notices; a
+    // survivor judges only once its own heartbeats have run for JUDGE_AFTER leases.
+    let resumed_after = killed_at.elapsed();
+    let judging_from = survivors_since + KILL_LEASE * herald::cluster::JUDGE_AFTER;
+    let expected =
+        (KILL_LEASE + KILL_LEASE / 3).max(judging_from.saturating_duration_since(killed_at));
+    assert!(
+        resumed_after <= expected + Duration::from_millis(1500),
+        "resumed {resumed_after:?} after the kill; expected within {expected:?}"
+    );
+    loop {
+        let (name, data) = client.next_within(WAIT).await;
+        if data.get("seq").is_none() {
+            continue;
+        }
+        let done = name == "completed" || name == "error";
+        seen.push(json!({ "event": name, "seq": data["seq"], "data": data }));
+        if done {
+            break;
+        }
+    }
+    let history = check_history(&session_id, &seen);
+    assert_eq!(history.terminal[0]["event"], "completed", "{seen:?}");
+    assert_eq!(
+        quick.stats().requests_for("fox"),
+        1,
+        "the finished unit is not run again"
+    );
+    assert_eq!(
+        steady.stats().requests_for("fox"),
+        2,
+        "the interrupted one is, once"
+    );
+    let logged = survivors[1].history(&session_id).await.unwrap();
+    check_history(&session_id, &logged);
+}
+
+/// A run no node can resume (here: the survivors have no such model) ends `NODE_LOST` within
+/// the lease, saying why, so none hangs; producer-fed sessions are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_no_node_can_resume_ends_node_lost_within_the_lease() {
     let redis = RedisServer::start().await;
     let url = redis.url();
-    // A 3 s lease instead of the default 10 s keeps the test short.
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other.toml");
+    std::fs::write(
+        &other,
+        "[[models]]\nname = \"other\"\nprovider = \"simulated\"\n",
+    )
+    .unwrap();
     let args = [
         "--redis-url",
         url.as_str(),
@@ -27,17 +177,16 @@ async fn sessions_of_a_killed_node_end_node_lost_within_the_lease() {
         "3000",
     ];
     let mut doomed = Node::start("doomed", &args).await;
-    let survivor = Node::start("survivor", &args).await;
+    let mut survivor_args = args.to_vec();
+    survivor_args.extend(["--config", other.to_str().unwrap()]);
+    let survivor = Node::start("survivor", &survivor_args).await;
 
     // A run on the doomed node that waits for an answer, so it is surely running.
-    let (status, created) = doomed
-        .post_json(
-            "/api/wizard/sessions",
-            &json!({ "prompts": ["A story about [clarify] a fox"], "models": ["sim-fast"] }),
-        )
-        .await;
-    assert_eq!(status, 201, "{created}");
-    let session_id = created["sessionId"].as_str().unwrap().to_owned();
+    let session_id = create(
+        &doomed,
+        json!({ "prompts": ["A story about [clarify] a fox"], "models": ["sim-fast"] }),
+    )
+    .await;
     // A producer-fed session in the same cluster.
     let (status, _) = survivor
         .post_events("fed-1", &json!([progress(1), progress(2)]))
@@ -64,6 +213,8 @@ async fn sessions_of_a_killed_node_end_node_lost_within_the_lease() {
         .await;
     assert_eq!(error["code"], "NODE_LOST", "{error}");
     assert_eq!(error["sessionId"], session_id.as_str());
+    let message = error["error"].as_str().unwrap();
+    assert!(message.contains("no model `sim-fast`"), "{message}");
     let snapshot = survivor
         .snapshot(&session_id)
         .await
@@ -96,22 +247,6 @@ async fn pending_clarification(node: &Node, session_id: &str) -> Option<String> 
         (e["event"] == "clarification" && data["status"] == "pending")
             .then(|| data["clarificationId"].as_str().unwrap().to_owned())
     })
-}
-
-/// Polls `node` until `probe` gives a value; fails after `limit`.
-async fn poll<T, F, Fut>(what: &str, limit: Duration, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Redis is down longer than the lease, so every node's liveness key has expired when it
@@ -155,6 +290,19 @@ async fn a_redis_outage_longer_than_the_lease_loses_no_live_node() {
         .await;
     }
 
+    let mut raw = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let owners_before: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("outage:owners")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(owners_before.len(), sessions.len(), "{owners_before:?}");
+    drop(raw);
+
     // The outage: longer than the lease, so every liveness key has expired at the restart.
     // node-b also comes back later than node-a (it is paused until node-a has refreshed its
     // own key), as a node whose reconnection backoff is longer: its expired key is then all
@@ -196,8 +344,8 @@ async fn a_redis_outage_longer_than_the_lease_loses_no_live_node() {
     // Bounded negative check: a node that took the expired key for evidence ends the
     // other's session at its first heartbeat; judging resumes two leases after it, so three
     // leases cover every node's judging ticks.
-    // A node judged lost also loses its sessions' entries in the owners hash (even when
-    // ending them then fails), so both are checked.
+    // A node judged lost also loses its sessions' claims in the owners hash (even when
+    // resuming them then fails), so both are checked.
     let window = Instant::now() + lease * 3;
     while Instant::now() < window {
         let owners: HashMap<String, String> = redis::cmd("HGETALL")
@@ -206,8 +354,9 @@ async fn a_redis_outage_longer_than_the_lease_loses_no_live_node() {
             .await
             .unwrap();
         for (node, id) in nodes.iter().zip(&sessions) {
-            assert!(
-                owners.contains_key(id),
+            assert_eq!(
+                owners.get(id),
+                owners_before.get(id),
                 "{}'s session was judged lost",
                 node.name
             );
@@ -244,13 +393,14 @@ async fn a_redis_outage_longer_than_the_lease_loses_no_live_node() {
     }
 }
 
-/// SIGTERM is a cooperative shutdown: the node ends its runs itself, at once, saying so
-/// (not a lease later through another node), releases them and the ingest lease, and exits 0.
+/// SIGTERM is a cooperative shutdown: the node hands its runs over at once (not a lease
+/// later: the lease here is far longer than the test), another node resumes them, a
+/// question pending on the leaving node is answered on the one that took it, the ingest
+/// lease goes back, and the node exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_shut_down_ends_its_runs_at_once_and_hands_back_what_it_held() {
+async fn a_node_shut_down_hands_its_runs_over_at_once() {
     let redis = RedisServer::start().await;
     let url = redis.url();
-    // A lease far longer than the test: whatever ends the run, it is not the liveness check.
     let args = [
         "--redis-url",
         url.as_str(),
@@ -261,14 +411,11 @@ async fn a_node_shut_down_ends_its_runs_at_once_and_hands_back_what_it_held() {
     ];
     let mut leaving = Node::start("leaving", &args).await;
     let staying = Node::start("staying", &args).await;
-    let (status, created) = leaving
-        .post_json(
-            "/api/wizard/sessions",
-            &json!({ "prompts": ["A story about [clarify] a fox"], "models": ["sim-fast"] }),
-        )
-        .await;
-    assert_eq!(status, 201, "{created}");
-    let session_id = created["sessionId"].as_str().unwrap().to_owned();
+    let session_id = create(
+        &leaving,
+        json!({ "prompts": ["A story about [clarify] a fox"], "models": ["sim-fast"] }),
+    )
+    .await;
     let mut client = staying.connect().await;
     let ack = client
         .call(
@@ -277,38 +424,71 @@ async fn a_node_shut_down_ends_its_runs_at_once_and_hands_back_what_it_held() {
         )
         .await;
     assert_eq!(ack["ok"], true, "{ack}");
-    client.wait_for("clarification").await;
+    let clarification = client.wait_for("clarification").await;
 
     let exit = leaving.terminate().await;
     assert!(exit.success(), "exit {exit:?}: {}", leaving.stderr_tail());
-    // By the time the process is gone, its run has ended in the log.
-    let snapshot = staying.snapshot(&session_id).await.unwrap();
-    assert_eq!(snapshot["status"], "FAILED", "{snapshot}");
-    let error = client.wait_for("error").await;
-    assert_eq!(error["code"], "NODE_LOST", "{error}");
-    assert_eq!(
-        snapshot["clarifications"][0]["status"], "expired",
-        "{snapshot}"
-    );
-
+    let stderr = leaving.stderr_tail();
     let mut raw = redis::Client::open(url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
+    // The node that stays claims the run, promptly.
+    let handed = Instant::now();
+    let owner = poll("the run's new claim", Duration::from_secs(5), || {
+        let mut raw = raw.clone();
+        let session_id = session_id.clone();
+        async move {
+            let owner: Option<String> = redis::cmd("HGET")
+                .arg("shutdown:owners")
+                .arg(&session_id)
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+            owner
+        }
+    })
+    .await;
+    assert!(handed.elapsed() < Duration::from_secs(5));
+    assert!(
+        !stderr.contains(&owner),
+        "still the leaving node's: {owner}"
+    );
+    let snapshot = staying.snapshot(&session_id).await.unwrap();
+    assert_eq!(snapshot["status"], "PROCESSING", "{snapshot}");
+    assert_eq!(
+        snapshot["clarifications"][0]["status"], "pending",
+        "{snapshot}"
+    );
+    let (status, reply) = staying
+        .post_json(
+            "/api/wizard/clarifications/respond",
+            &json!({ "sessionId": session_id, "clarificationId": clarification["clarificationId"], "answer": "red" }),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    let completed = client.wait_for("completed").await;
+    assert_eq!(completed["sessionId"], session_id.as_str());
+    let events = staying.history(&session_id).await.unwrap();
+    check_history(&session_id, &events);
+    assert!(!events.iter().any(|e| e["data"]["code"] == "NODE_LOST"));
+
     let owners: HashMap<String, String> = redis::cmd("HGETALL")
         .arg("shutdown:owners")
         .query_async(&mut raw)
         .await
         .unwrap();
-    assert!(owners.is_empty(), "no run is left claimed: {owners:?}");
+    assert!(
+        owners.is_empty(),
+        "the ended run is not left claimed: {owners:?}"
+    );
     // The ingest lease went back (or to the node that stays): never to the one that left.
     let holder: Option<String> = redis::cmd("GET")
         .arg("shutdown:ingest:lease")
         .query_async(&mut raw)
         .await
         .unwrap();
-    let stderr = leaving.stderr_tail();
     assert!(
         stderr.contains("stopped consuming the ingest stream"),
         "the consumer stopped between entries: {stderr}"

@@ -398,6 +398,14 @@ impl Client {
             .expect("ack")
     }
 
+    /// The next event of any name, within `limit`.
+    pub async fn next_within(&mut self, limit: Duration) -> (String, Value) {
+        tokio::time::timeout(limit, self.events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no event within {limit:?}"))
+            .expect("the socket closed")
+    }
+
     /// The next event of any name.
     pub async fn next(&mut self) -> (String, Value) {
         tokio::time::timeout(WAIT, self.events.recv())
