@@ -218,14 +218,20 @@ async fn subscribe_from_start(client: &mut common::Client, session_id: &str) {
     assert_eq!(ack["ok"], true, "{ack}");
 }
 
-/// A run the node was running when it was killed does not hang on restart: the data dir
-/// recorded it, and the restarted node ends it `NODE_LOST` (once), keeping what it had
-/// logged. (Resuming runs is SPEC §7's next step; until then this is what a crash costs.)
+/// A run the restarted node cannot resume (its configuration no longer has the run's
+/// model) does not hang: it ends `NODE_LOST` (once), saying why, and keeps what it had
+/// logged. (Runs it can resume are in `tests/resume.rs`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_interrupted_by_a_crash_ends_node_lost_on_restart() {
+async fn a_run_the_restarted_node_cannot_resume_ends_node_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().to_str().unwrap().to_owned();
+    let data_dir = dir.path().join("data").to_str().unwrap().to_owned();
     let args = ["--data-dir", data_dir.as_str()];
+    let other = dir.path().join("other.toml");
+    std::fs::write(
+        &other,
+        "[[models]]\nname = \"other\"\nprovider = \"simulated\"\n",
+    )
+    .unwrap();
     let mut node = Node::start("node", &args).await;
     let (status, created) = node
         .post_json(
@@ -245,11 +251,19 @@ async fn a_run_interrupted_by_a_crash_ends_node_lost_on_restart() {
     client.wait_for("clarification").await;
     node.kill().await;
 
-    let node = Node::start("node-restarted", &args).await;
+    let restarted = [
+        "--data-dir",
+        data_dir.as_str(),
+        "--config",
+        other.to_str().unwrap(),
+    ];
+    let node = Node::start("node-restarted", &restarted).await;
     let mut client = node.connect().await;
     subscribe_from_start(&mut client, &session_id).await;
     let error = client.wait_for("error").await;
     assert_eq!(error["code"], "NODE_LOST", "{error}");
+    let message = error["error"].as_str().unwrap();
+    assert!(message.contains("no model `sim-fast`"), "{message}");
     let snapshot = node
         .snapshot(&session_id)
         .await

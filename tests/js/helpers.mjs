@@ -32,14 +32,15 @@ process.on('exit', () => {
 });
 
 /**
- * Start `herald serve --host 127.0.0.1 --port 0 --dev ...extraArgs` (`dev: false` drops --dev), wait for the
+ * Start `herald serve --host 127.0.0.1 --port 0 --dev ...extraArgs` (`dev: false` drops --dev;
+ * `port` binds that port instead, to restart a server where its clients reconnect), wait for the
  * `herald listening on http://HOST:PORT` line on stdout.
  * Resolves to { url, host, port, proc, stderr(), stop() }; stop() sends SIGTERM and
  * resolves to { code, signal } (SIGKILL after stopTimeoutMs, then rejects).
  */
-export function spawnHerald(extraArgs = [], { env = {}, readyTimeoutMs = 30000, dev = true } = {}) {
+export function spawnHerald(extraArgs = [], { env = {}, readyTimeoutMs = 30000, dev = true, port = 0 } = {}) {
   const bin = heraldBin();
-  const args = ['serve', '--host', '127.0.0.1', '--port', '0', ...(dev ? ['--dev'] : []), ...extraArgs];
+  const args = ['serve', '--host', '127.0.0.1', '--port', String(port), ...(dev ? ['--dev'] : []), ...extraArgs];
   const proc = spawn(bin, args, {
     stdio: ['ignore', 'pipe', 'pipe'],
     // A drain bounded well inside `stop()`'s wait, so a slow drain shows as herald's own
