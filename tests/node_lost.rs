@@ -348,11 +348,12 @@ async fn a_redis_outage_longer_than_the_lease_loses_no_live_node() {
     // resuming them then fails), so both are checked.
     let window = Instant::now() + lease * 3;
     while Instant::now() < window {
-        let owners: HashMap<String, String> = redis::cmd("HGETALL")
+        // The test's own connection may time out on a loaded machine: that is no evidence.
+        let read: redis::RedisResult<HashMap<String, String>> = redis::cmd("HGETALL")
             .arg("outage:owners")
             .query_async(&mut raw)
-            .await
-            .unwrap();
+            .await;
+        let Ok(owners) = read else { continue };
         for (node, id) in nodes.iter().zip(&sessions) {
             assert_eq!(
                 owners.get(id),

@@ -67,15 +67,11 @@ async fn a_rolling_restart_of_every_node_completes_every_run_and_bills_only_inte
     .await;
 
     // Restart each node in turn; the next goes once the replacement is up.
-    for i in 0..nodes.len() {
+    for (i, node) in nodes.iter_mut().enumerate() {
         let started_before = fake.stats().started;
-        let exit = nodes[i].terminate().await;
-        assert!(
-            exit.success(),
-            "node-{i}: {exit:?}: {}",
-            nodes[i].stderr_tail()
-        );
-        nodes[i] = Node::start(&format!("node-{i}-new"), &args).await;
+        let exit = node.terminate().await;
+        assert!(exit.success(), "node-{i}: {exit:?}: {}", node.stderr_tail());
+        *node = Node::start(&format!("node-{i}-new"), &args).await;
         // The runs it held were resumed elsewhere: their interrupted units started again.
         fake.wait_until("resumed units stream", WAIT, |s| s.started > started_before)
             .await;

@@ -208,15 +208,34 @@ impl Cluster {
         Ok(())
     }
 
-    /// Claims `session_id` for this node if no node holds it (a run handed over); whether
-    /// this node got it.
-    pub async fn claim_if_free(&self, session_id: &str) -> Result<bool, ClusterError> {
-        let claimed: bool = self
-            .inner
-            .redis
-            .clone()
-            .hset_nx(self.keys().owners(), session_id, &self.inner.node_id)
+    /// Claims for this node those of `session_ids` no node holds (runs handed over), each
+    /// with `HSETNX`, so that exactly one node gets each; returns the ones this node got.
+    /// One `HMGET` finds them, so the runs other nodes hold cost one round trip in all.
+    pub async fn claim_unclaimed(
+        &self,
+        session_ids: &[String],
+    ) -> Result<Vec<String>, ClusterError> {
+        if session_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut redis = self.inner.redis.clone();
+        let owners: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(self.keys().owners())
+            .arg(session_ids)
+            .query_async(&mut redis)
             .await?;
+        let mut claimed = Vec::new();
+        for (session_id, owner) in session_ids.iter().zip(owners) {
+            if owner.is_some() {
+                continue;
+            }
+            let got: bool = redis
+                .hset_nx(self.keys().owners(), session_id, &self.inner.node_id)
+                .await?;
+            if got {
+                claimed.push(session_id.clone());
+            }
+        }
         Ok(claimed)
     }
 

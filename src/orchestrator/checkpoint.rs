@@ -179,3 +179,84 @@ impl Checkpoint {
         Ok(checkpoint)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint() -> Checkpoint {
+        Checkpoint {
+            format: FORMAT,
+            strategy: Strategy::All,
+            prompts: vec![SavedPrompt {
+                id: "p1".into(),
+                text: "a fox".into(),
+                status: PromptStatus::Processing,
+            }],
+            models: vec!["m1".into(), "m2".into()],
+            owner: Some("alice".into()),
+            units: vec![vec![
+                SavedUnit {
+                    starts: 1,
+                    outcome: Some(Ok("done".into())),
+                    ..SavedUnit::default()
+                },
+                SavedUnit::default(),
+            ]],
+            done: 1,
+            clarifications: vec![SavedClarification {
+                id: "c1".into(),
+                status: ClarificationStatus::Pending,
+                answer: None,
+                pending: Some(SavedQuestion {
+                    prompt: 0,
+                    model: 1,
+                    question: "which?".into(),
+                    output: "CLARIFICATION_NEEDED: which?".into(),
+                    deadline_ms: 1,
+                }),
+            }],
+            generation: 3,
+            outbox: Vec::new(),
+            ended: false,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_reads_back_as_written() {
+        let read = Checkpoint::decode(&checkpoint().encode()).unwrap();
+        assert_eq!(read.generation, 3);
+        assert_eq!(read.units[0][0].outcome, Some(Ok("done".into())));
+        assert_eq!(read.clarifications[0].pending.as_ref().unwrap().model, 1);
+    }
+
+    #[test]
+    fn garbage_another_format_or_a_wrong_shape_is_unresumable_not_a_panic() {
+        assert!(matches!(
+            Checkpoint::decode(b"not json"),
+            Err(Unresumable::Corrupt(_))
+        ));
+        assert!(matches!(
+            Checkpoint::decode(b""),
+            Err(Unresumable::Corrupt(_))
+        ));
+        let mut other = checkpoint();
+        other.format = FORMAT + 1;
+        assert!(matches!(
+            Checkpoint::decode(&other.encode()),
+            Err(Unresumable::Format(_))
+        ));
+        let mut short = checkpoint();
+        short.units[0].pop();
+        assert!(matches!(
+            Checkpoint::decode(&short.encode()),
+            Err(Unresumable::Corrupt(_))
+        ));
+        let mut stray = checkpoint();
+        stray.clarifications[0].pending.as_mut().unwrap().prompt = 5;
+        assert!(matches!(
+            Checkpoint::decode(&stray.encode()),
+            Err(Unresumable::Corrupt(_))
+        ));
+    }
+}

@@ -418,31 +418,41 @@ impl Orchestrator {
         if self.inner.stopping.load(Ordering::Acquire) {
             return Ok(0);
         }
-        let mut taken = 0;
-        for session_id in self.inner.hub.saved_runs().await? {
-            if self.running(&session_id).is_some() {
-                continue;
-            }
-            if let Some(cluster) = &self.inner.cluster {
-                match cluster.claim_if_free(&session_id).await {
-                    Ok(true) => {}
-                    Ok(false) => continue,
-                    Err(error) => {
-                        tracing::warn!(%error, "could not look for runs to resume");
-                        return Ok(taken);
-                    }
+        let mut saved = self.inner.hub.saved_runs().await?;
+        saved.retain(|session_id| self.running(session_id).is_none());
+        let taken = match &self.inner.cluster {
+            None => saved,
+            Some(cluster) => cluster.claim_unclaimed(&saved).await.map_err(|error| {
+                tracing::warn!(%error, "could not look for runs to resume");
+                OrchestratorError::BackendUnavailable
+            })?,
+        };
+        let mut resumed = 0;
+        for session_id in &taken {
+            match self.resume(session_id).await {
+                Ok(()) => resumed += 1,
+                Err(error) => {
+                    tracing::warn!(session_id, %error, "could not resume a run; it is left for the next try");
                 }
             }
-            taken += 1;
-            self.resume(&session_id).await?;
         }
-        Ok(taken)
+        Ok(resumed)
     }
 
     /// Resumes the run of `session_id` from its checkpoint, once this node holds its claim
     /// (cluster mode) or is the only one (data dir). A run that cannot be resumed ends
     /// `NODE_LOST`, saying why; one that has ended is only forgotten.
+    /// On failure (the store unreachable) the claim is given back, so that this node or
+    /// another tries again at a later heartbeat.
     pub async fn resume(&self, session_id: &str) -> Result<(), OrchestratorError> {
+        let resumed = self.try_resume(session_id).await;
+        if resumed.is_err() {
+            self.release(session_id).await;
+        }
+        resumed
+    }
+
+    async fn try_resume(&self, session_id: &str) -> Result<(), OrchestratorError> {
         let hub = &self.inner.hub;
         let saved = hub.load_run(session_id).await?;
         let snapshot = hub.snapshot(session_id).await?;

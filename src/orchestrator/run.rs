@@ -430,7 +430,16 @@ impl Run {
             // checkpoint accounted for.
             let outbox = std::mem::take(&mut self.outbox);
             self.publish(outbox).await;
-            if self.slot.is_none() {
+            let ended = self.slot.is_none();
+            if !self.unlogged.is_empty() {
+                let end = if ended {
+                    End::EndedBefore
+                } else {
+                    End::LogLost
+                };
+                return self.log_after_outage(end, &mut rx).await;
+            }
+            if ended {
                 return End::EndedBefore;
             }
         }
@@ -1073,7 +1082,7 @@ impl Unit {
     fn saved(&self) -> SavedUnit {
         SavedUnit {
             starts: self.starts,
-            started_ms: self.started.map(|at| unix_ms_of(at)),
+            started_ms: self.started.map(unix_ms_of),
             outcome: self.outcome.clone(),
             duration_ms: self.duration_ms,
             attempts: self.attempts,
@@ -1435,6 +1444,20 @@ mod tests {
                 "{sent} bytes of partials for a {len}-byte answer in {step}-byte pieces"
             );
         }
+    }
+
+    #[test]
+    fn deadlines_keep_their_wall_clock_time_through_a_checkpoint() {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let back = instant_of(unix_ms_of(deadline));
+        let drift = if back > deadline {
+            back - deadline
+        } else {
+            deadline - back
+        };
+        assert!(drift < Duration::from_millis(20), "{drift:?}");
+        // A deadline that passed while no node ran the session is due at once.
+        assert!(instant_of(unix_ms_of(Instant::now()).saturating_sub(60_000)) <= Instant::now());
     }
 
     #[test]
