@@ -353,7 +353,10 @@ async fn a_redis_outage_longer_than_the_lease_loses_no_live_node() {
             .arg("outage:owners")
             .query_async(&mut raw)
             .await;
-        let Ok(owners) = read else { continue };
+        let Ok(owners) = read else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
         for (node, id) in nodes.iter().zip(&sessions) {
             assert_eq!(
                 owners.get(id),
