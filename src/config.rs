@@ -214,6 +214,16 @@ pub struct Config {
     )]
     pub ping_interval_ms: u64,
 
+    /// How often an idle SSE stream gets a comment line and a plain WebSocket a ping, in
+    /// milliseconds (SPEC §6: proxies close connections that stay silent).
+    #[arg(
+        long,
+        env = "HERALD_STREAM_HEARTBEAT_MS",
+        default_value_t = 15_000,
+        help_heading = "Server"
+    )]
+    pub stream_heartbeat_ms: u64,
+
     /// Engine.IO ping timeout in milliseconds.
     #[arg(
         long,

@@ -49,6 +49,8 @@ pub struct ApiState {
     pub auth: Auth,
     /// For the ingest event rate (the request rates are the edge middleware's).
     pub limits: Arc<RateLimits>,
+    /// What each SSE and plain WebSocket subscriber is held to.
+    pub subscribers: crate::subscriber::Limits,
 }
 
 /// An HTTP error: its code, the code's status (unless a route knows better) and a
@@ -274,6 +276,11 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
         .route("/api/wizard/session/{session_id}", get(snapshot))
         .route("/api/wizard/session/{session_id}/events", get(history))
         .route(
+            "/api/wizard/session/{session_id}/stream",
+            get(crate::sse::session_stream),
+        )
+        .route("/ws", get(crate::ws::upgrade))
+        .route(
             "/api/wizard/sessions",
             get(list_sessions).post(create_session),
         )
@@ -310,7 +317,7 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
         .with_state(state)
 }
 
-fn session_id_from_path(session_id: &str) -> Result<(), ApiError> {
+pub(crate) fn session_id_from_path(session_id: &str) -> Result<(), ApiError> {
     validate_session_id(session_id)
         .map_err(|e| ApiError::new(ErrorCode::InvalidSessionId, e.to_string()))
 }

@@ -2,8 +2,9 @@
 //!
 //! Data flows one way: a producer hands validated drafts to [`Hub::publish`], which appends
 //! them to the [`EventLog`] (assigning `seq`), folds them into the [`SessionStore`] and
-//! broadcasts each event's already-serialized bytes to the session's room. A
-//! [`Hub::subscribe`] reads the log head, joins the room and sends the replay.
+//! broadcasts each event's already-serialized bytes to the session's Socket.IO room and its
+//! SSE / WebSocket followers ([`crate::delivery`]). A [`Hub::subscribe`] reads the log head,
+//! joins the subscriber (any [`Sink`]) to the session and sends the replay.
 //!
 //! Invariant: for one session, publish and subscribe run one at a time, in arrival order,
 //! behind that session's *gate*. A subscriber therefore gets every event after its
@@ -17,8 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use socketioxide::extract::SocketRef;
 use socketioxide::{BroadcastError, SocketError, SocketIo};
+
+use crate::delivery::{Followers, SendError, Sink};
 
 use crate::event::SessionStatus;
 use crate::event::{EventDraft, now_timestamp};
@@ -115,7 +117,7 @@ fn continues(events: &[Arc<LoggedEvent>], after: u64, last_seq: u64) -> bool {
 
 /// One socket's replay in progress: what it has been sent and what is still to send.
 struct Replay<'a> {
-    socket: &'a SocketRef,
+    socket: &'a dyn Sink,
     /// The socket has every event up to here.
     sent: u64,
     epoch: Option<Epoch>,
@@ -124,7 +126,7 @@ struct Replay<'a> {
 }
 
 impl<'a> Replay<'a> {
-    fn new(socket: &'a SocketRef, after: u64, epoch: Option<Epoch>) -> Self {
+    fn new(socket: &'a dyn Sink, after: u64, epoch: Option<Epoch>) -> Self {
         Self {
             socket,
             sent: after,
@@ -147,14 +149,14 @@ impl<'a> Replay<'a> {
     /// Sends what the socket's queue takes now, without waiting; true when nothing is left.
     fn send_what_fits(&mut self) -> Result<bool, HubError> {
         while let Some(event) = self.pending.front() {
-            match self.socket.emit(event.kind.as_str(), &*event.json) {
+            match self.socket.send(event) {
                 Ok(()) => {
                     self.sent = event.seq;
                     self.count += 1;
                     self.pending.pop_front();
                 }
-                Err(_) if !self.socket.connected() => return Err(HubError::SocketGone),
-                Err(_) => return Ok(false),
+                Err(SendError::Gone) => return Err(HubError::SocketGone),
+                Err(SendError::Full) => return Ok(false),
             }
         }
         Ok(true)
@@ -190,6 +192,8 @@ struct Inner {
     /// catch-up of its own, because that one reads the log after the announced events were
     /// logged. At most one per session waits.
     queued: Mutex<HashMap<String, Announced>>,
+    /// This node's SSE and plain WebSocket subscribers.
+    followers: Followers,
     metrics: Arc<Metrics>,
 }
 
@@ -207,6 +211,7 @@ impl Hub {
                 io,
                 gates: Mutex::default(),
                 queued: Mutex::default(),
+                followers: Followers::default(),
                 metrics,
             }),
         }
@@ -481,16 +486,19 @@ impl Hub {
         for socket in sockets {
             socket.close_transport();
         }
-        count
+        count + self.inner.followers.cut_session(session_id)
     }
 
     /// Whether no local socket follows the session (then nothing needs reading to deliver).
     fn room_is_empty(&self, session_id: &str) -> bool {
         self.room(session_id)
             .is_none_or(|room| room.sockets().is_empty())
+            && !self.inner.followers.has(session_id)
     }
 
-    async fn broadcast(&self, session_id: &str, event: &LoggedEvent) {
+    async fn broadcast(&self, session_id: &str, event: &Arc<LoggedEvent>) {
+        let cut = self.inner.followers.broadcast(session_id, event);
+        self.inner.metrics.slow_consumers.add(cut as u64);
         // The payload is raw JSON: socketioxide copies it into one packet shared by every
         // socket of the room, so an event is encoded once per broadcast, not per client.
         let Some(room) = self.room(session_id) else {
@@ -537,20 +545,20 @@ impl Hub {
     /// it did before or not.
     pub async fn subscribe(
         &self,
-        socket: &SocketRef,
+        socket: &dyn Sink,
         session_id: &str,
         resume: Option<Resume>,
     ) -> Result<Subscribed, HubError> {
         let outcome = self.subscribe_and_replay(socket, session_id, resume).await;
         if outcome.is_err() {
-            socket.leave(session_id.to_owned());
+            socket.unfollow(session_id);
         }
         outcome
     }
 
     async fn subscribe_and_replay(
         &self,
-        socket: &SocketRef,
+        socket: &dyn Sink,
         session_id: &str,
         resume: Option<Resume>,
     ) -> Result<Subscribed, HubError> {
@@ -559,7 +567,7 @@ impl Hub {
         let (reply, mut replay) = {
             let mut cursor = gate.lock().await;
             // A socket already in the room would get live events in the middle of its replay.
-            socket.leave(session_id.to_owned());
+            socket.unfollow(session_id);
             let after = resume.as_ref().map_or(0, |r| r.last_seq);
             // The head and the first events in one read, so that they agree (another node may
             // trim the log in between two reads). Without `lastSeq` there is nothing to replay.
@@ -579,11 +587,11 @@ impl Hub {
                 epoch: head.epoch.clone(),
                 recovered,
             };
-            if socket.emit("subscribed", &reply).is_err() {
+            if socket.send_subscribed(&reply).is_err() {
                 return Err(HubError::SocketGone);
             }
             if recovered != Some(true) {
-                socket.join(session_id.to_owned());
+                socket.follow(session_id);
                 return Ok(reply);
             }
             let mut replay = Replay::new(socket, after, head.epoch);
@@ -633,20 +641,25 @@ impl Hub {
         if !(replay.send_what_fits()? && replay.sent == last_seq) {
             return Ok(false);
         }
-        replay.socket.join(session_id.to_owned());
+        replay.socket.follow(session_id);
         self.inner.metrics.replayed.add(replay.count);
         Ok(true)
     }
 
     /// Drops one socket's connection because it cannot keep up; it reconnects and resumes.
-    fn cut_off(&self, socket: &SocketRef, why: &str) {
-        tracing::warn!(sid = %socket.id, why, "slow consumer: dropping its connection");
+    fn cut_off(&self, socket: &dyn Sink, why: &str) {
+        tracing::warn!(subscriber = %socket.label(), why, "slow consumer: dropping its connection");
         self.inner.metrics.slow_consumers.inc();
-        socket.close_transport();
+        socket.cut_off();
     }
 
-    pub fn unsubscribe(&self, socket: &SocketRef, session_id: &str) {
-        socket.leave(session_id.to_owned());
+    pub fn unsubscribe(&self, socket: &dyn Sink, session_id: &str) {
+        socket.unfollow(session_id);
+    }
+
+    /// This node's SSE and plain WebSocket subscribers, for their transports to join.
+    pub fn followers(&self) -> &Followers {
+        &self.inner.followers
     }
 
     /// The session's snapshot, `None` when it is unknown.
@@ -759,6 +772,7 @@ impl Hub {
         {
             socket.close_transport();
         }
+        self.inner.followers.cut_all();
         self.inner.io.close().await;
     }
 }

@@ -3,9 +3,11 @@
 //! See `ARCHITECTURE.md` for the code map and the invariants.
 
 pub mod auth;
+pub mod bundle;
 pub mod cluster;
 pub mod config;
 pub mod datadir;
+pub mod delivery;
 pub mod demo;
 pub mod edge;
 pub mod error;
@@ -22,7 +24,10 @@ pub mod providers;
 pub mod redis;
 pub mod server;
 pub mod socket;
+pub mod sse;
 pub mod store;
+pub mod subscriber;
+pub mod ws;
 
 pub use config::Config;
 pub use server::Server;

@@ -41,8 +41,9 @@ use crate::metrics::Metrics;
 use crate::orchestrator::Orchestrator;
 use crate::orchestrator::config::{ConfigError, ModelsFile};
 use crate::redis::{RedisLog, RedisStore};
-use crate::socket::{self, SocketLimits};
+use crate::socket;
 use crate::store::{MemoryStore, SessionStore};
+use crate::subscriber;
 
 /// How often ended sessions and idle gates are swept: often enough that a session outlives
 /// its TTL by at most half of it (and never by more than five seconds).
@@ -104,16 +105,14 @@ impl Server {
         announce_auth(&auth);
         let (log, store, cluster) = backends(&config).await?;
         let hub = Hub::new(log, store, io.clone(), metrics.clone());
-        socket::register(
-            &io,
-            hub.clone(),
-            SocketLimits {
-                max_subscriptions: config.max_subscriptions,
-                requests_per_sec: config.subscribe_rate.max(1),
-                invalid_per_sec: config.invalid_event_rate.max(1),
-            },
-            auth.clone(),
-        );
+        let subscribers = subscriber::Limits {
+            max_subscriptions: config.max_subscriptions,
+            requests_per_sec: config.subscribe_rate.max(1),
+            invalid_per_sec: config.invalid_event_rate.max(1),
+            queue: config.effective_socket_buffer(),
+            heartbeat: Duration::from_millis(config.stream_heartbeat_ms),
+        };
+        socket::register(&io, hub.clone(), subscribers, auth.clone());
         let models = match &config.models {
             Some(models) => models.clone(),
             None => ModelsFile::load(config.config_file.as_deref())?,
@@ -139,10 +138,12 @@ impl Server {
             max_event_bytes: config.max_event_bytes,
             auth,
             limits,
+            subscribers,
         };
         let origins = OriginPolicy::new(config.dev, &config.cors_origins);
         let app = router(api, config.max_body)
             .layer(io_layer)
+            .layer(axum::middleware::from_fn(crate::bundle::serve))
             .layer(axum::middleware::map_request(detach_handshake_head))
             .layer(axum::middleware::from_fn_with_state(origins, check_origin))
             // Inside CORS, so that a browser can read a 429.
@@ -536,7 +537,12 @@ async fn check_origin(
     request: Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    if request.uri().path().starts_with("/socket.io") && !origins.allows(request.headers()) {
+    // Browsers apply CORS to fetches and EventSource, not to WebSocket handshakes: those
+    // are checked here against the same allow-list.
+    let path = request.uri().path();
+    let is_handshake =
+        (path.starts_with("/socket.io") && !crate::bundle::is_bundle(path)) || path == "/ws";
+    if is_handshake && !origins.allows(request.headers()) {
         return crate::http::ApiError::new(
             crate::error::ErrorCode::OriginNotAllowed,
             "this page's origin is not allowed to connect (see --cors-origins)",
@@ -556,8 +562,9 @@ async fn check_origin(
 /// left alone.
 async fn detach_handshake_head(mut request: Request) -> Request {
     let uri = request.uri();
-    let is_handshake =
-        uri.path().starts_with("/socket.io") && !uri.query().is_some_and(|q| q.contains("sid="));
+    let is_handshake = uri.path().starts_with("/socket.io")
+        && !crate::bundle::is_bundle(uri.path())
+        && !uri.query().is_some_and(|q| q.contains("sid="));
     if !is_handshake {
         return request;
     }
