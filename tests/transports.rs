@@ -1,0 +1,753 @@
+//! SSE, plain WebSocket and the browser bundle (SPEC §6) against a real herald: replay and
+//! resume, live delivery, refusals, slow readers, auth and the shared ordering.
+
+mod common;
+
+use common::{
+    TEST_JWT_SECRET, WAIT, harness_token, progress, sign_token, spawn_app_with, unix_now,
+};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Bytes, Message};
+
+/// One SSE frame (or comment) as a client reads it.
+#[derive(Debug, Default)]
+struct Frame {
+    id: Option<u64>,
+    event: String,
+    data: String,
+    comment: bool,
+    retry: Option<u64>,
+}
+
+impl Frame {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.data).unwrap_or(Value::Null)
+    }
+}
+
+/// Reads an SSE response frame by frame.
+struct SseReader {
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buffer: String,
+}
+
+/// How a stream read ended when it did not yield a frame.
+#[derive(Debug, PartialEq)]
+enum StreamEnd {
+    /// The response ended cleanly.
+    Finished,
+    /// The connection broke (herald cut the stream off).
+    Broken,
+}
+
+impl SseReader {
+    fn new(response: reqwest::Response) -> Self {
+        Self {
+            body: response.bytes_stream().boxed(),
+            buffer: String::new(),
+        }
+    }
+
+    async fn next(&mut self) -> Result<Frame, StreamEnd> {
+        tokio::time::timeout(WAIT, self.next_frame())
+            .await
+            .expect("an SSE frame within the wait")
+    }
+
+    async fn next_frame(&mut self) -> Result<Frame, StreamEnd> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let raw: String = self.buffer.drain(..end + 2).collect();
+                return Ok(parse_frame(&raw));
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.buffer.push_str(std::str::from_utf8(&chunk).unwrap()),
+                Some(Err(_)) => return Err(StreamEnd::Broken),
+                None => return Err(StreamEnd::Finished),
+            }
+        }
+    }
+
+    /// The next frame that is not a comment.
+    async fn next_event(&mut self) -> Frame {
+        loop {
+            let frame = self.next().await.expect("the stream goes on");
+            if !frame.comment {
+                return frame;
+            }
+        }
+    }
+}
+
+fn parse_frame(raw: &str) -> Frame {
+    let mut frame = Frame::default();
+    let mut data = Vec::new();
+    for line in raw.lines() {
+        if line.starts_with(':') {
+            frame.comment = true;
+        } else if let Some(v) = line.strip_prefix("id: ") {
+            frame.id = v.parse().ok();
+        } else if let Some(v) = line.strip_prefix("event: ") {
+            frame.event = v.to_owned();
+        } else if let Some(v) = line.strip_prefix("data: ") {
+            data.push(v);
+        } else if let Some(v) = line.strip_prefix("retry: ") {
+            frame.retry = v.parse().ok();
+        }
+    }
+    frame.data = data.join("\n");
+    frame
+}
+
+fn client() -> reqwest::Client {
+    common::harness_http()
+}
+
+async fn open_stream(
+    base: &str,
+    session_id: &str,
+    query: &str,
+    last_event_id: Option<u64>,
+) -> reqwest::Response {
+    let mut request = client().get(format!(
+        "{base}/api/wizard/session/{session_id}/stream{query}"
+    ));
+    if let Some(id) = last_event_id {
+        request = request.header("Last-Event-ID", id.to_string());
+    }
+    request.send().await.expect("the stream answers")
+}
+
+async fn post_n(server: &common::TestServer, session_id: &str, from: u64, count: u64) {
+    let events: Vec<Value> = (from..from + count).map(progress).collect();
+    let (status, body) = server.post_events(session_id, &json!(events)).await;
+    assert_eq!(status, 202, "{body}");
+}
+
+#[tokio::test]
+async fn sse_replays_then_streams_live_and_resumes_from_last_event_id() {
+    let server = spawn_app_with(|_| {}).await;
+    let base = server.url("");
+    post_n(&server, "sse-1", 1, 3).await;
+
+    let response = open_stream(&base, "sse-1", "?lastSeq=0", None).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert_eq!(response.headers()["cache-control"], "no-cache");
+    let mut stream = SseReader::new(response);
+    let subscribed = stream.next_event().await;
+    assert_eq!(subscribed.event, "subscribed");
+    assert_eq!(subscribed.retry, Some(1000));
+    assert_eq!(subscribed.id, Some(0), "complete from the point asked for");
+    let reply = subscribed.json();
+    assert_eq!(reply["sessionId"], "sse-1");
+    assert_eq!(reply["lastSeq"], 3);
+    assert_eq!(reply["recovered"], true);
+    let epoch = reply["epoch"].as_str().unwrap().to_owned();
+    for seq in 1..=3 {
+        let frame = stream.next_event().await;
+        assert_eq!((frame.id, frame.event.as_str()), (Some(seq), "progress"));
+        assert_eq!(frame.json()["seq"], seq);
+    }
+    post_n(&server, "sse-1", 4, 2).await;
+    for seq in 4..=5 {
+        assert_eq!(stream.next_event().await.id, Some(seq));
+    }
+    drop(stream);
+
+    // What a browser's EventSource does on reconnecting: Last-Event-ID wins over lastSeq.
+    post_n(&server, "sse-1", 6, 1).await;
+    let response = open_stream(
+        &base,
+        "sse-1",
+        &format!("?lastSeq=0&epoch={epoch}"),
+        Some(4),
+    )
+    .await;
+    let mut stream = SseReader::new(response);
+    let subscribed = stream.next_event().await;
+    assert_eq!(subscribed.id, Some(4));
+    assert_eq!(subscribed.json()["recovered"], true);
+    assert_eq!(stream.next_event().await.id, Some(5));
+    assert_eq!(stream.next_event().await.id, Some(6));
+}
+
+#[tokio::test]
+async fn sse_without_a_resume_point_is_live_from_the_head() {
+    let server = spawn_app_with(|_| {}).await;
+    post_n(&server, "sse-live", 1, 2).await;
+    let mut stream = SseReader::new(open_stream(&server.url(""), "sse-live", "", None).await);
+    let subscribed = stream.next_event().await;
+    assert_eq!(
+        subscribed.id,
+        Some(2),
+        "a reconnect resumes after the head it started at"
+    );
+    assert!(subscribed.json().get("recovered").is_none());
+    post_n(&server, "sse-live", 3, 1).await;
+    let frame = stream.next_event().await;
+    assert_eq!(
+        frame.id,
+        Some(3),
+        "no replay without a resume point: {frame:?}"
+    );
+
+    // A resume point the log cannot serve (another epoch) says so, then goes live.
+    let mut stream = SseReader::new(
+        open_stream(
+            &server.url(""),
+            "sse-live",
+            "?lastSeq=1&epoch=00000000000000000000000000000000",
+            None,
+        )
+        .await,
+    );
+    let subscribed = stream.next_event().await;
+    assert_eq!(subscribed.json()["recovered"], false);
+    assert_eq!(subscribed.id, Some(3));
+}
+
+#[tokio::test]
+async fn sse_refuses_bad_input_with_http_errors() {
+    let server = spawn_app_with(|_| {}).await;
+    let base = server.url("");
+    let cases: [(&str, &str, Option<&str>, &str); 3] = [
+        ("sse-bad", "", Some("seven"), "INVALID_REQUEST"),
+        ("sse-bad", "?lastSeq=-1", None, "INVALID_QUERY"),
+        ("bad%20id", "", None, "INVALID_SESSION_ID"),
+    ];
+    for (session_id, query, last_event_id, code) in cases {
+        let mut request = client().get(format!(
+            "{base}/api/wizard/session/{session_id}/stream{query}"
+        ));
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 400, "{session_id}{query}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{body}");
+    }
+}
+
+/// ~3 KB of output, like a model's partial result.
+fn bulky(n: u64) -> Value {
+    json!({ "event": "progress", "data": {
+        "status": "PROCESSING", "progress": n % 101, "n": n, "message": "x".repeat(3000)
+    } })
+}
+
+/// Posts `batches` × 100 bulky events while nobody reads; returns how many were posted.
+async fn flood(server: &common::TestServer, session_id: &str, batches: u64) -> u64 {
+    for batch in 0..batches {
+        let events: Vec<Value> = (0..100).map(|i| bulky(batch * 100 + i + 1)).collect();
+        let (status, body) = server.post_events(session_id, &json!(events)).await;
+        assert_eq!(
+            status, 202,
+            "a stalled reader never delays producers: {body}"
+        );
+    }
+    batches * 100
+}
+
+/// A reader that stops reading is cut off once its queue is full (not left silently
+/// behind), and resumes from what it last received without a gap.
+#[tokio::test]
+async fn a_stalled_sse_reader_is_cut_off_and_resumes_gap_free() {
+    let server = spawn_app_with(|c| {
+        c.max_batch = 100;
+        c.socket_buffer = 0;
+        c.max_events_per_session = 10_000;
+        c.max_session_bytes = 200_000_000;
+    })
+    .await;
+    let base = server.url("");
+    let response = open_stream(&base, "sse-slow", "?lastSeq=0", None).await;
+    let mut stream = SseReader::new(response);
+    assert_eq!(stream.next_event().await.event, "subscribed");
+    let total = flood(&server, "sse-slow", 60).await;
+    assert!(server.metric("herald_slow_consumers_total").await.unwrap() >= 1);
+
+    let mut last = 0;
+    let end = loop {
+        match stream.next().await {
+            Ok(frame) if frame.comment => {}
+            Ok(frame) => {
+                assert_eq!(frame.id, Some(last + 1), "no gap before the cut");
+                last += 1;
+            }
+            Err(end) => break end,
+        }
+    };
+    assert_eq!(
+        end,
+        StreamEnd::Broken,
+        "a cut looks like a dropped connection"
+    );
+    assert!(
+        last < total,
+        "the reader was cut before the end ({last} of {total})"
+    );
+
+    let mut stream = SseReader::new(open_stream(&base, "sse-slow", "", Some(last)).await);
+    assert_eq!(stream.next_event().await.json()["recovered"], true);
+    for seq in last + 1..=total {
+        assert_eq!(stream.next_event().await.id, Some(seq));
+    }
+}
+
+#[tokio::test]
+async fn sse_and_ws_need_credentials_and_end_when_the_token_does() {
+    let server = spawn_app_with(|c| {
+        c.jwt_secret = Some(herald::config::Secret::new(TEST_JWT_SECRET));
+        c.jwt_leeway_secs = 0;
+    })
+    .await;
+    let base = server.url("");
+    let admin = sign_token(
+        &json!({ "sub": "ops", "exp": unix_now() + 3600, "scope": "admin publish" }),
+        TEST_JWT_SECRET,
+    );
+    let alice = sign_token(
+        &json!({ "sub": "alice", "exp": unix_now() + 3600, "sessions": ["alice-*"] }),
+        TEST_JWT_SECRET,
+    );
+    let plain = reqwest::Client::new();
+    let anonymous = plain
+        .get(format!("{base}/api/wizard/session/alice-1/stream"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    assert!(anonymous.headers().contains_key("www-authenticate"));
+    let forbidden = plain
+        .get(format!(
+            "{base}/api/wizard/session/bob-1/stream?token={alice}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forbidden.status(), 403);
+    let body: Value = forbidden.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "FORBIDDEN");
+
+    // An EventSource can only send its token in the URL.
+    let publish = |n: u64| {
+        plain
+            .post(format!("{base}/api/sessions/alice-1/events"))
+            .bearer_auth(&admin)
+            .json(&progress(n))
+            .send()
+    };
+    assert_eq!(publish(1).await.unwrap().status(), 202);
+    let response = plain
+        .get(format!(
+            "{base}/api/wizard/session/alice-1/stream?lastSeq=0&token={alice}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut stream = SseReader::new(response);
+    assert_eq!(stream.next_event().await.event, "subscribed");
+    assert_eq!(stream.next_event().await.id, Some(1));
+
+    // A token about to expire: the stream says so, then ends.
+    let brief = sign_token(
+        &json!({ "sub": "alice", "exp": unix_now() + 2, "sessions": ["alice-*"] }),
+        TEST_JWT_SECRET,
+    );
+    let response = plain
+        .get(format!(
+            "{base}/api/wizard/session/alice-1/stream?token={brief}"
+        ))
+        .send()
+        .await
+        .unwrap();
+    let mut stream = SseReader::new(response);
+    assert_eq!(stream.next_event().await.event, "subscribed");
+    let expired = stream.next_event().await;
+    assert_eq!(expired.event, "error");
+    assert_eq!(expired.json()["code"], "TOKEN_EXPIRED");
+    assert_eq!(stream.next().await.err(), Some(StreamEnd::Finished));
+
+    // The plain WebSocket: refused at the handshake without a token, FORBIDDEN per session.
+    let addr = server.addr;
+    let refused = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401)
+        }
+        other => panic!("expected a 401 handshake, got {other:?}"),
+    }
+    let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={alice}")).await;
+    ws.send(json!({ "type": "subscribe", "sessionId": "bob-1" }))
+        .await;
+    let error = ws.next_json().await;
+    assert_eq!(
+        (error["type"].as_str(), error["code"].as_str()),
+        (Some("error"), Some("FORBIDDEN"))
+    );
+    ws.send(json!({ "type": "ping" })).await;
+    assert_eq!(
+        ws.next_json().await["type"],
+        "pong",
+        "a refusal leaves it connected"
+    );
+
+    let brief = sign_token(
+        &json!({ "sub": "alice", "exp": unix_now() + 2, "sessions": ["alice-*"] }),
+        TEST_JWT_SECRET,
+    );
+    let mut ws = Ws::connect(&format!("ws://{addr}/ws?token={brief}")).await;
+    let mut saw_expiry = false;
+    let close = loop {
+        match ws.next_message().await {
+            Some(Message::Text(text)) => {
+                let value: Value = serde_json::from_str(&text).unwrap();
+                saw_expiry |= value["code"] == "TOKEN_EXPIRED";
+            }
+            Some(Message::Close(frame)) => break frame,
+            Some(_) => {}
+            None => panic!("closed without a close frame"),
+        }
+    };
+    assert!(saw_expiry);
+    assert_eq!(close.map(|f| f.code), Some(CloseCode::Policy));
+}
+
+/// A plain WebSocket client (tokio-tungstenite), reading JSON text frames.
+struct Ws {
+    socket: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+impl Ws {
+    async fn connect(url: &str) -> Ws {
+        let mut request = url.into_client_request().unwrap();
+        if let Some(token) = harness_token().filter(|_| !url.contains("token=")) {
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        let (socket, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .expect("the WebSocket connects");
+        let mut ws = Ws { socket };
+        let hello = ws.next_json().await;
+        assert_eq!(hello["type"], "connected");
+        assert!(hello["socketId"].is_string());
+        ws
+    }
+
+    async fn send(&mut self, value: Value) {
+        self.socket
+            .send(Message::Text(value.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    async fn send_raw(&mut self, message: Message) {
+        self.socket.send(message).await.unwrap();
+    }
+
+    async fn next_message(&mut self) -> Option<Message> {
+        match tokio::time::timeout(WAIT, self.socket.next()).await {
+            Ok(Some(Ok(message))) => Some(message),
+            Ok(_) => None,
+            Err(_) => panic!("no WebSocket message within the wait"),
+        }
+    }
+
+    /// The next JSON text frame (pings skipped).
+    async fn next_json(&mut self) -> Value {
+        loop {
+            match self.next_message().await {
+                Some(Message::Text(text)) => return serde_json::from_str(&text).unwrap(),
+                Some(Message::Ping(_) | Message::Pong(_)) => {}
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+}
+
+fn ws_url(server: &common::TestServer) -> String {
+    format!("ws://{}/ws", server.addr)
+}
+
+#[tokio::test]
+async fn ws_speaks_the_json_protocol_with_type_or_action() {
+    let server = spawn_app_with(|_| {}).await;
+    post_n(&server, "ws-1", 1, 2).await;
+    let mut ws = Ws::connect(&ws_url(&server)).await;
+    ws.send(json!({ "type": "subscribe", "sessionId": "ws-1", "lastSeq": 0 }))
+        .await;
+    let subscribed = ws.next_json().await;
+    assert_eq!(subscribed["type"], "subscribed");
+    assert_eq!(subscribed["lastSeq"], 2);
+    assert_eq!(subscribed["recovered"], true);
+    for seq in 1..=2 {
+        let event = ws.next_json().await;
+        assert_eq!(
+            (event["type"].as_str(), event["seq"].as_u64()),
+            (Some("progress"), Some(seq))
+        );
+        assert_eq!(event["sessionId"], "ws-1");
+    }
+    post_n(&server, "ws-1", 3, 1).await;
+    assert_eq!(ws.next_json().await["seq"], 3);
+
+    ws.send(json!({ "action": "ping" })).await;
+    let pong = ws.next_json().await;
+    assert_eq!(pong["type"], "pong");
+    assert!(common::is_timestamp(&pong["timestamp"]));
+
+    ws.send(json!({ "action": "unsubscribe", "sessionId": "ws-1" }))
+        .await;
+    assert_eq!(ws.next_json().await["type"], "unsubscribed");
+    post_n(&server, "ws-1", 4, 1).await;
+    // Replies are ordered with events: had seq 4 been delivered, it would come first.
+    ws.send(json!({ "type": "ping" })).await;
+    assert_eq!(
+        ws.next_json().await["type"],
+        "pong",
+        "nothing after unsubscribe"
+    );
+
+    // Resume after 3 with the epoch: exactly seq 4.
+    let epoch = subscribed["epoch"].as_str().unwrap();
+    ws.send(json!({ "type": "subscribe", "sessionId": "ws-1", "lastSeq": 3, "epoch": epoch }))
+        .await;
+    assert_eq!(ws.next_json().await["recovered"], true);
+    assert_eq!(ws.next_json().await["seq"], 4);
+}
+
+#[tokio::test]
+async fn ws_answers_garbage_with_errors_and_closes_a_flood() {
+    let server = spawn_app_with(|c| c.invalid_event_rate = 5).await;
+    let mut ws = Ws::connect(&ws_url(&server)).await;
+    let cases = [
+        (
+            Message::Binary(Bytes::from_static(b"\x00\x01")),
+            "INVALID_PAYLOAD",
+        ),
+        (Message::Text("{not json".into()), "INVALID_JSON"),
+        (Message::Text(r#"{"type":"shout"}"#.into()), "UNKNOWN_EVENT"),
+        (
+            Message::Text(r#"{"type":"subscribe"}"#.into()),
+            "INVALID_PAYLOAD",
+        ),
+        (
+            Message::Text(r#"{"type":"subscribe","sessionId":"a b"}"#.into()),
+            "INVALID_SESSION_ID",
+        ),
+        (
+            Message::Text(r#"{"sessionId":"s"}"#.into()),
+            "INVALID_PAYLOAD",
+        ),
+    ];
+    for (message, code) in cases {
+        ws.send_raw(message).await;
+        let error = ws.next_json().await;
+        assert_eq!(
+            (error["type"].as_str(), error["code"].as_str()),
+            (Some("error"), Some(code)),
+            "{error}"
+        );
+        assert!(common::is_timestamp(&error["timestamp"]));
+    }
+    ws.send(json!({ "type": "ping" })).await;
+    assert_eq!(ws.next_json().await["type"], "pong");
+
+    // A flood costs a bounded number of answers, then the connection.
+    for _ in 0..200 {
+        if ws
+            .socket
+            .send(Message::Text("garbage".into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let mut answered = 0;
+    let close = loop {
+        match ws.next_message().await {
+            Some(Message::Text(_)) => answered += 1,
+            Some(Message::Close(frame)) => break frame,
+            Some(_) => {}
+            None => panic!("dropped without a close frame"),
+        }
+    };
+    assert_eq!(close.map(|f| f.code), Some(CloseCode::Policy));
+    assert!(answered <= 20, "{answered} answers to a flood");
+}
+
+#[tokio::test]
+async fn a_stalled_ws_reader_is_closed_with_1013_and_resumes_gap_free() {
+    let server = spawn_app_with(|c| {
+        c.max_batch = 100;
+        c.socket_buffer = 0;
+        c.max_events_per_session = 10_000;
+        c.max_session_bytes = 200_000_000;
+    })
+    .await;
+    let mut ws = Ws::connect(&ws_url(&server)).await;
+    ws.send(json!({ "type": "subscribe", "sessionId": "ws-slow", "lastSeq": 0 }))
+        .await;
+    assert_eq!(ws.next_json().await["type"], "subscribed");
+    let total = flood(&server, "ws-slow", 60).await;
+    let mut last = 0;
+    let close = loop {
+        match ws.next_message().await {
+            Some(Message::Text(text)) => {
+                let event: Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(event["seq"], last + 1, "no gap before the cut");
+                last += 1;
+            }
+            Some(Message::Close(frame)) => break frame,
+            Some(_) => {}
+            None => break None,
+        }
+    };
+    assert!(last < total, "cut before the end ({last} of {total})");
+    if let Some(frame) = close {
+        assert_eq!(frame.code, CloseCode::Again);
+    }
+    let mut ws = Ws::connect(&ws_url(&server)).await;
+    ws.send(json!({ "type": "subscribe", "sessionId": "ws-slow", "lastSeq": last }))
+        .await;
+    assert_eq!(ws.next_json().await["recovered"], true);
+    for seq in last + 1..=total {
+        assert_eq!(ws.next_json().await["seq"], seq);
+    }
+}
+
+/// One session followed over all three transports: the same events in the same order, and
+/// the dev drop route drops every one of them.
+#[tokio::test]
+async fn all_transports_share_one_order_and_are_dropped_together() {
+    let server = spawn_app_with(|_| {}).await;
+    let mut socket = server.connect().await;
+    socket.subscribe("mix-1").await;
+    let mut ws = Ws::connect(&ws_url(&server)).await;
+    ws.send(json!({ "type": "subscribe", "sessionId": "mix-1" }))
+        .await;
+    assert_eq!(ws.next_json().await["type"], "subscribed");
+    let mut sse = SseReader::new(open_stream(&server.url(""), "mix-1", "", None).await);
+    assert_eq!(sse.next_event().await.event, "subscribed");
+
+    let producers: Vec<_> = (0..4u64)
+        .map(|p| {
+            let url = server.url("/api/sessions/mix-1/events");
+            tokio::spawn(async move {
+                let http = common::harness_http();
+                for i in 0..10u64 {
+                    let events: Vec<Value> =
+                        (0..5).map(|j| progress(p * 1000 + i * 10 + j)).collect();
+                    let status = http.post(&url).json(&events).send().await.unwrap().status();
+                    assert_eq!(status, 202);
+                }
+            })
+        })
+        .collect();
+    for producer in producers {
+        producer.await.unwrap();
+    }
+    let mut seen_socket = Vec::new();
+    let mut seen_ws = Vec::new();
+    let mut seen_sse = Vec::new();
+    for _ in 0..200 {
+        let event = socket.wait_for_within("progress", WAIT).await;
+        seen_socket.push((event["seq"].as_u64(), event["n"].clone()));
+        let event = ws.next_json().await;
+        seen_ws.push((event["seq"].as_u64(), event["n"].clone()));
+        let frame = sse.next_event().await;
+        seen_sse.push((frame.id, frame.json()["n"].clone()));
+    }
+    assert_eq!(seen_socket, seen_ws);
+    assert_eq!(seen_socket, seen_sse);
+    assert_eq!(seen_socket.first().unwrap().0, Some(1));
+
+    let (status, body) = server
+        .post_json("/api/dev/session/mix-1/drop-sockets", &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["dropped"], 3, "{body}");
+    assert_eq!(sse.next_frame().await.err(), Some(StreamEnd::Broken));
+    let close = loop {
+        match ws.next_message().await {
+            Some(Message::Close(frame)) => break frame,
+            Some(_) => {}
+            None => break None,
+        }
+    };
+    assert_eq!(close.map(|f| f.code), Some(CloseCode::Again));
+}
+
+#[tokio::test]
+async fn the_browser_bundle_is_served_with_node_s_caching_headers() {
+    let server = spawn_app_with(|_| {}).await;
+    let http = client();
+    for path in ["/socket.io/socket.io.js", "/socket.io/socket.io.min.js"] {
+        let response = http.get(server.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/javascript; charset=utf-8"
+        );
+        assert_eq!(response.headers()["cache-control"], "public, max-age=0");
+        let etag = response.headers()["etag"].to_str().unwrap().to_owned();
+        assert_eq!(etag, format!("\"{}\"", herald::bundle::VERSION));
+        let body = response.text().await.unwrap();
+        assert!(body.contains(&format!("Socket.IO v{}", herald::bundle::VERSION)));
+        let again = http
+            .get(server.url(path))
+            .header("if-none-match", &etag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 304);
+    }
+    // The Engine.IO endpoint next to it is untouched.
+    let (status, _) = server.get("/socket.io/?EIO=4&transport=polling").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn ws_handshakes_are_origin_checked() {
+    let server = spawn_app_with(|c| {
+        c.dev = false;
+        c.cors_origins = vec!["https://app.example".into()];
+    })
+    .await;
+    let mut request = ws_url(&server).into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("origin", "https://evil.example".parse().unwrap());
+    if let Some(token) = harness_token() {
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403)
+        }
+        other => panic!("expected a refused handshake, got {other:?}"),
+    }
+    let mut request = ws_url(&server).into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("origin", "https://app.example".parse().unwrap());
+    if let Some(token) = harness_token() {
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    assert!(tokio_tungstenite::connect_async(request).await.is_ok());
+}
