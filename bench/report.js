@@ -119,6 +119,7 @@ const ratioPairs = (() => {
   if (servers.includes('node')) for (const s of servers) if (s !== 'node') pairs.push([s, 'node']);
   if (servers.includes('herald') && servers.includes('herald-before')) pairs.push(['herald', 'herald-before']);
   if (servers.includes('herald') && servers.includes('herald-auth')) pairs.push(['herald-auth', 'herald']);
+  for (const t of ['herald-sse', 'herald-ws']) if (servers.includes('herald') && servers.includes(t)) pairs.push([t, 'herald']);
   return pairs;
 })();
 // the servers the targets are judged on: A and B with two servers, else herald and node

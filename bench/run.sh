@@ -7,6 +7,7 @@
 #   SERVERS=herald SCENARIOS=idle bash bench/run.sh   # one server, one scenario
 #   SCENARIOS=cluster bash bench/run.sh               # two nodes through Redis (~2 min)
 #   SERVERS="herald herald-auth node" bash bench/run.sh  # auth on vs off, same binary
+#   SERVERS="herald herald-sse herald-ws node" SCENARIOS=fanout bash bench/run.sh  # transports
 #   SERVERS="herald herald-before node" HERALD_BEFORE_BIN=/path/to/old/herald \
 #     HERALD_BEFORE_REV=abc1234 bash bench/run.sh     # before/after: two herald binaries + node
 #
@@ -97,7 +98,7 @@ for sc in $SCENARIOS; do
   case "$sc" in idle | fanout | cluster | paced) ;; *) die "unknown scenario $sc (idle, fanout, cluster, paced)" ;; esac
 done
 for s in $SERVERS; do
-  case "$s" in herald | herald-before | herald-auth | node) ;; *) die "unknown server $s (herald, herald-before, herald-auth, node)" ;; esac
+  case "$s" in herald | herald-before | herald-auth | herald-sse | herald-ws | node) ;; *) die "unknown server $s (herald, herald-before, herald-auth, herald-sse, herald-ws, node)" ;; esac
 done
 HERALD_BEFORE_BIN="${HERALD_BEFORE_BIN:-}"
 HERALD_BEFORE_REV="${HERALD_BEFORE_REV:-}"
@@ -168,7 +169,7 @@ trap cleanup EXIT
 start_server() { # $1 = herald|herald-before|node, $2 = tag for log files
   local name="$1" tag="$2" outf="$OUT/$1-$2.stdout" errf="$OUT/$1-$2.stderr"
   case "$name" in
-    herald | herald-before | herald-auth)
+    herald | herald-before | herald-auth | herald-sse | herald-ws)
       # herald-before: another herald binary (HERALD_BEFORE_BIN), run exactly like herald
       local bin="$HERALD_BIN"
       [ "$name" = herald-before ] && bin="$HERALD_BEFORE_BIN"
@@ -262,9 +263,12 @@ CLK_TCK="$(getconf CLK_TCK)"
 
 loadgen() { taskset -c "$LOADGEN_CPU" "$LOADGEN" "$@"; }
 
-# herald-auth's clients present a token; every other server gets none.
+# herald-auth's clients present a token; every other server gets none. herald-sse and
+# herald-ws are the herald binary with its clients subscribed over SSE / plain WebSocket.
 BENCH_JWT_SECRET="bench-secret-$(date +%s%N)"
 credential() { # $1 = server name → loadgen flags
+  [ "$1" = herald-sse ] && printf -- '--transport\nsse\n'
+  [ "$1" = herald-ws ] && printf -- '--transport\nws\n'
   if [ "$1" = herald-auth ]; then
     printf -- '--token\n%s\n' "$(HERALD_JWT_SECRET="$BENCH_JWT_SECRET" "$HERALD_BIN" token --sub bench --sessions '*' --scope 'read publish' --ttl-secs 86400)"
   fi

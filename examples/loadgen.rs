@@ -93,6 +93,17 @@ struct CommonArgs {
     /// CONNECT and as `Authorization: Bearer` on every POST.
     #[arg(long, env = "LOADGEN_TOKEN")]
     token: Option<String>,
+    /// How clients subscribe: `socketio` (Engine.IO websocket), `ws` (herald's plain
+    /// WebSocket `/ws`, JSON frames) or `sse` (`GET /api/wizard/session/{id}/stream`).
+    #[arg(long, value_enum, default_value = "socketio")]
+    transport: Transport,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    Socketio,
+    Ws,
+    Sse,
 }
 
 /// The namespace CONNECT frame every client sends (`40`, or `40{"token":...}`).
@@ -254,7 +265,12 @@ impl Problems {
 struct Shared {
     mode: Mode,
     subscribe: bool,
+    transport: Transport,
     ws_url: String,
+    /// http://host:port, for `/ws` and SSE.
+    base: String,
+    token: Option<String>,
+    sse_http: reqwest::Client,
     addr: String,
     read_buffer: usize,
     events_per_session: u64,
@@ -617,6 +633,184 @@ async fn establish(shared: &Shared, sid: &str) -> Result<(Ws, Option<u64>), BoxE
     Err("no `subscribed` after 3 subscribe attempts (5 s each)".into())
 }
 
+/// A subscribed client's connection, whatever its transport.
+enum Conn {
+    Sio(Ws),
+    Plain(Ws),
+    Sse(SseBody),
+}
+
+struct SseBody {
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buffer: String,
+}
+
+/// One thing a client received.
+enum Incoming {
+    /// A WebSocket text message (an event, or something to report), not copied.
+    Text(tokio_tungstenite::tungstenite::Utf8Bytes),
+    /// An SSE frame.
+    Frame(String),
+    /// Engine.IO ping / noop, WebSocket control frames, SSE comments.
+    Skip,
+    Closed(String),
+}
+
+impl Conn {
+    async fn recv(&mut self) -> Incoming {
+        match self {
+            Conn::Sio(ws) | Conn::Plain(ws) => match ws.next().await {
+                Some(Ok(Message::Text(t))) => Incoming::Text(t),
+                Some(Ok(Message::Close(f))) => Incoming::Closed(format!("closed: {f:?}")),
+                None => Incoming::Closed("closed".into()),
+                Some(Err(e)) => Incoming::Closed(format!("websocket error: {e}")),
+                Some(Ok(_)) => Incoming::Skip,
+            },
+            Conn::Sse(sse) => loop {
+                if let Some(end) = sse.buffer.find("\n\n") {
+                    let frame: String = sse.buffer.drain(..end + 2).collect();
+                    if frame.starts_with(':') {
+                        return Incoming::Skip;
+                    }
+                    return Incoming::Frame(frame);
+                }
+                match sse.body.next().await {
+                    Some(Ok(chunk)) => sse.buffer.push_str(&String::from_utf8_lossy(&chunk)),
+                    Some(Err(e)) => return Incoming::Closed(format!("stream error: {e}")),
+                    None => return Incoming::Closed("stream ended".into()),
+                }
+            },
+        }
+    }
+
+    /// Answers an Engine.IO ping; false when the connection is gone.
+    async fn pong(&mut self) -> bool {
+        match self {
+            Conn::Sio(ws) => ws.send(Message::text("3")).await.is_ok(),
+            _ => true,
+        }
+    }
+}
+
+/// The event name and the payload object of a message, per transport.
+fn split_event(transport: Transport, text: &str) -> Option<(&str, &str)> {
+    match transport {
+        Transport::Socketio => {
+            let arr = event_array(text)?;
+            let name = event_name(arr)?;
+            let rest = arr[name.len() + 3..].trim_start_matches(',');
+            Some((name, rest.strip_suffix(']')?))
+        }
+        Transport::Ws => {
+            // herald puts `"type":"<name>"` last.
+            let at = text.rfind(r#""type":""#)?;
+            let name = text[at + 8..].split('"').next()?;
+            Some((name, text))
+        }
+        Transport::Sse => {
+            let mut name = None;
+            let mut data = None;
+            for line in text.lines() {
+                if let Some(v) = line.strip_prefix("event: ") {
+                    name = Some(v);
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data = Some(v);
+                }
+            }
+            Some((name?, data?))
+        }
+    }
+}
+
+/// Connects and subscribes over herald's plain WebSocket.
+async fn establish_plain(shared: &Shared, sid: &str) -> Result<Ws, BoxError> {
+    let tcp = TcpStream::connect(&shared.addr).await?;
+    tcp.set_nodelay(true)?;
+    let cfg = WebSocketConfig::default()
+        .read_buffer_size(shared.read_buffer)
+        .write_buffer_size(0);
+    let mut url = format!("{}/ws", shared.base.replacen("http", "ws", 1));
+    if let Some(token) = &shared.token {
+        url.push_str(&format!("?token={token}"));
+    }
+    let (mut ws, _) =
+        tokio_tungstenite::client_async_with_config(url.as_str(), tcp, Some(cfg)).await?;
+    let hello = loop {
+        if let Some(t) = recv_text(&mut ws).await? {
+            break t;
+        }
+    };
+    let hello: Value = serde_json::from_str(hello.as_str())?;
+    check_connected(&hello, shared);
+    let request = json!({ "type": "subscribe", "sessionId": sid, "lastSeq": 0 });
+    ws.send(Message::text(request.to_string())).await?;
+    loop {
+        let Some(t) = recv_text(&mut ws).await? else {
+            continue;
+        };
+        let reply: Value = serde_json::from_str(t.as_str())?;
+        match reply["type"].as_str() {
+            Some("subscribed") => {
+                check_subscribed(&reply, sid, shared);
+                return Ok(ws);
+            }
+            Some("error") => return Err(format!("subscribe refused: {reply}").into()),
+            _ => shared
+                .problems
+                .report(format_args!("message before `subscribed`: {reply}")),
+        }
+    }
+}
+
+/// Opens the session's SSE stream and reads up to its `subscribed` frame.
+async fn establish_sse(shared: &Shared, sid: &str) -> Result<SseBody, BoxError> {
+    let mut request = shared.sse_http.get(format!(
+        "{}/api/wizard/session/{sid}/stream?lastSeq=0",
+        shared.base
+    ));
+    if let Some(token) = &shared.token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await?;
+    if !response.status().is_success() {
+        return Err(format!("stream refused: {}", response.status()).into());
+    }
+    let mut sse = SseBody {
+        body: response.bytes_stream().boxed(),
+        buffer: String::new(),
+    };
+    let mut conn = Conn::Sse(sse);
+    loop {
+        match conn.recv().await {
+            Incoming::Frame(frame) => {
+                let Some(("subscribed", data)) = split_event(Transport::Sse, &frame) else {
+                    return Err(format!("expected `subscribed` first: {frame:.200}").into());
+                };
+                check_subscribed(&serde_json::from_str(data)?, sid, shared);
+                break;
+            }
+            Incoming::Skip | Incoming::Text(_) => {}
+            Incoming::Closed(why) => return Err(why.into()),
+        }
+    }
+    let Conn::Sse(body) = conn else {
+        unreachable!()
+    };
+    sse = body;
+    Ok(sse)
+}
+
+/// Connects and subscribes over the configured transport.
+async fn establish_any(shared: &Shared, sid: &str) -> Result<(Conn, Option<u64>), BoxError> {
+    match shared.transport {
+        Transport::Socketio => establish(shared, sid)
+            .await
+            .map(|(ws, last)| (Conn::Sio(ws), last)),
+        Transport::Ws => Ok((Conn::Plain(establish_plain(shared, sid).await?), Some(0))),
+        Transport::Sse => Ok((Conn::Sse(establish_sse(shared, sid).await?), Some(0))),
+    }
+}
+
 /// Per-client receive state in fan-out mode.
 struct Tracker {
     seen: Vec<u64>, // bitset over seq 1..=n
@@ -653,7 +847,7 @@ async fn run_client(
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
         }
-        match tokio::time::timeout(Duration::from_secs(30), establish(&shared, &sid)).await {
+        match tokio::time::timeout(Duration::from_secs(30), establish_any(&shared, &sid)).await {
             Ok(Ok(c)) => {
                 conn = Some(c);
                 break;
@@ -663,7 +857,7 @@ async fn run_client(
         }
     }
     drop(permit);
-    let Some((mut ws, last_seq)) = conn else {
+    let Some((mut conn, last_seq)) = conn else {
         let _ = ready.send(Err(last_err.clone()));
         res.connect_error = Some(last_err);
         return res;
@@ -688,36 +882,36 @@ async fn run_client(
         let msg = tokio::select! {
             biased;
             _ = &mut stop => break,
-            m = ws.next() => m,
+            m = conn.recv() => m,
         };
-        let t = match msg {
-            Some(Ok(Message::Text(t))) => t,
-            Some(Ok(Message::Close(_))) | None => {
+        let owned_frame;
+        let owned_text;
+        let text = match msg {
+            Incoming::Text(t) => {
+                owned_text = t;
+                owned_text.as_str()
+            }
+            Incoming::Frame(f) => {
+                owned_frame = f;
+                owned_frame.as_str()
+            }
+            Incoming::Skip => continue,
+            Incoming::Closed(why) => {
                 if !shared.stopping.load(Ordering::Relaxed) {
                     shared.problems.report(format_args!(
-                        "server closed the connection of a client of {sid}"
+                        "the connection of a client of {sid} ended: {why}"
                     ));
                 }
                 break;
             }
-            Some(Err(e)) => {
-                if !shared.stopping.load(Ordering::Relaxed) {
-                    shared
-                        .problems
-                        .report(format_args!("websocket error on a client of {sid}: {e}"));
-                }
-                break;
-            }
-            Some(Ok(_)) => continue,
         };
-        let text = t.as_str();
         if text == "2" {
-            if ws.send(Message::text("3")).await.is_err() {
+            if !conn.pong().await {
                 break;
             }
             continue;
         }
-        let Some(arr) = event_array(text) else {
+        let Some((name, object)) = split_event(shared.transport, text) else {
             if text != "6" {
                 shared
                     .problems
@@ -725,11 +919,11 @@ async fn run_client(
             }
             continue;
         };
-        match event_name(arr) {
+        match Some(name) {
             Some("progress") if fan => {
                 let now = unix_ns();
                 let recv_at = Instant::now();
-                let (_, data): (&str, EventData) = match serde_json::from_str(arr) {
+                let data: EventData = match serde_json::from_str(object) {
                     Ok(v) => v,
                     Err(e) => {
                         shared
@@ -837,11 +1031,18 @@ fn spawn_fleet(
     if c.sessions == 0 || c.clients == 0 {
         return Err("--clients and --sessions must be > 0".into());
     }
-    let (ws_url, addr, _) = endpoints(&c.url)?;
+    let (ws_url, addr, base) = endpoints(&c.url)?;
     let shared = Arc::new(Shared {
         mode,
         subscribe,
+        transport: c.transport,
         ws_url,
+        base,
+        token: c.token.clone(),
+        sse_http: reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("an HTTP client"),
         addr,
         read_buffer: c.read_buffer,
         events_per_session,
