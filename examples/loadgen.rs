@@ -643,6 +643,8 @@ enum Conn {
 struct SseBody {
     body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
     buffer: String,
+    /// Where the next frame starts in `buffer`.
+    read: usize,
 }
 
 /// One thing a client received.
@@ -667,13 +669,18 @@ impl Conn {
                 Some(Ok(_)) => Incoming::Skip,
             },
             Conn::Sse(sse) => loop {
-                if let Some(end) = sse.buffer.find("\n\n") {
-                    let frame: String = sse.buffer.drain(..end + 2).collect();
+                if let Some(end) = sse.buffer[sse.read..].find("\n\n") {
+                    let start = sse.read;
+                    sse.read += end + 2;
+                    let frame = sse.buffer[start..sse.read].to_owned();
                     if frame.starts_with(':') {
                         return Incoming::Skip;
                     }
                     return Incoming::Frame(frame);
                 }
+                // Only what follows the last whole frame is kept (no quadratic shifting).
+                sse.buffer.drain(..sse.read);
+                sse.read = 0;
                 match sse.body.next().await {
                     Some(Ok(chunk)) => sse.buffer.push_str(&String::from_utf8_lossy(&chunk)),
                     Some(Err(e)) => return Incoming::Closed(format!("stream error: {e}")),
@@ -778,6 +785,7 @@ async fn establish_sse(shared: &Shared, sid: &str) -> Result<SseBody, BoxError> 
     let mut sse = SseBody {
         body: response.bytes_stream().boxed(),
         buffer: String::new(),
+        read: 0,
     };
     let mut conn = Conn::Sse(sse);
     loop {

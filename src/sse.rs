@@ -31,6 +31,9 @@ use crate::hub::Resume;
 use crate::log::Epoch;
 use crate::subscriber::{self, Refusal, Subscriber};
 
+/// Most queued messages put into one chunk of the response.
+const WRITE_BATCH: usize = 64;
+
 /// How long a browser waits before reconnecting a dropped stream (the SSE `retry:` field).
 const RETRY_MS: u64 = 1_000;
 
@@ -182,10 +185,33 @@ impl SseStream {
             }
             message = self.handle.queue.recv() => {
                 let message = message?;
-                Some(Ok(self.frame(message)))
+                Some(Ok(self.frames_from(message)))
             }
             _ = self.heartbeat.tick() => Some(Ok(Bytes::from_static(b": keep-alive\n\n"))),
         }
+    }
+
+    /// `first` and whatever else is queued already (up to [`WRITE_BATCH`]) as one chunk:
+    /// a burst of events becomes one write, not one each.
+    fn frames_from(&mut self, first: Outbound) -> Bytes {
+        let first = self.frame(first);
+        if self.done {
+            return first;
+        }
+        let mut chunk: Option<bytes::BytesMut> = None;
+        for _ in 1..WRITE_BATCH {
+            let Ok(message) = self.handle.queue.try_recv() else {
+                break;
+            };
+            let frame = self.frame(message);
+            chunk
+                .get_or_insert_with(|| bytes::BytesMut::from(&first[..]))
+                .extend_from_slice(&frame);
+            if self.done {
+                break;
+            }
+        }
+        chunk.map_or(first, bytes::BytesMut::freeze)
     }
 
     fn frame(&mut self, message: Outbound) -> Bytes {

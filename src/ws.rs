@@ -204,13 +204,19 @@ async fn write_out(
             }
             message = handle.queue.recv() => match message {
                 None => return,
-                Some(Outbound::Final(reason)) => break parse_close(&reason),
-                Some(message) => Message::Text(text_of(message)),
+                Some(message) => message,
             },
-            _ = heartbeat.tick() => Message::Ping(Default::default()),
+            _ = heartbeat.tick() => {
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+                continue;
+            }
         };
-        if sink.send(message).await.is_err() {
-            return;
+        match write_ready(&mut sink, &mut handle, message).await {
+            Ok(None) => {}
+            Ok(Some(close)) => break close,
+            Err(()) => return,
         }
     };
     let frame = CloseFrame {
@@ -220,6 +226,36 @@ async fn write_out(
     tokio::time::timeout(CLOSE_TIMEOUT, sink.send(Message::Close(Some(frame))))
         .await
         .ok();
+}
+
+/// Most messages written before one flush: what a burst puts in one write, not one each.
+const WRITE_BATCH: usize = 64;
+
+/// Writes `first` and whatever else is queued already (up to [`WRITE_BATCH`]), then
+/// flushes once. `Some` close when a [`Outbound::Final`] came up; `Err` when the
+/// connection is gone.
+async fn write_ready(
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    handle: &mut FollowerHandle,
+    first: Outbound,
+) -> Result<Option<(u16, String)>, ()> {
+    let mut next = Some(first);
+    let mut written = 0;
+    while let Some(message) = next.take() {
+        if let Outbound::Final(reason) = message {
+            sink.flush().await.map_err(drop)?;
+            return Ok(Some(parse_close(&reason)));
+        }
+        sink.feed(Message::Text(text_of(message)))
+            .await
+            .map_err(drop)?;
+        written += 1;
+        if written < WRITE_BATCH {
+            next = handle.queue.try_recv().ok();
+        }
+    }
+    sink.flush().await.map_err(drop)?;
+    Ok(None)
 }
 
 fn parse_close(reason: &str) -> (u16, String) {
