@@ -253,17 +253,23 @@ async fn flood(server: &common::TestServer, session_id: &str, batches: u64) -> u
     batches * 100
 }
 
-/// A reader that stops reading is cut off once its queue is full (not left silently
-/// behind), and resumes from what it last received without a gap.
-#[tokio::test]
-async fn a_stalled_sse_reader_is_cut_off_and_resumes_gap_free() {
-    let server = spawn_app_with(|c| {
+/// A server whose subscriber queues hold 164 messages (max-batch + 64) and whose sessions
+/// retain every event of a [`flood`].
+async fn spawn_for_floods() -> common::TestServer {
+    spawn_app_with(|c| {
         c.max_batch = 100;
         c.socket_buffer = 0;
         c.max_events_per_session = 10_000;
         c.max_session_bytes = 200_000_000;
     })
-    .await;
+    .await
+}
+
+/// A reader that stops reading is cut off once its queue is full (not left silently
+/// behind), and resumes from what it last received without a gap.
+#[tokio::test]
+async fn a_stalled_sse_reader_is_cut_off_and_resumes_gap_free() {
+    let server = spawn_for_floods().await;
     let base = server.url("");
     let response = open_stream(&base, "sse-slow", "?lastSeq=0", None).await;
     let mut stream = SseReader::new(response);
@@ -589,13 +595,7 @@ async fn ws_answers_garbage_with_errors_and_closes_a_flood() {
 
 #[tokio::test]
 async fn a_stalled_ws_reader_is_closed_with_1013_and_resumes_gap_free() {
-    let server = spawn_app_with(|c| {
-        c.max_batch = 100;
-        c.socket_buffer = 0;
-        c.max_events_per_session = 10_000;
-        c.max_session_bytes = 200_000_000;
-    })
-    .await;
+    let server = spawn_for_floods().await;
     let mut ws = Ws::connect(&ws_url(&server)).await;
     ws.send(json!({ "type": "subscribe", "sessionId": "ws-slow", "lastSeq": 0 }))
         .await;
