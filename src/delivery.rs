@@ -21,6 +21,9 @@ use socketioxide::extract::SocketRef;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use serde_json::value::RawValue;
+
+use crate::feed::FeedFrame;
 use crate::hub::Subscribed;
 use crate::log::LoggedEvent;
 
@@ -42,6 +45,10 @@ pub trait Sink: Send + Sync {
     fn label(&self) -> String;
     fn send_subscribed(&self, reply: &Subscribed) -> Result<(), SendError>;
     fn send(&self, event: &Arc<LoggedEvent>) -> Result<(), SendError>;
+    /// A session-feed message ([`crate::feed`]).
+    fn send_feed(&self, frame: &Arc<FeedFrame>) -> Result<(), SendError>;
+    /// An owned handle on the same connection, for the session feed to keep.
+    fn to_shared(&self) -> Arc<dyn Sink>;
     /// From now on, the session's broadcasts reach this sink.
     fn follow(&self, session_id: &str);
     fn unfollow(&self, session_id: &str);
@@ -59,11 +66,15 @@ impl Sink for SocketRef {
     }
 
     fn send(&self, event: &Arc<LoggedEvent>) -> Result<(), SendError> {
-        match self.emit(event.kind.as_str(), &*event.json) {
-            Ok(()) => Ok(()),
-            Err(_) if !self.connected() => Err(SendError::Gone),
-            Err(_) => Err(SendError::Full),
-        }
+        emit_raw(self, event.kind.as_str(), &event.json)
+    }
+
+    fn send_feed(&self, frame: &Arc<FeedFrame>) -> Result<(), SendError> {
+        emit_raw(self, frame.kind.as_str(), &frame.json)
+    }
+
+    fn to_shared(&self) -> Arc<dyn Sink> {
+        Arc::new(self.clone())
     }
 
     fn follow(&self, session_id: &str) {
@@ -76,6 +87,14 @@ impl Sink for SocketRef {
 
     fn cut_off(&self) {
         self.close_transport();
+    }
+}
+
+fn emit_raw(socket: &SocketRef, event: &str, json: &RawValue) -> Result<(), SendError> {
+    match socket.emit(event, json) {
+        Ok(()) => Ok(()),
+        Err(_) if !socket.connected() => Err(SendError::Gone),
+        Err(_) => Err(SendError::Full),
     }
 }
 
@@ -160,6 +179,8 @@ pub fn ws_event_text(kind: &str, payload: &str) -> String {
 pub enum Outbound {
     Subscribed(Subscribed),
     Event(Arc<Framed>),
+    /// A session-feed message.
+    Feed(Arc<FeedFrame>),
     /// A transport-specific message (a WebSocket reply, an SSE error frame), ordered with
     /// the events.
     Text(String),
@@ -210,6 +231,14 @@ impl Sink for Follower {
 
     fn send(&self, event: &Arc<LoggedEvent>) -> Result<(), SendError> {
         self.push(Outbound::Event(Arc::new(Framed::new(event.clone()))))
+    }
+
+    fn send_feed(&self, frame: &Arc<FeedFrame>) -> Result<(), SendError> {
+        self.push(Outbound::Feed(frame.clone()))
+    }
+
+    fn to_shared(&self) -> Arc<dyn Sink> {
+        Arc::new(self.clone())
     }
 
     fn follow(&self, session_id: &str) {

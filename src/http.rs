@@ -279,6 +279,10 @@ pub fn router(state: ApiState, max_body: usize) -> Router {
             "/api/wizard/session/{session_id}/stream",
             get(crate::sse::session_stream),
         )
+        .route(
+            "/api/wizard/sessions/stream",
+            get(crate::sse::sessions_stream),
+        )
         .route("/ws", get(crate::ws::upgrade))
         .route(
             "/api/wizard/sessions",

@@ -21,6 +21,7 @@ use serde::Serialize;
 use socketioxide::{BroadcastError, SocketError, SocketIo};
 
 use crate::delivery::{Followers, SendError, Sink};
+use crate::feed::Feed;
 
 use crate::event::SessionStatus;
 use crate::event::{EventDraft, now_timestamp};
@@ -194,6 +195,8 @@ struct Inner {
     queued: Mutex<HashMap<String, Announced>>,
     /// This node's SSE and plain WebSocket subscribers.
     followers: Followers,
+    /// This node's session-feed watchers.
+    feed: Feed,
     metrics: Arc<Metrics>,
 }
 
@@ -207,6 +210,7 @@ impl Hub {
         Self {
             inner: Arc::new(Inner {
                 log,
+                feed: Feed::new(store.clone()),
                 store,
                 io,
                 gates: Mutex::default(),
@@ -263,6 +267,9 @@ impl Hub {
             .store
             .apply(session_id, &outcome.epoch, &to_fold)
             .await?;
+        if !to_fold.is_empty() {
+            self.inner.feed.touch(session_id);
+        }
         let fresh: Vec<Arc<LoggedEvent>> = to_fold.iter().map(|a| a.event.clone()).collect();
         let upto = fresh.last().map_or(outcome.last_seq, |e| e.seq);
         self.deliver(session_id, &mut cursor, Some(&outcome.epoch), upto, &fresh)
@@ -310,6 +317,7 @@ impl Hub {
     /// concurrently and the announcement listener never waits on Redis. A burst of
     /// announcements for one session costs one catch-up.
     pub fn announce(&self, session_id: &str, epoch: &Epoch, announced: u64) {
+        self.inner.feed.touch_upto(session_id, epoch, announced);
         // Every followed session has a gate: `subscribe` makes one and `sweep` keeps it
         // while the room has members.
         let Some(gate) = self.inner.gates.lock().unwrap().get(session_id).cloned() else {
@@ -657,6 +665,11 @@ impl Hub {
         socket.unfollow(session_id);
     }
 
+    /// This node's session feed (SPEC §6).
+    pub fn feed(&self) -> &Feed {
+        &self.inner.feed
+    }
+
     /// This node's SSE and plain WebSocket subscribers, for their transports to join.
     pub fn followers(&self) -> &Followers {
         &self.inner.followers
@@ -677,7 +690,10 @@ impl Hub {
 
     /// Attaches what a session's creator said (metadata, owner) to its snapshot.
     pub async fn set_origin(&self, session_id: &str, origin: &Origin) -> Result<(), HubError> {
-        Ok(self.inner.store.set_origin(session_id, origin).await?)
+        self.inner.store.set_origin(session_id, origin).await?;
+        // The owner decides who may see the session in the feed.
+        self.inner.feed.touch(session_id);
+        Ok(())
     }
 
     /// See [`SessionStore::keeps_runs`].

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod edge;
 pub mod error;
 pub mod event;
+pub mod feed;
 #[cfg(test)]
 mod fuzzing;
 pub mod http;

@@ -201,10 +201,9 @@ async fn dispatch(
     match name {
         "subscribe" => subscriber.subscribe(socket, data).await,
         "unsubscribe" => {
-            let session_id = subscriber.unsubscribe(socket, &data)?;
-            let reply = json!({ "sessionId": session_id, "timestamp": now_timestamp() });
-            socket.emit("unsubscribed", &reply).ok();
-            Ok(json!({ "ok": true, "sessionId": session_id }))
+            let ended = subscriber.unsubscribe(socket, &data)?;
+            socket.emit("unsubscribed", &ended.reply()).ok();
+            Ok(ended.ack())
         }
         other => Err(Refusal::new(
             ErrorCode::UnknownEvent,

@@ -76,15 +76,28 @@ pub async fn session_stream(
     let subscriber = Arc::new(Subscriber::new(state.hub.clone(), limits, caller));
     let handle = state.hub.followers().open("sse", limits.queue);
     spawn_subscribe(&handle, subscriber.clone(), session_id, resume.clone());
-    let stream = SseStream {
-        cut: handle.follower.cut_token(),
-        handle,
-        heartbeat: heartbeat(limits.heartbeat),
-        expires: expires.map(|left| Box::pin(tokio::time::sleep(left))),
-        asked: resume.map(|r| r.last_seq),
-        _subscriber: subscriber,
-        done: false,
-    };
+    let asked = resume.map(|r| r.last_seq);
+    Ok(respond(SseStream::new(handle, subscriber, expires, asked)))
+}
+
+/// `GET /api/wizard/sessions/stream`: the session feed (SPEC §6), `event: sessions` then
+/// `event: session` frames, without ids: a reconnected `EventSource` gets a fresh list,
+/// which is its resync.
+pub async fn sessions_stream(
+    State(state): State<ApiState>,
+    Caller(caller): Caller,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Read)?;
+    let limits = state.subscribers;
+    let expires = subscriber::time_left(&caller);
+    let subscriber = Arc::new(Subscriber::new(state.hub.clone(), limits, caller));
+    let handle = state.hub.followers().open("sse", limits.queue);
+    // Before the response starts, so that a backend failure is an HTTP error.
+    subscriber.watch_sessions(&handle.follower).await?;
+    Ok(respond(SseStream::new(handle, subscriber, expires, None)))
+}
+
+fn respond(stream: SseStream) -> Response {
     let body = Body::from_stream(stream::unfold(stream, |mut stream| async move {
         let frame = stream.next_frame().await?;
         Some((frame, stream))
@@ -98,7 +111,7 @@ pub async fn session_stream(
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     // nginx buffers responses unless told not to, which would hold events back.
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    response
 }
 
 fn parse_last_event_id(value: &HeaderValue) -> Result<u64, ApiError> {
@@ -160,6 +173,23 @@ struct SseStream {
 }
 
 impl SseStream {
+    fn new(
+        handle: FollowerHandle,
+        subscriber: Arc<Subscriber>,
+        expires: Option<Duration>,
+        asked: Option<u64>,
+    ) -> Self {
+        Self {
+            cut: handle.follower.cut_token(),
+            heartbeat: heartbeat(subscriber.limits().heartbeat),
+            handle,
+            expires: expires.map(|left| Box::pin(tokio::time::sleep(left))),
+            asked,
+            _subscriber: subscriber,
+            done: false,
+        }
+    }
+
     async fn next_frame(&mut self) -> Option<Result<Bytes, std::io::Error>> {
         if self.done {
             return None;
@@ -217,6 +247,7 @@ impl SseStream {
     fn frame(&mut self, message: Outbound) -> Bytes {
         match message {
             Outbound::Event(framed) => framed.sse(),
+            Outbound::Feed(frame) => frame.sse(),
             Outbound::Subscribed(reply) => {
                 // Complete from the point asked for when it is recovered, else from the head.
                 let from = match (reply.recovered, self.asked) {

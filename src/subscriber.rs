@@ -14,6 +14,7 @@ use crate::auth::{Auth, AuthError, Denied, Principal, Scope};
 use crate::delivery::Sink;
 use crate::error::ErrorCode;
 use crate::event::{InvalidSessionId, now_timestamp, validate_session_id};
+use crate::feed::WatchId;
 use crate::hub::{Hub, HubError, Resume, Subscribed};
 use crate::log::Epoch;
 
@@ -55,11 +56,18 @@ struct Budget {
     refusals_refilled: Instant,
     /// Set when herald closes the connection: requests still in line are dropped unanswered.
     closed: bool,
+    /// Its place in the session feed, while it watches.
+    watch: Option<WatchId>,
 }
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
-        let subscriptions = self.inner.get_mut().map_or(0, |inner| inner.sessions.len());
+        let (subscriptions, watch) = self.inner.get_mut().map_or((0, None), |inner| {
+            (inner.sessions.len(), inner.watch.take())
+        });
+        if let Some(watch) = watch {
+            self.hub.feed().unwatch(watch);
+        }
         let metrics = self.hub.metrics();
         for _ in 0..subscriptions {
             metrics.subscriptions.dec();
@@ -91,6 +99,7 @@ impl Subscriber {
                 refusal_tokens: f64::from(limits.invalid_per_sec) * 2.0,
                 refusals_refilled: Instant::now(),
                 closed: false,
+                watch: None,
             }),
             hub,
         }
@@ -98,6 +107,10 @@ impl Subscriber {
 
     pub fn principal(&self) -> &Principal {
         &self.principal
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     pub fn hub(&self) -> &Hub {
@@ -109,9 +122,14 @@ impl Subscriber {
         self.inner.lock().unwrap().closed
     }
 
-    /// A `subscribe` request (`"id"` or `{ sessionId, lastSeq?, epoch? }`): the ack.
+    /// A `subscribe` request (`"id"`, `{ sessionId, lastSeq?, epoch? }` or
+    /// `{ feed: "sessions" }`): the ack.
     pub async fn subscribe(&self, sink: &dyn Sink, data: Value) -> Result<Value, Refusal> {
         self.take_token()?;
+        if parse_feed(&data)? {
+            let count = self.watch_sessions(sink).await?;
+            return Ok(json!({ "ok": true, "feed": FEED_SESSIONS, "sessions": count }));
+        }
         let (session_id, resume) = parse_subscribe(data)?;
         let reply = self.follow(sink, session_id, resume).await?;
         let mut ack = json!({
@@ -126,15 +144,50 @@ impl Subscriber {
         Ok(ack)
     }
 
-    /// An `unsubscribe` request: the session it named.
-    pub fn unsubscribe(&self, sink: &dyn Sink, data: &Value) -> Result<String, Refusal> {
+    /// An `unsubscribe` request: the session it named (or [`FEED_SESSIONS`]).
+    pub fn unsubscribe(&self, sink: &dyn Sink, data: &Value) -> Result<Unsubscribed, Refusal> {
         self.take_token()?;
+        if parse_feed(data)? {
+            if let Some(watch) = self.inner.lock().unwrap().watch.take() {
+                self.hub.feed().unwatch(watch);
+            }
+            return Ok(Unsubscribed::Feed);
+        }
         let session_id = parse_session_ref(data)?;
         if self.inner.lock().unwrap().sessions.remove(&session_id) {
             self.hub.metrics().subscriptions.dec();
         }
         self.hub.unsubscribe(sink, &session_id);
-        Ok(session_id)
+        Ok(Unsubscribed::Session(session_id))
+    }
+
+    /// Starts following the session feed (SPEC §6): `sessions` now, `session` on changes.
+    /// Watching again sends a fresh list. Returns how many sessions the list held.
+    pub async fn watch_sessions(&self, sink: &dyn Sink) -> Result<usize, Refusal> {
+        if !self.principal.has(Scope::Read) {
+            return Err(Refusal::new(
+                ErrorCode::Forbidden,
+                "the session feed needs the `read` scope",
+            ));
+        }
+        let previous = self.inner.lock().unwrap().watch.take();
+        if let Some(previous) = previous {
+            self.hub.feed().unwatch(previous);
+        }
+        let (watch, count) = self
+            .hub
+            .feed()
+            .watch(sink.to_shared(), self.principal.clone())
+            .await
+            .map_err(|error| {
+                tracing::warn!(%error, "session feed: watch failed");
+                Refusal::from_hub(&error)
+            })?;
+        let replaced = self.inner.lock().unwrap().watch.replace(watch);
+        if let Some(replaced) = replaced {
+            self.hub.feed().unwatch(replaced);
+        }
+        Ok(count)
     }
 
     /// Authorizes, counts and performs one subscription (replay, then live).
@@ -343,6 +396,45 @@ pub async fn authorize_read(
             };
             refusal.for_session(session_id)
         })
+}
+
+/// The one feed there is: `{ "feed": "sessions" }`.
+pub const FEED_SESSIONS: &str = "sessions";
+
+/// What an `unsubscribe` ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unsubscribed {
+    Session(String),
+    Feed,
+}
+
+impl Unsubscribed {
+    /// `sessionId` or `feed`, then `timestamp`: the `unsubscribed` event's payload.
+    pub fn reply(&self) -> Value {
+        match self {
+            Unsubscribed::Session(id) => json!({ "sessionId": id, "timestamp": now_timestamp() }),
+            Unsubscribed::Feed => json!({ "feed": FEED_SESSIONS, "timestamp": now_timestamp() }),
+        }
+    }
+
+    pub fn ack(&self) -> Value {
+        match self {
+            Unsubscribed::Session(id) => json!({ "ok": true, "sessionId": id }),
+            Unsubscribed::Feed => json!({ "ok": true, "feed": FEED_SESSIONS }),
+        }
+    }
+}
+
+/// Whether a `subscribe` / `unsubscribe` payload names a feed (`{ "feed": "sessions" }`).
+fn parse_feed(data: &Value) -> Result<bool, Refusal> {
+    match data.get("feed") {
+        None => Ok(false),
+        Some(Value::String(feed)) if feed == FEED_SESSIONS => Ok(true),
+        Some(_) => Err(Refusal::new(
+            ErrorCode::InvalidPayload,
+            "`feed` must be \"sessions\", the one feed herald has",
+        )),
+    }
 }
 
 /// `"id"` or `{ sessionId, lastSeq?, epoch? }`.

@@ -1113,3 +1113,103 @@ async fn a_run_outlives_a_redis_outage_and_logs_every_event_once() {
         "the outage never reached the run's publishing:\n{logs}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// The session feed
+
+fn token_for(subject: &str) -> String {
+    common::sign_token(
+        &json!({
+            "sub": subject,
+            "exp": common::unix_now() + 600,
+            "scope": "read answer cancel create",
+            "sessions": [],
+        }),
+        common::TEST_JWT_SECRET,
+    )
+}
+
+async fn create_as(node: &Node, token: &str, prompt: &str) -> String {
+    let reply = reqwest::Client::new()
+        .post(node.url("/api/wizard/sessions"))
+        .bearer_auth(token)
+        .json(&json!({ "prompts": [prompt], "models": ["sim-fast"] }))
+        .send()
+        .await
+        .expect("create answers");
+    assert_eq!(reply.status(), 201, "{}: create as a user", node.name);
+    let body: Value = reply.json().await.unwrap();
+    body["sessionId"].as_str().expect("sessionId").to_owned()
+}
+
+async fn watch_feed(node: &Node, token: &str) -> (Client, Vec<String>) {
+    let auth = json!({ "token": token });
+    let mut client = Client::connect_as(node.addr, Some(&auth), &[])
+        .await
+        .unwrap_or_else(|refusal| panic!("{}: refused: {refusal}", node.name));
+    let ack = client
+        .call("subscribe", &json!({ "feed": "sessions" }))
+        .await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    let list = client.wait_for("sessions").await;
+    let ids = list["sessions"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|s| s["sessionId"].as_str().unwrap().to_owned())
+        .collect();
+    (client, ids)
+}
+
+/// Reads `session` messages until `session_id` is `COMPLETED`; returns every session id
+/// the messages named.
+async fn feed_until_completed(client: &mut Client, session_id: &str) -> Vec<String> {
+    let mut named = Vec::new();
+    let deadline = Instant::now() + POLL_WITHIN;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (name, data) = client.next_within(left).await;
+        if name != "session" {
+            continue;
+        }
+        let id = data["sessionId"].as_str().expect("sessionId").to_owned();
+        let completed = id == session_id && data["status"] == "COMPLETED";
+        named.push(id);
+        if completed {
+            return named;
+        }
+    }
+}
+
+/// With auth on, each caller's feed lists and streams exactly the sessions it may read,
+/// whichever node runs them: Alice and Bob watch on node-1, each creates a run on node-0,
+/// each sees their own run through to `COMPLETED` and never the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_feed_spans_nodes_and_shows_each_caller_only_their_sessions() {
+    let cluster = Cluster::start_with(2, &["--jwt-secret", common::TEST_JWT_SECRET]).await;
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    let (alice, bob) = (token_for("alice"), token_for("bob"));
+    let (mut alice_feed, listed) = watch_feed(b, &alice).await;
+    assert!(listed.is_empty(), "{listed:?}");
+    let (mut bob_feed, listed) = watch_feed(b, &bob).await;
+    assert!(listed.is_empty(), "{listed:?}");
+
+    let alices = create_as(a, &alice, "Write the launch plan").await;
+    let bobs = create_as(a, &bob, "Write the budget").await;
+    let seen_by_alice = feed_until_completed(&mut alice_feed, &alices).await;
+    let seen_by_bob = feed_until_completed(&mut bob_feed, &bobs).await;
+    assert!(
+        seen_by_alice.iter().all(|id| *id == alices),
+        "Alice's feed named someone else's session: {seen_by_alice:?}"
+    );
+    assert!(
+        seen_by_bob.iter().all(|id| *id == bobs),
+        "Bob's feed named someone else's session: {seen_by_bob:?}"
+    );
+
+    // A fresh list, on the other node, holds only the caller's own.
+    let (_, listed) = watch_feed(a, &bob).await;
+    assert_eq!(listed, vec![bobs]);
+    let (_, listed) = watch_feed(b, &alice).await;
+    assert_eq!(listed, vec![alices]);
+}

@@ -751,3 +751,161 @@ async fn ws_handshakes_are_origin_checked() {
     }
     assert!(tokio_tungstenite::connect_async(request).await.is_ok());
 }
+
+/// A connection that receives session-feed messages, whatever its transport.
+trait FeedReader {
+    /// The next message's name and payload.
+    async fn next_feed(&mut self) -> (String, Value);
+}
+
+impl FeedReader for common::Client {
+    async fn next_feed(&mut self) -> (String, Value) {
+        self.next().await
+    }
+}
+
+impl FeedReader for Ws {
+    async fn next_feed(&mut self) -> (String, Value) {
+        let mut data = self.next_json().await;
+        let kind = data["type"].as_str().unwrap_or_default().to_owned();
+        data.as_object_mut().unwrap().remove("type");
+        (kind, data)
+    }
+}
+
+impl FeedReader for SseReader {
+    async fn next_feed(&mut self) -> (String, Value) {
+        let frame = self.next_event().await;
+        (frame.event.clone(), frame.json())
+    }
+}
+
+/// Reads feed messages until each of `wanted`'s sessions has shown its `progress`;
+/// returns how many `session` messages each got on the way.
+async fn feed_until(reader: &mut impl FeedReader, wanted: &[(&str, f64)]) -> Vec<usize> {
+    let mut counts = vec![0; wanted.len()];
+    let mut done = vec![false; wanted.len()];
+    while done.contains(&false) {
+        let (kind, data) = reader.next_feed().await;
+        assert_eq!(
+            kind, "session",
+            "after the list only `session` messages come: {data}"
+        );
+        for field in [
+            "status",
+            "progress",
+            "prompts",
+            "hasClarifications",
+            "clarificationCount",
+        ] {
+            assert!(
+                data.get(field).is_some(),
+                "`session` lacks `{field}`: {data}"
+            );
+        }
+        assert!(common::is_timestamp(&data["updatedAt"]), "{data}");
+        for (i, (session_id, progress)) in wanted.iter().enumerate() {
+            if data["sessionId"] == *session_id {
+                counts[i] += 1;
+                done[i] |= data["progress"].as_f64() == Some(*progress);
+            }
+        }
+    }
+    counts
+}
+
+fn assert_newest_first(list: &Value) -> Vec<String> {
+    let sessions = list["sessions"].as_array().expect("`sessions` is a list");
+    let created: Vec<&str> = sessions
+        .iter()
+        .map(|s| s["createdAt"].as_str().expect("createdAt"))
+        .collect();
+    assert!(
+        created.windows(2).all(|w| w[0] >= w[1]),
+        "newest first: {created:?}"
+    );
+    assert_eq!(list["truncated"], false);
+    sessions
+        .iter()
+        .map(|s| s["sessionId"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The session feed (SPEC §6) on all three transports: the list first (newest first),
+/// then a `session` whenever one is created or changes, coalesced (a burst of 30 changes is
+/// a few messages, the last carrying the latest state); unsubscribing ends it.
+#[tokio::test]
+async fn the_session_feed_lists_then_streams_coalesced_changes_on_every_transport() {
+    let server = spawn_app_with(|_| {}).await;
+    post_n(&server, "feed-old", 1, 1).await;
+    post_n(&server, "feed-busy", 1, 1).await;
+
+    let mut io = server.connect().await;
+    let ack = io.call("subscribe", &json!({ "feed": "sessions" })).await;
+    assert_eq!(ack["ok"], true, "{ack}");
+    assert_eq!(ack["feed"], "sessions");
+    assert_eq!(ack["sessions"], 2);
+    let listed = assert_newest_first(&io.wait_for("sessions").await);
+    assert_eq!(listed.len(), 2);
+    let mut ws = Ws::connect(&ws_url(&server)).await;
+    ws.send(json!({ "action": "subscribe", "feed": "sessions" }))
+        .await;
+    let list = ws.next_json().await;
+    assert_eq!(list["type"], "sessions", "{list}");
+    assert_eq!(assert_newest_first(&list), listed);
+    let response = client()
+        .get(server.url("/api/wizard/sessions/stream"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut sse = SseReader::new(response);
+    let first = sse.next_event().await;
+    assert_eq!((first.event.as_str(), first.id), ("sessions", None));
+    assert_eq!(assert_newest_first(&first.json()), listed);
+
+    // A burst of changes, one request each, then a session created while they watch.
+    for n in 2..=31 {
+        post_n(&server, "feed-busy", n, 1).await;
+    }
+    post_n(&server, "feed-born", 7, 1).await;
+    let wanted = [("feed-busy", 31.0), ("feed-born", 7.0)];
+    let on_io = feed_until(&mut io, &wanted).await;
+    let on_ws = feed_until(&mut ws, &wanted).await;
+    let on_sse = feed_until(&mut sse, &wanted).await;
+    for (transport, counts) in [("socket.io", on_io), ("ws", on_ws), ("sse", on_sse)] {
+        assert!(
+            (1..=10).contains(&counts[0]),
+            "{transport}: 30 changes in a burst came as {} `session` messages",
+            counts[0]
+        );
+        assert_eq!(counts[1], 1, "{transport}: one change, one message");
+    }
+
+    // Unsubscribed, the socket gets no more; the WebSocket still does.
+    let ack = io.call("unsubscribe", &json!({ "feed": "sessions" })).await;
+    assert_eq!(ack, json!({ "ok": true, "feed": "sessions" }));
+    assert_eq!(io.wait_for("unsubscribed").await["feed"], "sessions");
+    post_n(&server, "feed-old", 50, 1).await;
+    loop {
+        let data = ws.next_json().await;
+        if data["sessionId"] == "feed-old" {
+            assert_eq!(data["type"], "session");
+            break;
+        }
+    }
+    io.call("subscribe", &json!("feed-old")).await;
+    let late: Vec<String> = io.drain().into_iter().map(|(name, _)| name).collect();
+    assert!(
+        !late.iter().any(|name| name == "session"),
+        "an unsubscribed socket still got feed messages: {late:?}"
+    );
+
+    // A feed that does not exist is refused, and the socket stays usable.
+    let ack = io.call("subscribe", &json!({ "feed": "jobs" })).await;
+    assert_eq!(ack["ok"], false, "{ack}");
+    assert_eq!(ack["error"]["code"], "INVALID_PAYLOAD");
+    assert_eq!(io.wait_for("error").await["code"], "INVALID_PAYLOAD");
+    let ack = io.call("subscribe", &json!({ "feed": "sessions" })).await;
+    assert_eq!(ack["ok"], true, "{ack}");
+}
