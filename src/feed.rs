@@ -279,9 +279,15 @@ impl Feed {
     }
 
     pub fn unwatch(&self, id: WatchId) {
-        let mut watchers = self.0.watchers.lock().unwrap();
-        watchers.remove(&id.0);
-        self.0.watching.store(watchers.len(), Ordering::Relaxed);
+        let removed = {
+            let mut watchers = self.0.watchers.lock().unwrap();
+            let removed = watchers.remove(&id.0);
+            self.0.watching.store(watchers.len(), Ordering::Relaxed);
+            removed
+        };
+        // Dropped outside the lock: a socket's last handle may drop its subscriber, whose
+        // own drop unwatches.
+        drop(removed);
     }
 
     fn start_flusher(&self) {
@@ -338,26 +344,31 @@ impl Feed {
     fn send(&self, summary: &SessionSummary) {
         let frame = Arc::new(FeedFrame::new(FeedKind::Session, &Entry::from(summary)));
         let mut slow = Vec::new();
-        {
+        let mut gone = Vec::new();
+        let removed: Vec<Watcher> = {
             let mut watchers = self.0.watchers.lock().unwrap();
-            watchers.retain(|_, watcher| {
+            for (id, watcher) in watchers.iter() {
                 if !watcher
                     .principal
                     .may_read(&summary.session_id, summary.owner.as_deref())
                 {
-                    return true;
+                    continue;
                 }
                 match watcher.sink.send_feed(&frame) {
-                    Ok(()) => true,
-                    Err(SendError::Gone) => false,
+                    Ok(()) => {}
+                    Err(SendError::Gone) => gone.push(*id),
                     Err(SendError::Full) => {
                         slow.push(watcher.sink.clone());
-                        false
+                        gone.push(*id);
                     }
                 }
-            });
+            }
+            let removed = gone.iter().filter_map(|id| watchers.remove(id)).collect();
             self.0.watching.store(watchers.len(), Ordering::Relaxed);
-        }
+            removed
+        };
+        // Dropped outside the lock (see `unwatch`).
+        drop(removed);
         for sink in slow {
             tracing::warn!(watcher = %sink.label(), "slow session-feed watcher: dropping its connection");
             sink.cut_off();

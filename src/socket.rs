@@ -188,6 +188,7 @@ fn install(socket: &SocketRef, hub: Hub, limits: Limits, principal: Principal) {
             if let Some(expiry) = &state.expiry {
                 expiry.cancel();
             }
+            state.subscriber.unwatch_sessions();
         }
     });
 }

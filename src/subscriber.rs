@@ -148,9 +148,7 @@ impl Subscriber {
     pub fn unsubscribe(&self, sink: &dyn Sink, data: &Value) -> Result<Unsubscribed, Refusal> {
         self.take_token()?;
         if parse_feed(data)? {
-            if let Some(watch) = self.inner.lock().unwrap().watch.take() {
-                self.hub.feed().unwatch(watch);
-            }
+            self.unwatch_sessions();
             return Ok(Unsubscribed::Feed);
         }
         let session_id = parse_session_ref(data)?;
@@ -159,6 +157,16 @@ impl Subscriber {
         }
         self.hub.unsubscribe(sink, &session_id);
         Ok(Unsubscribed::Session(session_id))
+    }
+
+    /// Stops following the session feed, if it does. A Socket.IO socket calls this when it
+    /// disconnects: the feed holds a handle on the socket, which would otherwise keep it
+    /// (and this subscriber) alive until the next change found it gone.
+    pub fn unwatch_sessions(&self) {
+        let watch = self.inner.lock().unwrap().watch.take();
+        if let Some(watch) = watch {
+            self.hub.feed().unwatch(watch);
+        }
     }
 
     /// Starts following the session feed (SPEC §6): `sessions` now, `session` on changes.
@@ -170,10 +178,7 @@ impl Subscriber {
                 "the session feed needs the `read` scope",
             ));
         }
-        let previous = self.inner.lock().unwrap().watch.take();
-        if let Some(previous) = previous {
-            self.hub.feed().unwatch(previous);
-        }
+        self.unwatch_sessions();
         let (watch, count) = self
             .hub
             .feed()

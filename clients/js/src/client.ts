@@ -6,6 +6,9 @@ import {
   type CompletedEvent,
   type CreateSessionBody,
   type ErrorEvent,
+  type FeedAck,
+  type SessionFeedEntry,
+  type SessionsPayload,
   type ModelResultEvent,
   type ProgressEvent,
   type RespondResult,
@@ -128,6 +131,96 @@ export interface SubscribeOptions {
   lastSeq?: number;
   /** The epoch `lastSeq` belongs to. */
   epoch?: string;
+}
+
+export interface SessionFeedHandlers {
+  /**
+   * The whole list, newest first: on every (re)connect's fresh list and after each change
+   * (a resync after a drop is simply the next call).
+   */
+  onSessions?: (sessions: SessionFeedEntry[], info: { truncated: boolean; synced: boolean }) => void;
+  /** One session was created or changed (coalesced by herald: its latest state). */
+  onSession?: (session: SessionFeedEntry) => void;
+  /** herald refused the feed (`FORBIDDEN` as a `HeraldAuthError`). */
+  onError?: (error: SubscribeError) => void;
+}
+
+/**
+ * The session feed ("all my jobs", SPEC §6): every session the caller may read, kept up
+ * to date. The list is refetched on every reconnect, so it never misses a change.
+ */
+export class SessionFeed {
+  private readonly map = new Map<string, SessionFeedEntry>();
+  private _synced = false;
+  private _truncated = false;
+  private _active = true;
+
+  /** @internal */
+  constructor(
+    private readonly client: HeraldClient,
+    private readonly handlers: SessionFeedHandlers,
+  ) {}
+
+  /** The sessions, newest first. */
+  get sessions(): SessionFeedEntry[] {
+    return [...this.map.values()].sort((a, b) => (a.createdAt < b.createdAt ? 1 : a.createdAt > b.createdAt ? -1 : 0));
+  }
+  /** Whether the list is the server's since the last (re)connect. */
+  get synced(): boolean {
+    return this._synced;
+  }
+  get active(): boolean {
+    return this._active;
+  }
+
+  stop(): void {
+    if (!this._active) return;
+    this._active = false;
+    this.client._removeFeed(this);
+  }
+
+  /** @internal the socket dropped: the list is stale until the next one arrives. */
+  _disconnected(): void {
+    this._synced = false;
+  }
+
+  /** @internal */
+  _list(payload: SessionsPayload): void {
+    if (!this._active || !payload || !Array.isArray(payload.sessions)) return;
+    this.map.clear();
+    for (const entry of payload.sessions) this.map.set(entry.sessionId, entry);
+    this._synced = true;
+    this._truncated = payload.truncated === true;
+    this.emitList();
+  }
+
+  /** @internal */
+  _change(entry: SessionFeedEntry): void {
+    if (!this._active || !entry || typeof entry.sessionId !== 'string') return;
+    this.map.set(entry.sessionId, entry);
+    this.call(() => this.handlers.onSession?.(entry));
+    this.emitList();
+  }
+
+  /** @internal */
+  _refused(error: SubscribeError): void {
+    if (this._active) this.call(() => this.handlers.onError?.(error));
+  }
+
+  private emitList(): void {
+    const sessions = this.sessions;
+    this.call(() => this.handlers.onSessions?.(sessions, { truncated: this._truncated, synced: this._synced }));
+  }
+
+  private call(fn: () => void): void {
+    try {
+      fn();
+    } catch (err) {
+      queueMicrotask(() => {
+        throw err;
+      });
+    }
+  }
 }
 
 const HANDLER_OF: Record<SessionEventName, keyof SessionHandlers> = {
@@ -306,6 +399,7 @@ export class HeraldClient {
   private readonly token: TokenSource | undefined;
   private readonly onAuthError: ((error: HeraldAuthError) => void) | undefined;
   private readonly subs = new Map<string, Set<Subscription>>();
+  private readonly feeds = new Set<SessionFeed>();
   private closed = false;
   private readonly detach: Array<() => void> = [];
   private reconnectTimer: ReturnType<typeof setTimeout> | null = null;
@@ -368,6 +462,13 @@ export class HeraldClient {
       this.tokenExpired = false;
       this.authRetries = 0;
       for (const set of this.subs.values()) for (const sub of set) sub._sendSubscribe();
+      if (this.feeds.size > 0) this.sendFeedSubscribe();
+    });
+    on('sessions', (payload: SessionsPayload) => {
+      for (const feed of [...this.feeds]) feed._list(payload);
+    });
+    on('session', (entry: SessionFeedEntry) => {
+      for (const feed of [...this.feeds]) feed._change(entry);
     });
     on('connect_error', (err: Error) => {
       let refusal = authErrorFromMessage(err?.message ?? '');
@@ -393,6 +494,7 @@ export class HeraldClient {
       }
     });
     on('disconnect', (reason: string) => {
+      for (const feed of this.feeds) feed._disconnected();
       if (reason !== 'io server disconnect' || this.closed || !reconnection) return;
       if (this.tokenExpired) {
         // herald ended the socket because its token expired: a token function gets a fresh one
@@ -429,6 +531,40 @@ export class HeraldClient {
     set.add(sub);
     sub._sendSubscribe(); // no-op until connected; the connect handler sends it then
     return sub;
+  }
+
+  /**
+   * Follow the session feed: every session this client may read, then each change, on
+   * every node. One server-side feed serves all of this client's `SessionFeed`s.
+   */
+  followSessions(handlers: SessionFeedHandlers = {}): SessionFeed {
+    if (this.closed) throw new Error('HeraldClient is closed');
+    const feed = new SessionFeed(this, handlers);
+    this.feeds.add(feed);
+    // A later feed needs its own list: asking again sends a fresh one to all (harmless).
+    if (this.socket.connected) this.sendFeedSubscribe();
+    return feed;
+  }
+
+  /** @internal */
+  _removeFeed(feed: SessionFeed): void {
+    this.feeds.delete(feed);
+    if (this.feeds.size === 0 && this.socket.connected) this.socket.emit('unsubscribe', { feed: 'sessions' });
+  }
+
+  private sendFeedSubscribe(): void {
+    const socket = this.socket;
+    socket.timeout(this._subscribeTimeoutMs).emit('subscribe', { feed: 'sessions' }, (err: Error | null, ack: FeedAck) => {
+      if (err) {
+        if (socket.connected && this.feeds.size > 0) this.sendFeedSubscribe();
+        return;
+      }
+      if (ack && ack.ok === false) {
+        const e = ack.error;
+        const error = isAuthCode(e.code) ? new HeraldAuthError(e.code, e.message) : e;
+        for (const feed of [...this.feeds]) feed._refused(error);
+      }
+    });
   }
 
   /** Number of active subscriptions (all sessions). */
@@ -495,6 +631,7 @@ export class HeraldClient {
   close(): void {
     if (this.closed) return;
     for (const set of [...this.subs.values()]) for (const sub of [...set]) sub.unsubscribe();
+    for (const feed of [...this.feeds]) feed.stop();
     this.closed = true;
     for (const fn of this.detach.splice(0)) fn();
     if (this.reconnectTimer) clearTimeout(this.reconnectTimer);

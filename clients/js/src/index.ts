@@ -1,7 +1,8 @@
-export { AUTH_ERROR_CODES, HeraldAuthError, HeraldClient, HeraldError, Subscription, authErrorFromMessage } from './client.js';
+export { AUTH_ERROR_CODES, HeraldAuthError, HeraldClient, HeraldError, SessionFeed, Subscription, authErrorFromMessage } from './client.js';
 export type {
   AuthErrorCode,
   HeraldClientOptions,
+  SessionFeedHandlers,
   SessionHandlers,
   SubscribeOptions,
   SubscribeError,

@@ -4,6 +4,7 @@ import type {
   ClarificationSnapshot,
   ModelResultSnapshot,
   PromptCounts,
+  SessionFeedEntry,
   SessionSnapshot,
   SessionStatus,
 } from './types.js';
@@ -136,5 +137,39 @@ export function useSession(client: HeraldClient, sessionId: string | null | unde
 
   // Between a sessionId change and its effect, never show the previous session's state.
   if (stateOf.client !== client || stateOf.sessionId !== sessionId) return initialState(client.socket.connected);
+  return state;
+}
+
+/** What `useSessions` returns. */
+export interface SessionsState {
+  /** Every session the client may read, newest first. */
+  sessions: SessionFeedEntry[];
+  /** Whether `sessions` is herald's list since the last (re)connect; false while reconnecting. */
+  synced: boolean;
+  /** Older sessions were left out of herald's list. */
+  truncated: boolean;
+  /** A refusal of the feed (e.g. `FORBIDDEN`), else null. */
+  error: { code: string; message: string } | null;
+}
+
+/**
+ * Follow the session feed ("all my jobs") from a React component: the list, kept live
+ * across reconnects; stops (and removes its listeners) on unmount.
+ */
+export function useSessions(client: HeraldClient): SessionsState {
+  const [state, setState] = useState<SessionsState>({ sessions: [], synced: false, truncated: false, error: null });
+  useEffect(() => {
+    const socket = client.socket;
+    const onDisconnect = () => setState((s) => ({ ...s, synced: false }));
+    socket.on('disconnect', onDisconnect);
+    const feed = client.followSessions({
+      onSessions: (sessions, info) => setState({ sessions, synced: info.synced, truncated: info.truncated, error: null }),
+      onError: (e) => setState((s) => ({ ...s, error: { code: e.code, message: e.message } })),
+    });
+    return () => {
+      feed.stop();
+      socket.off('disconnect', onDisconnect);
+    };
+  }, [client]);
   return state;
 }

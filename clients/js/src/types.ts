@@ -96,6 +96,29 @@ export interface SubscribedPayload {
   recovered?: boolean;
 }
 
+/** One session as the session feed describes it (SPEC §6 `session`). */
+export interface SessionFeedEntry {
+  sessionId: string;
+  status: SessionStatus;
+  progress: number;
+  prompts: PromptCounts;
+  hasClarifications: boolean;
+  clarificationCount: number;
+  createdAt: string;
+  updatedAt: string;
+}
+
+/** The feed's first message: the sessions the caller may read, newest first. */
+export interface SessionsPayload {
+  sessions: SessionFeedEntry[];
+  /** Older sessions were left out (herald lists at most 1,000). */
+  truncated: boolean;
+}
+
+export type FeedAck =
+  | { ok: true; feed: 'sessions'; sessions: number }
+  | { ok: false; error: { code: string; message: string } };
+
 export interface UnsubscribedPayload {
   sessionId: string;
   timestamp: string;
