@@ -10,13 +10,13 @@
 
 from .errors import AUTH_CODES, HeraldAuthError, HeraldError
 from .events import Clarification, Completed, Error, Event, ModelResult, Progress, PromptCounts, SessionEvent, parse_event
-from ._core import Subscription
+from ._core import SessionFeed, Subscription
 from .redis_publisher import RedisPublisher
 
 __all__ = [
     "AUTH_CODES", "AsyncHeraldClient", "Clarification", "Completed", "Error", "Event", "HeraldAuthError",
     "HeraldClient", "HeraldError",
-    "HeraldPublisher", "ModelResult", "Progress", "PromptCounts", "RedisPublisher", "SessionEvent",
+    "HeraldPublisher", "ModelResult", "Progress", "PromptCounts", "RedisPublisher", "SessionEvent", "SessionFeed",
     "Subscription", "parse_event",
 ]
 

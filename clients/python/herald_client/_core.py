@@ -54,6 +54,55 @@ class Subscription:
 Action = Tuple[str, Subscription, Any]
 
 
+class SessionFeed:
+    """The session feed (SPEC §6): every session the client may read, then each change, on
+    every node. ``sessions`` is the list, newest first; ``synced`` is false from a drop
+    until the fresh list of the reconnect arrived (the feed has no ``seq``: the fresh list
+    is the resync). ``on_sessions(list)`` runs after each list and each change,
+    ``on_session(entry)`` after each change, on the client's dispatcher."""
+
+    def __init__(self, client: Any, on_sessions: Optional[Callable[[List[Dict[str, Any]]], Any]],
+                 on_session: Optional[Callable[[Dict[str, Any]], Any]]) -> None:
+        self._client = client
+        self.on_sessions = on_sessions
+        self.on_session = on_session
+        self._lock = threading.Lock()
+        self._map: Dict[str, Dict[str, Any]] = {}
+        self.synced = False
+        self.truncated = False
+        self.active = True
+        self.listed = threading.Event()
+
+    @property
+    def sessions(self) -> List[Dict[str, Any]]:
+        with self._lock:
+            return sorted(self._map.values(), key=lambda s: str(s.get("createdAt", "")), reverse=True)
+
+    def stop(self) -> Any:
+        """Stops following (with the async client: a coroutine to await)."""
+        return self._client.unfollow_sessions()
+
+    def _list(self, payload: Any) -> bool:
+        if not self.active or not isinstance(payload, dict) or not isinstance(payload.get("sessions"), list):
+            return False
+        with self._lock:
+            self._map = {s["sessionId"]: s for s in payload["sessions"] if isinstance(s, dict) and "sessionId" in s}
+            self.synced = True
+            self.truncated = payload.get("truncated") is True
+        self.listed.set()
+        return True
+
+    def _change(self, entry: Any) -> bool:
+        if not self.active or not isinstance(entry, dict) or not isinstance(entry.get("sessionId"), str):
+            return False
+        with self._lock:
+            self._map[entry["sessionId"]] = entry
+        return True
+
+    def __repr__(self) -> str:
+        return f"SessionFeed(sessions={len(self._map)}, synced={self.synced})"
+
+
 class _Core:
     def __init__(self, enqueue: Callable[[Action], None],
                  on_protocol_error: Optional[Callable[[Dict[str, Any]], Any]],
@@ -66,6 +115,7 @@ class _Core:
         self._on_auth_error = on_auth_error
         # herald said the socket's token expired (it disconnects it next); cleared on connect
         self._token_expired = False
+        self._feed: Optional[SessionFeed] = None
 
     # -- outgoing -------------------------------------------------------------------
     def _payload(self, sub: Subscription) -> Tuple[Dict[str, Any], int]:
@@ -89,9 +139,41 @@ class _Core:
     def _on_disconnected(self) -> None:
         with self._lock:
             self._connected = False
+            if self._feed is not None:
+                self._feed.synced = False
             for sub in self._subs.values():
                 sub.awaiting = True
                 sub.pending.clear()
+
+    def _watching(self) -> bool:
+        """Whether a (re)connect must ask for the session feed again."""
+        return self._feed is not None and self._feed.active
+
+    def _start_feed(self, on_sessions: Any, on_session: Any) -> SessionFeed:
+        with self._lock:
+            if self._feed is not None:
+                self._feed.active = False
+            self._feed = SessionFeed(self, on_sessions, on_session)
+            return self._feed
+
+    def _end_feed(self) -> bool:
+        """Forgets the feed; whether there was one to unsubscribe on the server."""
+        with self._lock:
+            feed, self._feed = self._feed, None
+        if feed is None:
+            return False
+        feed.active = False
+        return True
+
+    def _on_feed_list(self, payload: Any = None, *_: Any) -> None:
+        feed = self._feed
+        if feed is not None and feed._list(payload):
+            self._enqueue(("feed_sessions", feed, None))
+
+    def _on_feed_change(self, entry: Any = None, *_: Any) -> None:
+        feed = self._feed
+        if feed is not None and feed._change(entry):
+            self._enqueue(("feed_session", feed, entry))
 
     # -- incoming -------------------------------------------------------------------
     def _ack_callback(self, sub: Subscription, generation: int) -> Callable[..., None]:
@@ -203,6 +285,26 @@ class _Core:
     def subscriptions(self) -> Dict[str, Subscription]:
         with self._lock:
             return dict(self._subs)
+
+
+def feed_callbacks(kind: str, feed: SessionFeed, entry: Any) -> List[Tuple[Callable[..., Any], Any]]:
+    """What a dispatcher calls for a feed action."""
+    calls: List[Tuple[Callable[..., Any], Any]] = []
+    if kind == "feed_session" and feed.on_session is not None:
+        calls.append((feed.on_session, entry))
+    if feed.on_sessions is not None:
+        calls.append((feed.on_sessions, feed.sessions))
+    return calls
+
+
+def feed_refusal(ack: Any) -> Optional[Exception]:
+    """The error of a refused feed subscribe, None when it was accepted."""
+    if isinstance(ack, dict) and ack.get("ok") is True:
+        return None
+    error = ack.get("error") if isinstance(ack, dict) else None
+    code = error.get("code", "INTERNAL") if isinstance(error, dict) else "INTERNAL"
+    message = error.get("message", "feed refused") if isinstance(error, dict) else "bad feed ack"
+    return make_error(None, code, message)
 
 
 def targets(sub: Subscription, event: Event) -> List[EventCallback]:

@@ -11,7 +11,7 @@ import aiohttp
 import socketio
 
 from . import _auth, _http
-from ._core import Action, EventCallback, ResyncCallback, Subscription, _Core, targets
+from ._core import Action, EventCallback, ResyncCallback, SessionFeed, Subscription, _Core, feed_callbacks, feed_refusal, targets
 from .errors import HeraldAuthError, HeraldError, from_connect_error
 from .events import EVENT_NAMES
 
@@ -62,6 +62,8 @@ class AsyncHeraldClient(_Core):
         self._sio.on("disconnect", self._on_disconnect)
         for name in EVENT_NAMES:
             self._sio.on(name, self._make_handler(name))
+        self._sio.on("sessions", self._on_async_feed_list)
+        self._sio.on("session", self._on_async_feed_change)
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch())
 
     @property
@@ -113,6 +115,14 @@ class AsyncHeraldClient(_Core):
     async def _on_connect(self) -> None:
         for sub, payload, gen in self._on_connected():
             await self._sio.emit("subscribe", payload, callback=self._ack_callback(sub, gen))
+        if self._watching():
+            await self._sio.emit("subscribe", {"feed": "sessions"})
+
+    async def _on_async_feed_list(self, payload: Any = None, *_: Any) -> None:
+        self._on_feed_list(payload)
+
+    async def _on_async_feed_change(self, entry: Any = None, *_: Any) -> None:
+        self._on_feed_change(entry)
 
     async def _on_disconnect(self, reason: Any = None) -> None:
         self._on_disconnected()
@@ -180,6 +190,31 @@ class AsyncHeraldClient(_Core):
         if self._unregister(session_id):
             await self._sio.emit("unsubscribe", {"sessionId": session_id})
 
+    async def follow_sessions(self, on_sessions: Optional[Callable[[List[Dict[str, Any]]], Any]] = None,
+                              on_session: Optional[Callable[[Dict[str, Any]], Any]] = None, *,
+                              timeout: Optional[float] = None) -> SessionFeed:
+        """Follows the session feed ("all my jobs", SPEC §6); see
+        :meth:`HeraldClient.follow_sessions`. Callbacks may be coroutines."""
+        feed = self._start_feed(on_sessions, on_session)
+        if not self._sio.connected:
+            await self.connect()  # the connect handler asks for the feed
+        else:
+            ack = await self._sio.call("subscribe", {"feed": "sessions"}, timeout=timeout or self._timeout)
+            refusal = feed_refusal(ack)
+            if refusal is not None:
+                self._end_feed()
+                raise refusal
+        deadline = asyncio.get_running_loop().time() + (timeout or self._timeout)
+        while not feed.listed.is_set():
+            if asyncio.get_running_loop().time() > deadline:
+                raise HeraldError(None, "TIMEOUT", "no session list from herald")
+            await asyncio.sleep(0.01)
+        return feed
+
+    async def unfollow_sessions(self) -> None:
+        if self._end_feed() and self._sio.connected:
+            await self._sio.emit("unsubscribe", {"feed": "sessions"})
+
     async def _dispatch(self) -> None:
         while True:
             action = await self._queue.get()
@@ -193,6 +228,9 @@ class AsyncHeraldClient(_Core):
                 elif kind == "resync":
                     if sub.on_resync is not None:
                         await _call(sub.on_resync, await self.get_session(sub.session_id))
+                elif kind in ("feed_sessions", "feed_session"):
+                    for cb, value in feed_callbacks(kind, sub, arg):
+                        await _call(cb, value)
                 elif kind == "protocol_error" and self._on_protocol_error is not None:
                     await _call(self._on_protocol_error, arg)
                 elif kind == "auth_error":

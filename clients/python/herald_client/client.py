@@ -12,7 +12,7 @@ import requests
 import socketio
 
 from . import _auth, _http
-from ._core import Action, EventCallback, ResyncCallback, Subscription, _Core, targets
+from ._core import Action, EventCallback, ResyncCallback, SessionFeed, Subscription, _Core, feed_callbacks, feed_refusal, targets
 from .errors import HeraldAuthError, HeraldError, from_connect_error
 from .events import EVENT_NAMES
 
@@ -64,6 +64,8 @@ class HeraldClient(_Core):
         self._sio.on("disconnect", self._on_disconnect)
         for name in EVENT_NAMES:
             self._sio.on(name, self._make_handler(name))
+        self._sio.on("sessions", self._on_feed_list)
+        self._sio.on("session", self._on_feed_change)
         self._dispatcher = threading.Thread(target=self._dispatch, name="herald-dispatch", daemon=True)
         self._dispatcher.start()
 
@@ -121,6 +123,8 @@ class HeraldClient(_Core):
     def _on_connect(self) -> None:
         for sub, payload, gen in self._on_connected():
             self._sio.emit("subscribe", payload, callback=self._ack_callback(sub, gen))
+        if self._watching():
+            self._sio.emit("subscribe", {"feed": "sessions"})
 
     def _on_disconnect(self, reason: Any = None) -> None:
         self._on_disconnected()
@@ -196,6 +200,37 @@ class HeraldClient(_Core):
         if self._unregister(session_id):
             self._sio.emit("unsubscribe", {"sessionId": session_id})
 
+    def follow_sessions(self, on_sessions: Optional[Callable[[List[Dict[str, Any]]], Any]] = None,
+                        on_session: Optional[Callable[[Dict[str, Any]], Any]] = None, *,
+                        timeout: Optional[float] = None) -> SessionFeed:
+        """Follows the session feed ("all my jobs", SPEC §6): returns once the first list
+        arrived; kept up to date, and refetched after every reconnect. One feed per client
+        (following again replaces it)."""
+        feed = self._start_feed(on_sessions, on_session)
+        answer: Dict[str, Any] = {}
+        answered = threading.Event()
+
+        def on_ack(*args: Any) -> None:
+            answer["ack"] = args[0] if args else None
+            answered.set()
+
+        if not self._sio.connected:
+            self.connect()  # the connect handler asks for the feed
+        if self._sio.connected:
+            self._sio.emit("subscribe", {"feed": "sessions"}, callback=on_ack)
+            if answered.wait(timeout or self._timeout):
+                refusal = feed_refusal(answer.get("ack"))
+                if refusal is not None:
+                    self._end_feed()
+                    raise refusal
+        if not feed.listed.wait(timeout or self._timeout):
+            raise HeraldError(None, "TIMEOUT", "no session list from herald")
+        return feed
+
+    def unfollow_sessions(self) -> None:
+        if self._end_feed() and self._sio.connected:
+            self._sio.emit("unsubscribe", {"feed": "sessions"})
+
     def _dispatch(self) -> None:
         while True:
             action = self._queue.get()
@@ -209,6 +244,9 @@ class HeraldClient(_Core):
                 elif kind == "resync":
                     if sub.on_resync is not None:
                         sub.on_resync(self.get_session(sub.session_id))
+                elif kind in ("feed_sessions", "feed_session"):
+                    for cb, value in feed_callbacks(kind, sub, arg):
+                        cb(value)
                 elif kind == "protocol_error" and self._on_protocol_error is not None:
                     self._on_protocol_error(arg)
                 elif kind == "auth_error":
