@@ -158,21 +158,13 @@ export interface ModelResultSnapshot {
 }
 
 /** `GET /api/wizard/session/{id}`. */
-export interface SessionSnapshot {
-  sessionId: string;
-  status: SessionStatus;
-  progress: number;
-  prompts: PromptCounts;
-  hasClarifications: boolean;
-  clarificationCount: number;
+export interface SessionSnapshot extends SessionFeedEntry {
   clarifications: ClarificationSnapshot[];
   modelResults: ModelResultSnapshot[];
   result: Record<string, unknown> | null;
   error?: { error?: string; code?: string; message?: string; [extra: string]: unknown } | string | null;
   lastSeq: number;
   epoch: string;
-  createdAt: string;
-  updatedAt: string;
   metadata?: Record<string, unknown> | null;
   [extra: string]: unknown;
 }
