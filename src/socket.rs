@@ -62,10 +62,10 @@ impl Turn {
 
 /// Registers the `/` namespace on `io`.
 pub fn register(io: &SocketIo, hub: Hub, limits: Limits, auth: Auth) {
-    let on_connect = move |socket: SocketRef| async move {
-        let payload = json!({ "socketId": socket.id.to_string(), "timestamp": now_timestamp() });
-        socket.emit("connected", &payload).ok();
-    };
+    // `connected` is sent by `install`, in the socket's line of requests: socketioxide spawns
+    // the connect handler's future, so an emit from there can reach the client after the
+    // reply to its first `subscribe`.
+    let on_connect = |_socket: SocketRef| async {};
     // Authentication runs here, before CONNECT: a refusal is the client's `connect_error`,
     // whose message starts with the code (`TOKEN_EXPIRED: ...`).
     let install_handlers = move |socket: SocketRef, TryData(payload): TryData<Value>| {
@@ -181,6 +181,7 @@ fn install(socket: &SocketRef, hub: Hub, limits: Limits, principal: Principal) {
         }
     };
     socket.on_fallback(on_event);
+    greet(socket, state.take_turn());
     expire_at(socket, &state);
     socket.on_disconnect(move |_socket: SocketRef| {
         let state = state.clone();
@@ -221,6 +222,20 @@ const CONNECT_SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs
 /// socketioxide sends CONNECT and only then flags the socket connected, so a client that
 /// emits the instant it sees CONNECT can reach this handler in between, when every emit
 /// to the socket still fails as if it were closed. The window is microseconds wide.
+/// Sends `connected` as the socket's first turn: every request waits for it, so the greeting
+/// is always the first event a client sees.
+fn greet(socket: &SocketRef, turn: Turn) {
+    let socket = socket.clone();
+    tokio::spawn(async move {
+        let _turn = turn;
+        if until_connected(&socket).await {
+            let payload =
+                json!({ "socketId": socket.id.to_string(), "timestamp": now_timestamp() });
+            socket.emit("connected", &payload).ok();
+        }
+    });
+}
+
 async fn until_connected(socket: &SocketRef) -> bool {
     let deadline = std::time::Instant::now() + CONNECT_SETTLE_LIMIT;
     while !socket.connected() {
