@@ -661,8 +661,42 @@ impl Config {
     }
 }
 
+/// `url` with the password of its userinfo (`redis://user:secret@host`) replaced by `***`,
+/// for logs, errors and `herald config check`: a Redis password is a secret.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    // `redis://secret@host` is the password alone, as the redis crate reads it.
+    let shown = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_owned(),
+    };
+    format!("{}{shown}{}", &url[..scheme_end], &rest[at..])
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn redact_url_hides_a_redis_password_and_nothing_else() {
+        use super::redact_url;
+        assert_eq!(
+            redact_url("redis://user:s3cr@t@10.0.0.1:6379/0"),
+            "redis://user:***@10.0.0.1:6379/0"
+        );
+        assert_eq!(redact_url("rediss://:pw@host"), "rediss://:***@host");
+        assert_eq!(redact_url("redis://pw@host/1"), "redis://***@host/1");
+        assert_eq!(redact_url("redis://10.0.0.1:6379"), "redis://10.0.0.1:6379");
+        assert_eq!(redact_url("redis://host/?a=b@c"), "redis://host/?a=b@c");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+
     use std::path::{Path, PathBuf};
 
     use super::file::{self, Kind};

@@ -607,7 +607,7 @@ async fn backends(config: &Config) -> Result<Backends, ServerError> {
         return Ok((log, Arc::new(store), None));
     };
     let failed = |message: String| ServerError::Redis {
-        url: url.clone(),
+        url: crate::config::redact_url(url),
         message,
     };
     let prefix = &config.redis_prefix;

@@ -71,12 +71,25 @@ fn config_check_masks_every_secret() {
              scopes = [\"publish\"]\nsessions = [\"ocr-*\"]\n"
         ),
     );
-    let env = [(
-        "HERALD_API_KEYS",
-        "ops:env-key-s3cr3t:admin,w:other-s3cr3t:publish",
-    )];
+    let env = [
+        (
+            "HERALD_API_KEYS",
+            "ops:env-key-s3cr3t:admin,w:other-s3cr3t:publish",
+        ),
+        (
+            "HERALD_REDIS_URL",
+            "redis://worker:redis-s3cr3t@127.0.0.1:6390/0",
+        ),
+    ];
     let (table, stdout, stderr) = check(&file, &[], &env);
-    for secret in ["file-jwt-s3cr3t", "env-key-s3cr3t", "other-s3cr3t", digest] {
+    let secrets = [
+        "file-jwt-s3cr3t",
+        "env-key-s3cr3t",
+        "other-s3cr3t",
+        "redis-s3cr3t",
+        digest,
+    ];
+    for secret in secrets {
         assert!(!stdout.contains(secret), "{secret} printed:\n{stdout}");
         assert!(!stderr.contains(secret), "{secret} logged:\n{stderr}");
     }
@@ -90,6 +103,11 @@ fn config_check_masks_every_secret() {
     assert_eq!(
         get(&table, "auth", "jwt_issuer").as_str(),
         Some("https://issuer.example")
+    );
+    assert_eq!(
+        get(&table, "redis", "url").as_str(),
+        Some("redis://worker:***@127.0.0.1:6390/0"),
+        "{stdout}"
     );
     let digests = table["auth"]["api_key_digests"].as_array().unwrap();
     assert_eq!(digests[0]["name"].as_str(), Some("ocr-worker"));
@@ -186,4 +204,24 @@ async fn serve_runs_with_the_file() {
         models["models"],
         json!([{ "name": "only", "provider": "simulated", "maxConcurrency": 4, "retries": 2, "timeoutSecs": 120 }])
     );
+}
+
+/// A Redis password never reaches the log, even in the error that stops the server.
+#[test]
+fn an_unreachable_redis_is_named_without_its_password() {
+    // Port 1 on loopback: nothing listens there, so the connect is refused at once.
+    let output = herald(
+        &[
+            "serve",
+            "--port",
+            "0",
+            "--redis-url",
+            "redis://u:pw-s3cr3t@127.0.0.1:1",
+        ],
+        &[("RUST_BACKTRACE", "0")],
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(!stderr.contains("pw-s3cr3t"), "password logged:\n{stderr}");
+    assert!(stderr.contains("redis://u:***@127.0.0.1:1"), "{stderr}");
 }

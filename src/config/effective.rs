@@ -72,6 +72,7 @@ fn value(flag: &Arg, matches: &ArgMatches) -> Option<Value> {
     let mut raw = raw.map(|value| value.to_string_lossy().into_owned());
     let shown = |text: String| match file::is_secret(flag) {
         true => Value::String(MASK.into()),
+        false if id == "redis_url" => Value::String(super::redact_url(&text)),
         false => Value::String(text),
     };
     match kind {
