@@ -401,6 +401,27 @@ pub struct Config {
     )]
     pub redis_prefix: String,
 
+    /// Channel python-socketio's `RedisManager` publishes on (its `channel=`): its `emit`s
+    /// of session events to session rooms are logged. Empty: not listened to.
+    #[arg(
+        long,
+        env = "HERALD_REDIS_SOCKETIO_CHANNEL",
+        default_value = "socketio",
+        help_heading = "Redis"
+    )]
+    pub redis_socketio_channel: String,
+
+    /// Key `@socket.io/redis-emitter` publishes under (its `key` option; channels
+    /// `<key>#/#…`): its emits of session events to session rooms are logged. Empty: not
+    /// listened to.
+    #[arg(
+        long,
+        env = "HERALD_REDIS_EMITTER_KEY",
+        default_value = "socket.io",
+        help_heading = "Redis"
+    )]
+    pub redis_emitter_key: String,
+
     /// Cluster lease in milliseconds: a node whose liveness key is this old is lost, and the
     /// ingest stream's lease lasts this long. Internal (tests shorten it), hence hidden.
     #[arg(long, env = "HERALD_CLUSTER_LEASE_MS", default_value_t = 10_000, hide = true,
@@ -616,6 +637,15 @@ impl Config {
     /// ended sessions' TTL, so that the sweep, not the expiry, normally removes them.
     fn redis_key_ttl(&self) -> Duration {
         self.session_idle_ttl().max(self.session_ttl()) + Duration::from_secs(3600)
+    }
+
+    /// The Socket.IO emitters' channels herald listens to (an empty name: that one is off).
+    pub fn emitter_channels(&self) -> crate::redis::EmitterChannels {
+        let named = |name: &str| (!name.is_empty()).then(|| name.to_owned());
+        crate::redis::EmitterChannels {
+            socketio: named(&self.redis_socketio_channel),
+            emitter_key: named(&self.redis_emitter_key),
+        }
     }
 
     pub fn cluster_lease(&self) -> Duration {

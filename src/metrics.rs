@@ -79,12 +79,16 @@ pub struct Metrics {
     /// Socket.IO connections refused at the handshake (bad or missing credentials), by code.
     pub auth_refusals: CountsByCode,
     pub ingest_retries: Counter,
+    /// Socket.IO emitters' messages forwarded to the ingest stream, one per session room.
+    pub emitter_forwarded: Counter,
+    /// Socket.IO emitters' messages refused (described in the ingest errors stream).
+    pub emitter_refused: Counter,
 }
 
 impl Metrics {
     /// Renders every metric in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let counters: [(&str, &str, u64); 7] = [
+        let counters: [(&str, &str, u64); 9] = [
             (
                 "herald_events_logged_total",
                 "Events appended to session logs.",
@@ -119,6 +123,16 @@ impl Metrics {
                 "herald_ingest_retries_total",
                 "Redis ingest entries whose logging failed for a backend error and is retried.",
                 self.ingest_retries.get(),
+            ),
+            (
+                "herald_emitter_forwarded_total",
+                "Socket.IO emitter messages (python-socketio, @socket.io/redis-emitter) forwarded to the ingest stream, one per session room.",
+                self.emitter_forwarded.get(),
+            ),
+            (
+                "herald_emitter_refused_total",
+                "Socket.IO emitter messages refused; each is described in the ingest errors stream.",
+                self.emitter_refused.get(),
             ),
         ];
         let gauges: [(&str, &str, i64); 2] = [

@@ -221,6 +221,10 @@ impl Server {
                 config.max_event_bytes,
                 stop.clone(),
             ));
+            let channels = config.emitter_channels();
+            if !channels.is_empty() {
+                tasks.spawn(cluster.emitters(channels, config.max_body, hub.clone(), stop.clone()));
+            }
         }
         let grace = Duration::from_secs(config.shutdown_timeout_secs);
         let (began_tx, began_rx) = oneshot::channel();

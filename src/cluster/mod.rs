@@ -19,7 +19,8 @@
 //!   heartbeats have succeeded for [`JUDGE_AFTER`] leases, time enough for the others to
 //!   reconnect and refresh theirs.
 //!
-//! - **Worker ingest** through the [`Keys::ingest`] stream ([`crate::redis::Ingest`]).
+//! - **Worker ingest** through the [`Keys::ingest`] stream ([`crate::redis::Ingest`]), and
+//!   from unchanged Socket.IO emitters, translated into that stream ([`crate::redis::Emitters`]).
 //!
 //! The subscriber reconnects by itself when Redis restarts or its connection is killed.
 
@@ -36,7 +37,7 @@ use tokio::sync::oneshot;
 
 use crate::hub::Hub;
 use crate::intake::Runs;
-use crate::redis::{Announcement, Ingest, Keys, connect, once_more};
+use crate::redis::{Announcement, EmitterChannels, Emitters, Ingest, Keys, connect, once_more};
 use tokio_util::sync::CancellationToken;
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
@@ -397,6 +398,28 @@ impl Cluster {
             stop,
         };
         ingest.consume()
+    }
+
+    /// Translates the Socket.IO emitters' messages into the ingest stream until `stop`
+    /// (this node takes part in electing the one translator).
+    pub fn emitters(
+        &self,
+        channels: EmitterChannels,
+        max_message_bytes: usize,
+        hub: Hub,
+        stop: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let emitters = Emitters {
+            client: self.inner.client.clone(),
+            keys: self.inner.keys.clone(),
+            node_id: self.inner.node_id.clone(),
+            channels,
+            lease: self.inner.lease,
+            max_message_bytes,
+            hub,
+            stop,
+        };
+        emitters.consume()
     }
 
     /// Listens for announcements and commands, resubscribing after every failure, until

@@ -30,7 +30,7 @@ use redis::Value as RedisValue;
 use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
-use super::Keys;
+use super::{Keys, Lease};
 use crate::auth::Principal;
 use crate::error::ErrorCode;
 use crate::event::EventDraft;
@@ -40,22 +40,6 @@ use crate::log::{LogError, Writer};
 use crate::store::StoreError;
 
 const GROUP: &str = Keys::INGEST_GROUP;
-/// Deletes the lease if `ARGV[1]` holds it.
-const RELEASE_LEASE: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"#;
-/// Renews the lease if `ARGV[1]` holds it or nobody does; 1 when it is ours.
-const TAKE_LEASE: &str = r#"
-local holder = redis.call('GET', KEYS[1])
-if holder == false or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"#;
 const BATCH: usize = 100;
 const BLOCK: Duration = Duration::from_secs(2);
 /// How often a holder looks again at a former holder's entries that are not yet idle for
@@ -207,26 +191,24 @@ impl Ingest {
         }
     }
 
+    fn lease(&self) -> Lease {
+        Lease {
+            key: self.keys.ingest_lease(),
+            holder: self.consumer.clone(),
+            ttl: self.lease,
+        }
+    }
+
     /// Gives the lease back, if this node holds it, so another node goes on at once.
     async fn release_lease(&self, redis: &mut MultiplexedConnection) -> redis::RedisResult<()> {
-        let _: i64 = redis::Script::new(RELEASE_LEASE)
-            .key(self.keys.ingest_lease())
-            .arg(&self.consumer)
-            .invoke_async(redis)
-            .await?;
+        self.lease().release(redis).await?;
         tracing::info!("stopped consuming the ingest stream");
         Ok(())
     }
 
     /// Takes or renews the lease; whether this node holds it.
     async fn renew_lease(&self, redis: &mut MultiplexedConnection) -> redis::RedisResult<bool> {
-        let ours: i64 = redis::Script::new(TAKE_LEASE)
-            .key(self.keys.ingest_lease())
-            .arg(&self.consumer)
-            .arg(self.lease.as_millis() as u64)
-            .invoke_async(redis)
-            .await?;
-        Ok(ours == 1)
+        self.lease().renew(redis).await
     }
 
     /// The next entries to handle, oldest first (see the module docs for the order).

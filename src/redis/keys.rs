@@ -125,6 +125,11 @@ impl Keys {
     pub fn ingest_lease(&self) -> String {
         self.shared("ingest:lease")
     }
+
+    /// Key naming the node that translates the Socket.IO emitters' messages.
+    pub fn emitter_lease(&self) -> String {
+        self.shared("emitters:lease")
+    }
 }
 
 #[cfg(test)]

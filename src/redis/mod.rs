@@ -1,13 +1,15 @@
 //! Everything herald keeps in Redis (with `--redis-url`), in one place: connecting
 //! ([`connect`], `rediss://` included), the name of every key and channel ([`Keys`]), the
 //! append announcement's format ([`Announcement`]), and the Redis backends: the event log
-//! ([`RedisLog`]), the session store ([`RedisStore`]) and the worker ingest stream
-//! ([`Ingest`]). Cluster liveness and command forwarding ([`crate::cluster`]) use the keys
+//! ([`RedisLog`]), the session store ([`RedisStore`]), the worker ingest stream
+//! ([`Ingest`]) and the Socket.IO emitters' translator ([`Emitters`]), under a [`Lease`]. Cluster liveness and command forwarding ([`crate::cluster`]) use the keys
 //! and connections from here.
 
 mod announcement;
+mod emitters;
 mod ingest;
 mod keys;
+mod lease;
 mod log;
 mod store;
 
@@ -16,8 +18,10 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use announcement::Announcement;
+pub use emitters::{EmitterChannels, Emitters};
 pub use ingest::Ingest;
 pub use keys::Keys;
+pub use lease::Lease;
 pub use log::RedisLog;
 pub use store::RedisStore;
 

@@ -1,0 +1,506 @@
+//! Socket.IO workers that publish through Redis, unchanged (SPEC §6): python-socketio's
+//! `RedisManager` / `AsyncRedisManager` (JSON on the channel `socketio`) and
+//! `@socket.io/redis-emitter` (msgpack on `socket.io#/#` and `socket.io#/#<room>#`).
+//!
+//! **One translator.** Every node subscribes, but only the holder of
+//! [`Keys::emitter_lease`] (renewed every third of a lease) translates: an `emit` of an event
+//! to rooms becomes one [`Keys::ingest`] entry per room, `{ sessionId, event, data }`, added
+//! by a script that first checks the lease, so a node that lost its lease adds nothing. The
+//! ingest consumer ([`super::Ingest`]) then logs each entry exactly once, in order, and
+//! refuses (in [`Keys::ingest_errors`]) what is no session event; what cannot be translated
+//! at all (another method, another namespace, no room, undecodable) is described there
+//! by the translator, with `entry` `pubsub:<channel>`.
+//!
+//! **At most once.** Pub/sub keeps nothing: a message published while no node holds the
+//! lease (a holder that died, until its lease runs out) or while the translator is
+//! reconnecting is gone, as those workers already accept. The HTTP route and the ingest
+//! stream are the exactly-once ways in.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::MultiplexedConnection;
+use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::{Keys, Lease};
+use crate::error::ErrorCode;
+use crate::hub::Hub;
+
+/// KEYS: the lease, a stream. ARGV: this node, then `XADD`'s arguments after the key. Adds
+/// the entry only while this node holds the lease; 1 when it did.
+const ADD_IF_HOLDER: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+redis.call('XADD', KEYS[2], unpack(ARGV, 2))
+return 1
+"#;
+/// Refusals kept for inspection (shared with the ingest consumer's).
+const MAX_ERRORS: usize = 1000;
+
+/// The channels the translator listens on; `None` turns one format off.
+#[derive(Debug, Clone)]
+pub struct EmitterChannels {
+    /// python-socketio's channel (`--redis-socketio-channel`, `socketio`).
+    pub socketio: Option<String>,
+    /// `@socket.io/redis-emitter`'s key (`--redis-emitter-key`, `socket.io`): it publishes on
+    /// `<key>#<namespace>#` and `<key>#<namespace>#<room>#`.
+    pub emitter_key: Option<String>,
+}
+
+impl EmitterChannels {
+    pub fn is_empty(&self) -> bool {
+        self.socketio.is_none() && self.emitter_key.is_none()
+    }
+
+    fn format_of(&self, channel: &str) -> Option<Format> {
+        if self.socketio.as_deref() == Some(channel) {
+            return Some(Format::PythonSocketio);
+        }
+        let key = self.emitter_key.as_deref()?;
+        channel
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.starts_with('#'))
+            .then_some(Format::RedisEmitter)
+    }
+
+    /// The redis-emitter's channels as a `PSUBSCRIBE` pattern (glob characters escaped).
+    fn emitter_pattern(&self) -> Option<String> {
+        let key = self.emitter_key.as_deref()?;
+        let mut pattern = String::with_capacity(key.len() + 2);
+        for c in key.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push_str("#*");
+        Some(pattern)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// JSON `{ method, event, data, namespace, room, … }`.
+    PythonSocketio,
+    /// msgpack `[uid, { type, data: [event, …args], nsp }, { rooms, except, flags }]`.
+    RedisEmitter,
+}
+
+/// What a message asks for: `event` with `data` to each of `rooms`.
+#[derive(Debug, PartialEq)]
+struct Emit {
+    event: String,
+    data: Value,
+    rooms: Vec<String>,
+}
+
+/// This node's translator.
+pub struct Emitters {
+    pub client: redis::Client,
+    pub keys: Keys,
+    pub node_id: String,
+    pub channels: EmitterChannels,
+    pub lease: Duration,
+    /// Larger messages are refused undecoded (`--max-body`).
+    pub max_message_bytes: usize,
+    /// Only for its metrics: the translator logs nothing itself.
+    pub hub: Hub,
+    pub stop: CancellationToken,
+}
+
+impl Emitters {
+    fn lease(&self) -> Lease {
+        Lease {
+            key: self.keys.emitter_lease(),
+            holder: self.node_id.clone(),
+            ttl: self.lease,
+        }
+    }
+
+    /// Listens and translates until `stop`, resubscribing after every failure.
+    pub async fn consume(self) {
+        while !self.stop.is_cancelled() {
+            if let Err(error) = self.consume_until_error().await {
+                tracing::warn!(%error, "Socket.IO emitter channels failed; resubscribing");
+                let _ = self
+                    .stop
+                    .run_until_cancelled(tokio::time::sleep(Duration::from_secs(1)))
+                    .await;
+            }
+        }
+    }
+
+    async fn consume_until_error(&self) -> redis::RedisResult<()> {
+        let mut redis = self.client.get_multiplexed_async_connection().await?;
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        if let Some(channel) = &self.channels.socketio {
+            pubsub.subscribe(channel).await?;
+        }
+        if let Some(pattern) = self.channels.emitter_pattern() {
+            pubsub.psubscribe(pattern).await?;
+        }
+        tracing::info!(channels = ?self.channels, "listening for Socket.IO emitters");
+        let lease = self.lease();
+        let script = redis::Script::new(ADD_IF_HOLDER);
+        let mut renewal = tokio::time::interval(self.lease / 3);
+        let mut holder = false;
+        let mut messages = pubsub.on_message();
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => {
+                    return lease.release(&mut redis).await;
+                }
+                _ = renewal.tick() => {
+                    let was = holder;
+                    holder = lease.renew(&mut redis).await?;
+                    if holder != was {
+                        tracing::info!(holder, "Socket.IO emitter translation lease changed");
+                    }
+                }
+                message = messages.next() => {
+                    let Some(message) = message else {
+                        return Ok(());
+                    };
+                    if !holder {
+                        continue;
+                    }
+                    let channel = message.get_channel_name();
+                    let Some(format) = self.channels.format_of(channel) else {
+                        continue;
+                    };
+                    holder = self
+                        .translate(&mut redis, &script, channel, format, message.get_payload_bytes())
+                        .await?;
+                }
+            }
+        }
+    }
+
+    /// Adds a message's ingest entries, or its refusal; whether this node still holds the
+    /// lease.
+    async fn translate(
+        &self,
+        redis: &mut MultiplexedConnection,
+        script: &redis::Script,
+        channel: &str,
+        format: Format,
+        bytes: &[u8],
+    ) -> redis::RedisResult<bool> {
+        let entries = if bytes.len() > self.max_message_bytes {
+            Err(format!(
+                "the message is {} bytes, over the {}-byte limit",
+                bytes.len(),
+                self.max_message_bytes
+            ))
+        } else {
+            decode(format, bytes).map(entries)
+        };
+        match entries {
+            Ok(payloads) => {
+                for payload in payloads {
+                    let added: i64 = script
+                        .key(self.keys.emitter_lease())
+                        .key(self.keys.ingest())
+                        .arg(&self.node_id)
+                        .arg(&["*", "payload", &payload])
+                        .invoke_async(redis)
+                        .await?;
+                    if added == 0 {
+                        return Ok(false);
+                    }
+                    self.hub.metrics().emitter_forwarded.inc();
+                }
+                Ok(true)
+            }
+            Err(reason) => {
+                tracing::warn!(channel, reason, "refused a Socket.IO emitter message");
+                let entry = format!("pubsub:{channel}");
+                let added: i64 = script
+                    .key(self.keys.emitter_lease())
+                    .key(self.keys.ingest_errors())
+                    .arg(&self.node_id)
+                    .arg(&["MAXLEN", "~"])
+                    .arg(MAX_ERRORS)
+                    .arg(&["*", "entry", &entry, "code"])
+                    .arg(ErrorCode::InvalidEntry.as_str())
+                    .arg(&["error", &reason])
+                    .invoke_async(redis)
+                    .await?;
+                if added == 1 {
+                    self.hub.metrics().emitter_refused.inc();
+                }
+                Ok(added == 1)
+            }
+        }
+    }
+}
+
+fn decode(format: Format, bytes: &[u8]) -> Result<Emit, String> {
+    match format {
+        Format::PythonSocketio => {
+            let message: Value = serde_json::from_slice(bytes)
+                .map_err(|e| format!("not a python-socketio JSON message: {e}"))?;
+            python_socketio(message)
+        }
+        Format::RedisEmitter => {
+            let message: Value = rmp_serde::from_slice(bytes)
+                .map_err(|e| format!("not a @socket.io/redis-emitter msgpack message: {e}"))?;
+            redis_emitter(message)
+        }
+    }
+}
+
+/// `{ "method": "emit", "event", "data": [arg] | arg, "namespace": "/", "room": room |
+/// [room, …], … }`.
+fn python_socketio(message: Value) -> Result<Emit, String> {
+    let Value::Object(mut message) = message else {
+        return Err("a python-socketio message is a JSON object".into());
+    };
+    match message.get("method").and_then(Value::as_str) {
+        Some("emit") => {}
+        Some(method) => {
+            return Err(format!(
+                "python-socketio `{method}` messages carry no session event (only `emit` does)"
+            ));
+        }
+        None => return Err("the message has no `method`".into()),
+    }
+    check_namespace(message.get("namespace"))?;
+    let event = take_event(message.remove("event"))?;
+    let args = match message.remove("data") {
+        Some(Value::Array(args)) => args,
+        Some(arg) => vec![arg],
+        None => Vec::new(),
+    };
+    Ok(Emit {
+        event,
+        data: one_argument(args)?,
+        rooms: rooms(message.remove("room"))?,
+    })
+}
+
+/// `[uid, { "type": 2, "data": [event, arg], "nsp": "/" }, { "rooms": [room, …], … }]`.
+fn redis_emitter(message: Value) -> Result<Emit, String> {
+    let Value::Array(parts) = message else {
+        return Err("a redis-emitter message is an array [uid, packet, options]".into());
+    };
+    let [_uid, Value::Object(mut packet), Value::Object(mut options)] =
+        <[Value; 3]>::try_from(parts)
+            .map_err(|_| "a redis-emitter message is an array [uid, packet, options]")?
+    else {
+        return Err("a redis-emitter message's packet and options are maps".into());
+    };
+    match packet.get("type").and_then(Value::as_u64) {
+        Some(2) => {}
+        Some(kind) => {
+            return Err(format!(
+                "Socket.IO packet type {kind} carries no session event (only 2, EVENT, does)"
+            ));
+        }
+        None => return Err("the packet has no `type`".into()),
+    }
+    check_namespace(packet.get("nsp"))?;
+    let Some(Value::Array(mut data)) = packet.remove("data") else {
+        return Err("the packet's `data` is not [event, …arguments]".into());
+    };
+    if data.is_empty() {
+        return Err("the packet's `data` names no event".into());
+    }
+    let event = take_event(Some(data.remove(0)))?;
+    Ok(Emit {
+        event,
+        data: one_argument(data)?,
+        rooms: rooms(options.remove("rooms"))?,
+    })
+}
+
+fn check_namespace(namespace: Option<&Value>) -> Result<(), String> {
+    match namespace {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(nsp)) if nsp == "/" => Ok(()),
+        Some(other) => Err(format!(
+            "namespace {other} holds no herald sessions (they are in `/`)"
+        )),
+    }
+}
+
+fn take_event(event: Option<Value>) -> Result<String, String> {
+    match event {
+        Some(Value::String(event)) => Ok(event),
+        _ => Err("the emit names no event".into()),
+    }
+}
+
+fn one_argument(args: Vec<Value>) -> Result<Value, String> {
+    let count = args.len();
+    let [data] = <[Value; 1]>::try_from(args).map_err(|_| {
+        format!("a session event is emitted with one argument, its payload; this emit has {count}")
+    })?;
+    Ok(data)
+}
+
+fn rooms(rooms: Option<Value>) -> Result<Vec<String>, String> {
+    let rooms = match rooms {
+        Some(Value::String(room)) => vec![room],
+        Some(Value::Array(rooms)) => rooms
+            .into_iter()
+            .map(|room| match room {
+                Value::String(room) => Ok(room),
+                other => Err(format!("room {other} is not a session id")),
+            })
+            .collect::<Result<_, _>>()?,
+        None | Some(Value::Null) => Vec::new(),
+        Some(other) => return Err(format!("room {other} is not a session id")),
+    };
+    if rooms.is_empty() {
+        return Err("an emit to every socket (no room) names no session".into());
+    }
+    Ok(rooms)
+}
+
+/// One ingest stream payload per room (the ingest consumer validates the session id, the
+/// event and its data, and logs each).
+fn entries(emit: Emit) -> Vec<String> {
+    let Emit { event, data, rooms } = emit;
+    let mut payloads = Vec::with_capacity(rooms.len());
+    for room in rooms {
+        let mut entry = Map::with_capacity(3);
+        entry.insert("sessionId".into(), Value::String(room));
+        entry.insert("event".into(), Value::String(event.clone()));
+        entry.insert("data".into(), data.clone());
+        payloads.push(Value::Object(entry).to_string());
+    }
+    payloads
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn emit(rooms: &[&str]) -> Emit {
+        Emit {
+            event: "progress".into(),
+            data: json!({"status": "ACTIVE", "progress": 10}),
+            rooms: rooms.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn python_socketio_emits_are_read_with_one_or_a_list_of_arguments() {
+        let message = json!({"method": "emit", "event": "progress",
+            "data": [{"status": "ACTIVE", "progress": 10}], "binary": false, "namespace": "/",
+            "room": "sess-1", "skip_sid": null, "callback": null, "host_id": "h"});
+        assert_eq!(python_socketio(message).unwrap(), emit(&["sess-1"]));
+        let older = json!({"method": "emit", "event": "progress",
+            "data": {"status": "ACTIVE", "progress": 10}, "room": ["sess-1", "sess-2"]});
+        assert_eq!(python_socketio(older).unwrap(), emit(&["sess-1", "sess-2"]));
+    }
+
+    #[test]
+    fn python_socketio_messages_that_are_no_session_event_are_refused_with_a_reason() {
+        let cases = [
+            (json!({"method": "disconnect", "sid": "x"}), "`disconnect`"),
+            (
+                json!({"method": "emit", "event": "progress", "data": [{}]}),
+                "no room",
+            ),
+            (
+                json!({"method": "emit", "event": "progress", "data": [{}], "room": "s", "namespace": "/chat"}),
+                "namespace",
+            ),
+            (
+                json!({"method": "emit", "event": "progress", "data": [{}, 2], "room": "s"}),
+                "has 2",
+            ),
+            (
+                json!({"method": "emit", "data": [{}], "room": "s"}),
+                "no event",
+            ),
+            (json!([1, 2]), "JSON object"),
+        ];
+        for (message, reason) in cases {
+            let error = python_socketio(message.clone()).unwrap_err();
+            assert!(error.contains(reason), "{message}: {error}");
+        }
+    }
+
+    fn msgpack(value: &Value) -> Vec<u8> {
+        rmp_serde::to_vec_named(value).unwrap()
+    }
+
+    #[test]
+    fn redis_emitter_messages_are_decoded_from_msgpack() {
+        let message = json!(["emitter", {"type": 2, "data": ["progress", {"status": "ACTIVE", "progress": 10}], "nsp": "/"},
+            {"rooms": ["sess-1"], "except": [], "flags": {}}]);
+        let decoded = decode(Format::RedisEmitter, &msgpack(&message)).unwrap();
+        assert_eq!(decoded, emit(&["sess-1"]));
+    }
+
+    #[test]
+    fn redis_emitter_messages_that_are_no_session_event_are_refused_with_a_reason() {
+        let cases = [
+            (
+                json!(["e", {"type": 2, "data": ["progress", {}], "nsp": "/"}, {"rooms": []}]),
+                "no room",
+            ),
+            (
+                json!(["e", {"type": 5, "data": ["progress", {}], "nsp": "/"}, {"rooms": ["s"]}]),
+                "type 5",
+            ),
+            (
+                json!(["e", {"type": 2, "data": ["progress", {}], "nsp": "/x"}, {"rooms": ["s"]}]),
+                "namespace",
+            ),
+            (
+                json!(["e", {"type": 2, "data": [], "nsp": "/"}, {"rooms": ["s"]}]),
+                "no event",
+            ),
+            (json!({"not": "an array"}), "array"),
+        ];
+        for (message, reason) in cases {
+            let error = decode(Format::RedisEmitter, &msgpack(&message)).unwrap_err();
+            assert!(error.contains(reason), "{message}: {error}");
+        }
+        let error = decode(Format::RedisEmitter, b"\xc1garbage").unwrap_err();
+        assert!(error.contains("msgpack"), "{error}");
+    }
+
+    #[test]
+    fn an_emit_to_several_rooms_is_one_entry_per_room() {
+        let payloads = entries(emit(&["a", "b"]));
+        let parsed: Vec<Value> = payloads
+            .iter()
+            .map(|p| serde_json::from_str(p).unwrap())
+            .collect();
+        assert_eq!(
+            parsed,
+            [
+                json!({"sessionId": "a", "event": "progress", "data": {"status": "ACTIVE", "progress": 10}}),
+                json!({"sessionId": "b", "event": "progress", "data": {"status": "ACTIVE", "progress": 10}}),
+            ]
+        );
+    }
+
+    #[test]
+    fn channels_are_told_apart_and_the_pattern_is_escaped() {
+        let channels = EmitterChannels {
+            socketio: Some("socketio".into()),
+            emitter_key: Some("socket.io".into()),
+        };
+        assert_eq!(channels.format_of("socketio"), Some(Format::PythonSocketio));
+        assert_eq!(
+            channels.format_of("socket.io#/#sess-1#"),
+            Some(Format::RedisEmitter)
+        );
+        assert_eq!(channels.format_of("socket.io-request#/#"), None);
+        let odd = EmitterChannels {
+            socketio: None,
+            emitter_key: Some("a*b".into()),
+        };
+        assert_eq!(odd.emitter_pattern().as_deref(), Some("a\\*b#*"));
+    }
+}
