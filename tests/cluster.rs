@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::node::Node;
 use common::redis::RedisServer;
+use common::streams::{SseReader, Ws};
 use common::{Client, progress};
 use futures_util::future::join_all;
 use serde_json::{Value, json};
@@ -1112,6 +1113,80 @@ async fn a_run_outlives_a_redis_outage_and_logs_every_event_once() {
         logs.contains("could not log the run's events; retrying"),
         "the outage never reached the run's publishing:\n{logs}"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// SSE and plain WebSocket across nodes (SPEC §6)
+
+async fn open_sse(node: &Node, session: &str, last_event_id: Option<u64>) -> SseReader {
+    let mut request =
+        common::harness_http().get(node.url(&format!("/api/wizard/session/{session}/stream")));
+    if let Some(id) = last_event_id {
+        request = request.header("Last-Event-ID", id.to_string());
+    }
+    let response = request.send().await.expect("the stream answers");
+    assert_eq!(response.status(), 200, "{}: SSE", node.name);
+    SseReader::new(response)
+}
+
+/// An SSE stream and a plain WebSocket on one node follow a session both nodes log to,
+/// each event once and in `seq` order; an SSE reader that resumes on the other node with
+/// `Last-Event-ID` gets the rest from the shared log, gap-free.
+#[tokio::test]
+async fn sse_and_ws_subscribers_follow_what_every_node_logs_and_resume_on_another() {
+    let cluster = Cluster::start(2).await;
+    let (a, b) = (cluster.node(0), cluster.node(1));
+    let session = unique("streams");
+    let mut sse = open_sse(b, &session, None).await;
+    let subscribed = sse.next_event().await;
+    assert_eq!(subscribed.event, "subscribed", "{}", subscribed.data);
+    let mut ws = Ws::connect(&format!("ws://{}/ws", b.addr)).await;
+    ws.send(json!({ "type": "subscribe", "sessionId": session }))
+        .await;
+    assert_eq!(ws.next_json().await["type"], "subscribed");
+
+    for round in 0..5 {
+        post(a, &session, batch(round * 20, 10)).await;
+        post(b, &session, batch(round * 20 + 10, 10)).await;
+    }
+    let log = history_by_seq(a, &session).await;
+    assert_eq!(log.len(), 100);
+    for seq in 1..=100u64 {
+        let expected = &log[&seq].1["n"];
+        let frame = sse.next_event().await;
+        assert_eq!(
+            (frame.id, frame.event.as_str()),
+            (Some(seq), "progress"),
+            "SSE on {}",
+            b.name
+        );
+        assert_eq!(&frame.json()["n"], expected, "SSE seq {seq}");
+        let message = ws.next_json().await;
+        assert_eq!(
+            (message["type"].as_str(), message["seq"].as_u64()),
+            (Some("progress"), Some(seq)),
+            "WebSocket on {}: {message}",
+            b.name
+        );
+        assert_eq!(&message["n"], expected, "WebSocket seq {seq}");
+    }
+
+    // The reader goes away at seq 60 (as a browser's EventSource would on a network drop),
+    // more is logged meanwhile, and it comes back on the other node.
+    drop(sse);
+    post(b, &session, batch(100, 20)).await;
+    let mut resumed = open_sse(a, &session, Some(60)).await;
+    let subscribed = resumed.next_event().await;
+    assert_eq!(subscribed.event, "subscribed");
+    assert_eq!(subscribed.json()["recovered"], true, "{}", subscribed.data);
+    let ids: Vec<Option<u64>> = {
+        let mut ids = Vec::new();
+        for _ in 61..=120 {
+            ids.push(resumed.next_event().await.id);
+        }
+        ids
+    };
+    assert_eq!(ids, (61..=120).map(Some).collect::<Vec<_>>());
 }
 
 // ---------------------------------------------------------------------------------------

@@ -3,104 +3,15 @@
 
 mod common;
 
+use common::streams::{SseReader, StreamEnd, Ws};
 use common::{
     TEST_JWT_SECRET, WAIT, harness_token, progress, sign_token, spawn_app_with, unix_now,
 };
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes, Message};
-
-/// One SSE frame (or comment) as a client reads it.
-#[derive(Debug, Default)]
-struct Frame {
-    id: Option<u64>,
-    event: String,
-    data: String,
-    comment: bool,
-    retry: Option<u64>,
-}
-
-impl Frame {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.data).unwrap_or(Value::Null)
-    }
-}
-
-/// Reads an SSE response frame by frame.
-struct SseReader {
-    body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
-    buffer: String,
-}
-
-/// How a stream read ended when it did not yield a frame.
-#[derive(Debug, PartialEq)]
-enum StreamEnd {
-    /// The response ended cleanly.
-    Finished,
-    /// The connection broke (herald cut the stream off).
-    Broken,
-}
-
-impl SseReader {
-    fn new(response: reqwest::Response) -> Self {
-        Self {
-            body: response.bytes_stream().boxed(),
-            buffer: String::new(),
-        }
-    }
-
-    async fn next(&mut self) -> Result<Frame, StreamEnd> {
-        tokio::time::timeout(WAIT, self.next_frame())
-            .await
-            .expect("an SSE frame within the wait")
-    }
-
-    async fn next_frame(&mut self) -> Result<Frame, StreamEnd> {
-        loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let raw: String = self.buffer.drain(..end + 2).collect();
-                return Ok(parse_frame(&raw));
-            }
-            match self.body.next().await {
-                Some(Ok(chunk)) => self.buffer.push_str(std::str::from_utf8(&chunk).unwrap()),
-                Some(Err(_)) => return Err(StreamEnd::Broken),
-                None => return Err(StreamEnd::Finished),
-            }
-        }
-    }
-
-    /// The next frame that is not a comment.
-    async fn next_event(&mut self) -> Frame {
-        loop {
-            let frame = self.next().await.expect("the stream goes on");
-            if !frame.comment {
-                return frame;
-            }
-        }
-    }
-}
-
-fn parse_frame(raw: &str) -> Frame {
-    let mut frame = Frame::default();
-    let mut data = Vec::new();
-    for line in raw.lines() {
-        if line.starts_with(':') {
-            frame.comment = true;
-        } else if let Some(v) = line.strip_prefix("id: ") {
-            frame.id = v.parse().ok();
-        } else if let Some(v) = line.strip_prefix("event: ") {
-            frame.event = v.to_owned();
-        } else if let Some(v) = line.strip_prefix("data: ") {
-            data.push(v);
-        } else if let Some(v) = line.strip_prefix("retry: ") {
-            frame.retry = v.parse().ok();
-        }
-    }
-    frame.data = data.join("\n");
-    frame
-}
 
 fn client() -> reqwest::Client {
     common::harness_http()
@@ -423,62 +334,6 @@ async fn sse_and_ws_need_credentials_and_end_when_the_token_does() {
     };
     assert!(saw_expiry);
     assert_eq!(close.map(|f| f.code), Some(CloseCode::Policy));
-}
-
-/// A plain WebSocket client (tokio-tungstenite), reading JSON text frames.
-struct Ws {
-    socket: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-}
-
-impl Ws {
-    async fn connect(url: &str) -> Ws {
-        let mut request = url.into_client_request().unwrap();
-        if let Some(token) = harness_token().filter(|_| !url.contains("token=")) {
-            request
-                .headers_mut()
-                .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        }
-        let (socket, _) = tokio_tungstenite::connect_async(request)
-            .await
-            .expect("the WebSocket connects");
-        let mut ws = Ws { socket };
-        let hello = ws.next_json().await;
-        assert_eq!(hello["type"], "connected");
-        assert!(hello["socketId"].is_string());
-        ws
-    }
-
-    async fn send(&mut self, value: Value) {
-        self.socket
-            .send(Message::Text(value.to_string().into()))
-            .await
-            .unwrap();
-    }
-
-    async fn send_raw(&mut self, message: Message) {
-        self.socket.send(message).await.unwrap();
-    }
-
-    async fn next_message(&mut self) -> Option<Message> {
-        match tokio::time::timeout(WAIT, self.socket.next()).await {
-            Ok(Some(Ok(message))) => Some(message),
-            Ok(_) => None,
-            Err(_) => panic!("no WebSocket message within the wait"),
-        }
-    }
-
-    /// The next JSON text frame (pings skipped).
-    async fn next_json(&mut self) -> Value {
-        loop {
-            match self.next_message().await {
-                Some(Message::Text(text)) => return serde_json::from_str(&text).unwrap(),
-                Some(Message::Ping(_) | Message::Pong(_)) => {}
-                other => panic!("expected a text frame, got {other:?}"),
-            }
-        }
-    }
 }
 
 fn ws_url(server: &common::TestServer) -> String {

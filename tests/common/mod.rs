@@ -6,6 +6,7 @@ pub mod fake_llm;
 pub mod node;
 pub mod redis;
 pub mod runs;
+pub mod streams;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
