@@ -424,3 +424,74 @@ async fn a_session_herald_runs_takes_no_producer_events_on_any_node() {
         "{history:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Socket.IO emitters (docs/deployment.md "Socket.IO emitters"); the real python-socketio
+// and @socket.io/redis-emitter packages are in tests/python and tests/js.
+
+/// python-socketio's `RedisManager.emit("progress", data, room=session)` on the wire.
+fn socketio_emit(session: &str, percent: u64) -> String {
+    json!({
+        "method": "emit", "event": "progress",
+        "data": [{ "status": "PROCESSING", "progress": percent }],
+        "binary": false, "namespace": "/", "room": session,
+        "skip_sid": null, "callback": null, "host_id": "test-worker",
+    })
+    .to_string()
+}
+
+/// Waits until a translator holds the lease (it has subscribed by then), then publishes
+/// `message` on python-socketio's channel, over a connection of its own.
+async fn emit_when_heard(redis: &RedisServer, prefix: &str, message: &str) {
+    let mut raw = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let lease = Keys::new(prefix).emitter_lease();
+    eventually("a translator", || {
+        let (mut raw, lease) = (raw.clone(), lease.clone());
+        async move {
+            let holder: Option<String> = redis::cmd("GET")
+                .arg(&lease)
+                .query_async(&mut raw)
+                .await
+                .unwrap();
+            holder.is_some()
+        }
+    })
+    .await;
+    let heard: i64 = redis::cmd("PUBLISH")
+        .arg("socketio")
+        .arg(message)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(heard >= 1, "nobody listens on `socketio`");
+}
+
+async fn logged(app: &TestServer, session: &str) -> Vec<Value> {
+    app.history(session).await.unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emitter_messages_are_heard_again_after_redis_restarts() {
+    let (mut redis, _) = redis_only().await;
+    let prefix = "emitters-restart";
+    let app = herald_on(&redis, prefix, 100, 0).await;
+    emit_when_heard(&redis, prefix, &socketio_emit("emit-before", 10)).await;
+    eventually("the emit before the restart to be logged", || async {
+        logged(&app, "emit-before").await.len() == 1
+    })
+    .await;
+
+    // An empty Redis comes back on the same port: the translator resubscribes by itself.
+    redis.restart().await;
+    emit_when_heard(&redis, prefix, &socketio_emit("emit-after", 20)).await;
+    eventually("the emit after the restart to be logged", || async {
+        logged(&app, "emit-after").await.len() == 1
+    })
+    .await;
+    assert_eq!(percents(&logged(&app, "emit-after").await), [20]);
+    assert_eq!(metric(&app, "herald_emitter_forwarded_total").await, 2);
+}
