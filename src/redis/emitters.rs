@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +37,10 @@ end
 redis.call('XADD', KEYS[2], unpack(ARGV, 2))
 return 1
 "#;
+/// Nesting a msgpack message may have.
+const MAX_DEPTH: usize = 128;
+/// Longest piece of a message (or of a decoder's complaint about it) quoted in a refusal.
+const QUOTE: usize = 120;
 /// Refusals kept for inspection (shared with the ingest consumer's).
 const MAX_ERRORS: usize = 1000;
 
@@ -240,13 +245,24 @@ impl Emitters {
 fn decode(format: Format, bytes: &[u8]) -> Result<Emit, String> {
     match format {
         Format::PythonSocketio => {
-            let message: Value = serde_json::from_slice(bytes)
-                .map_err(|e| format!("not a python-socketio JSON message: {e}"))?;
+            let message: Value = serde_json::from_slice(bytes).map_err(|e| {
+                format!(
+                    "not a python-socketio JSON message: {}",
+                    cut(&e.to_string())
+                )
+            })?;
             python_socketio(message)
         }
         Format::RedisEmitter => {
-            let message: Value = rmp_serde::from_slice(bytes)
-                .map_err(|e| format!("not a @socket.io/redis-emitter msgpack message: {e}"))?;
+            // As deep as serde_json allows for JSON, not rmp-serde's 1,024.
+            let mut decoder = rmp_serde::Deserializer::from_read_ref(bytes);
+            decoder.set_max_depth(MAX_DEPTH);
+            let message = Value::deserialize(&mut decoder).map_err(|e| {
+                format!(
+                    "not a @socket.io/redis-emitter msgpack message: {}",
+                    cut(&e.to_string())
+                )
+            })?;
             redis_emitter(message)
         }
     }
@@ -262,7 +278,8 @@ fn python_socketio(message: Value) -> Result<Emit, String> {
         Some("emit") => {}
         Some(method) => {
             return Err(format!(
-                "python-socketio `{method}` messages carry no session event (only `emit` does)"
+                "python-socketio `{}` messages carry no session event (only `emit` does)",
+                cut(method)
             ));
         }
         None => return Err("the message has no `method`".into()),
@@ -321,7 +338,8 @@ fn check_namespace(namespace: Option<&Value>) -> Result<(), String> {
         None | Some(Value::Null) => Ok(()),
         Some(Value::String(nsp)) if nsp == "/" => Ok(()),
         Some(other) => Err(format!(
-            "namespace {other} holds no herald sessions (they are in `/`)"
+            "namespace {} holds no herald sessions (they are in `/`)",
+            quote(other)
         )),
     }
 }
@@ -348,16 +366,31 @@ fn rooms(rooms: Option<Value>) -> Result<Vec<String>, String> {
             .into_iter()
             .map(|room| match room {
                 Value::String(room) => Ok(room),
-                other => Err(format!("room {other} is not a session id")),
+                other => Err(format!("room {} is not a session id", quote(&other))),
             })
             .collect::<Result<_, _>>()?,
         None | Some(Value::Null) => Vec::new(),
-        Some(other) => return Err(format!("room {other} is not a session id")),
+        Some(other) => return Err(format!("room {} is not a session id", quote(&other))),
     };
     if rooms.is_empty() {
         return Err("an emit to every socket (no room) names no session".into());
     }
     Ok(rooms)
+}
+
+/// `value` as JSON, cut to [`QUOTE`] characters: a refusal never echoes a whole message.
+fn quote(value: &Value) -> String {
+    match value {
+        Value::String(text) => cut(text),
+        other => cut(&other.to_string()),
+    }
+}
+
+fn cut(text: &str) -> String {
+    match text.char_indices().nth(QUOTE) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
 }
 
 /// One ingest stream payload per room (the ingest consumer validates the session id, the
@@ -502,5 +535,73 @@ mod tests {
             emitter_key: Some("a*b".into()),
         };
         assert_eq!(odd.emitter_pattern().as_deref(), Some("a\\*b#*"));
+    }
+
+    /// What a translation gives the ingest stream, or its refusal, for any input.
+    fn check_translation(decoded: Result<Emit, String>) {
+        match decoded {
+            Ok(emit) => {
+                let rooms = emit.rooms.len();
+                assert!(rooms > 0);
+                let payloads = entries(emit);
+                assert_eq!(payloads.len(), rooms);
+                for payload in payloads {
+                    // The ingest consumer's parser takes it or refuses it with a 4xx code.
+                    if let Err(error) = crate::intake::parse_stream_payload(&payload, 10) {
+                        assert!(error.code().http_status().is_client_error(), "{error:?}");
+                    }
+                }
+            }
+            Err(reason) => assert!(
+                reason.chars().count() <= 300,
+                "an over-long refusal: {reason}"
+            ),
+        }
+    }
+
+    fn python_seeds() -> Vec<Vec<u8>> {
+        [
+            json!({"method": "emit", "event": "progress", "data": [{"status": "ACTIVE", "progress": 10}],
+                "namespace": "/", "room": "sess-1", "skip_sid": null, "callback": null, "host_id": "h"}),
+            json!({"method": "emit", "event": "completed", "data": {"result": {}}, "room": ["a", "b"]}),
+            json!({"method": "enter_room", "sid": "x", "room": "r", "namespace": "/"}),
+        ]
+        .iter()
+        .map(|v| serde_json::to_vec(v).unwrap())
+        .collect()
+    }
+
+    #[test]
+    fn fuzz_python_socketio_messages() {
+        let seeds = python_seeds();
+        let seeds: Vec<&[u8]> = seeds.iter().map(Vec::as_slice).collect();
+        crate::fuzzing::Fuzz::new("python-socketio message").run(&seeds, |input| {
+            check_translation(decode(Format::PythonSocketio, input));
+        });
+    }
+
+    #[test]
+    fn fuzz_redis_emitter_messages() {
+        let seeds: Vec<Vec<u8>> = [
+            json!(["emitter", {"type": 2, "data": ["progress", {"status": "ACTIVE", "progress": 10}], "nsp": "/"},
+                {"rooms": ["sess-1"], "except": [], "flags": {}}]),
+            json!(["e", {"type": 2, "data": ["error", {"error": "x"}], "nsp": "/"}, {"rooms": ["a", "b"]}]),
+        ]
+        .iter()
+        .map(msgpack)
+        .collect();
+        let seeds: Vec<&[u8]> = seeds.iter().map(Vec::as_slice).collect();
+        crate::fuzzing::Fuzz::new("redis-emitter message").run(&seeds, |input| {
+            check_translation(decode(Format::RedisEmitter, input));
+        });
+    }
+
+    #[test]
+    fn deep_msgpack_is_refused_not_followed() {
+        // 1,000 nested one-element arrays: within rmp-serde's own limit, over herald's.
+        let mut deep = vec![0x91u8; 1_000];
+        deep.push(0xc0);
+        let error = decode(Format::RedisEmitter, &deep).unwrap_err();
+        assert!(error.contains("depth"), "{error}");
     }
 }
