@@ -83,12 +83,14 @@ pub struct Metrics {
     pub emitter_forwarded: Counter,
     /// Socket.IO emitters' messages refused (described in the ingest errors stream).
     pub emitter_refused: Counter,
+    /// Socket.IO emitters' messages dropped because the translator fell behind.
+    pub emitter_dropped: Counter,
 }
 
 impl Metrics {
     /// Renders every metric in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let counters: [(&str, &str, u64); 9] = [
+        let counters: [(&str, &str, u64); 10] = [
             (
                 "herald_events_logged_total",
                 "Events appended to session logs.",
@@ -133,6 +135,11 @@ impl Metrics {
                 "herald_emitter_refused_total",
                 "Socket.IO emitter messages refused; each is described in the ingest errors stream.",
                 self.emitter_refused.get(),
+            ),
+            (
+                "herald_emitter_dropped_total",
+                "Socket.IO emitter messages dropped because the translator fell behind (pub/sub is at most once).",
+                self.emitter_dropped.get(),
             ),
         ];
         let gauges: [(&str, &str, i64); 2] = [

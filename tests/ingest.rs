@@ -495,3 +495,47 @@ async fn emitter_messages_are_heard_again_after_redis_restarts() {
     assert_eq!(percents(&logged(&app, "emit-after").await), [20]);
     assert_eq!(metric(&app, "herald_emitter_forwarded_total").await, 2);
 }
+
+/// A burst faster than the translator: what its bounded backlog cannot hold is dropped,
+/// counted and described, never queued without bound; every message is either forwarded
+/// or counted as dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emitter_burst_past_the_backlog_is_dropped_counted_and_described() {
+    const BURST: u64 = 30_000;
+    let (redis, mut raw) = redis_only().await;
+    let prefix = "emitters-burst";
+    let app = herald_on(&redis, prefix, 100, 1500).await;
+    emit_when_heard(&redis, prefix, &socketio_emit("burst-0", 1)).await;
+    let mut pipe = redis::pipe();
+    for i in 1..BURST {
+        pipe.cmd("PUBLISH")
+            .arg("socketio")
+            .arg(socketio_emit(&format!("burst-{}", i % 100), i % 100))
+            .ignore();
+    }
+    let () = pipe.query_async(&mut raw).await.unwrap();
+    eventually("every message forwarded or counted as dropped", || async {
+        metric(&app, "herald_emitter_forwarded_total").await
+            + metric(&app, "herald_emitter_dropped_total").await
+            == BURST
+    })
+    .await;
+    let dropped = metric(&app, "herald_emitter_dropped_total").await;
+    assert!(dropped > 0, "a burst of {BURST} fit in the backlog");
+    let errors: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(format!("{prefix}:ingest:errors"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let described: u64 = errors
+        .iter()
+        .filter(|(_, fields)| field(fields, "entry") == "pubsub")
+        .map(|(_, fields)| {
+            let reason = field(fields, "error");
+            reason.split(' ').next().unwrap().parse::<u64>().unwrap()
+        })
+        .sum();
+    assert_eq!(described, dropped, "{errors:?}");
+}

@@ -11,32 +11,55 @@
 //! at all (another method, another namespace, no room, undecodable) is described there
 //! by the translator, with `entry` `pubsub:<channel>`.
 //!
+//! **Bounded.** Messages wait in a [`Backlog`] of at most [`BACKLOG_MESSAGES`] messages and
+//! [`BACKLOG_BYTES`] bytes (the connection speaks RESP3 and hands each message to it without
+//! blocking); what does not fit is dropped, counted and described once per renewal. The
+//! holder translates up to [`BATCH_MESSAGES`] waiting messages per script call.
+//!
 //! **At most once.** Pub/sub keeps nothing: a message published while no node holds the
 //! lease (a holder that died, until its lease runs out) or while the translator is
 //! reconnecting is gone, as those workers already accept. The HTTP route and the ingest
 //! stream are the exactly-once ways in.
 
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
+use redis::{PushInfo, PushKind};
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{Keys, Lease};
 use crate::error::ErrorCode;
 use crate::hub::Hub;
 
-/// KEYS: the lease, a stream. ARGV: this node, then `XADD`'s arguments after the key. Adds
-/// the entry only while this node holds the lease; 1 when it did.
+/// KEYS: the lease, the ingest stream, the errors stream. ARGV: this node, the errors
+/// stream's length, the refusal code, the number `n` of ingest payloads, the `n` payloads,
+/// then (entry, reason) pairs. Adds them only while this node holds the lease; 1 when it did.
 const ADD_IF_HOLDER: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
-redis.call('XADD', KEYS[2], unpack(ARGV, 2))
+local n = tonumber(ARGV[4])
+for i = 5, 4 + n do
+  redis.call('XADD', KEYS[2], '*', 'payload', ARGV[i])
+end
+for i = 5 + n, #ARGV, 2 do
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'entry', ARGV[i], 'code', ARGV[3], 'error', ARGV[i + 1])
+end
 return 1
 "#;
+/// Messages translated together (one script call), at most; and their bytes, at most,
+/// unless one message alone is larger.
+const BATCH_MESSAGES: usize = 256;
+const BATCH_BYTES: usize = 1 << 20;
+/// Messages received and not yet translated, at most (see [`Backlog`]).
+const BACKLOG_MESSAGES: usize = 10_000;
+const BACKLOG_BYTES: usize = 64 << 20;
 /// Nesting a msgpack message may have.
 const MAX_DEPTH: usize = 128;
 /// Longest piece of a message (or of a decoder's complaint about it) quoted in a refusal.
@@ -137,21 +160,35 @@ impl Emitters {
         }
     }
 
-    async fn consume_until_error(&self) -> redis::RedisResult<()> {
-        let mut redis = self.client.get_multiplexed_async_connection().await?;
-        let mut pubsub = self.client.get_async_pubsub().await?;
+    /// A connection of its own: RESP3, so that it both subscribes and runs the script, and
+    /// its messages come through `backlog`, bounded, rather than an unbounded queue.
+    async fn subscribe(&self, backlog: &Backlog) -> redis::RedisResult<MultiplexedConnection> {
+        let info = self.client.get_connection_info().clone();
+        let settings = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let config = redis::AsyncConnectionConfig::new().set_push_sender(backlog.sender());
+        let mut redis = redis::Client::open(info.set_redis_settings(settings))?
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
         if let Some(channel) = &self.channels.socketio {
-            pubsub.subscribe(channel).await?;
+            redis.subscribe(channel).await?;
         }
         if let Some(pattern) = self.channels.emitter_pattern() {
-            pubsub.psubscribe(pattern).await?;
+            redis.psubscribe(pattern).await?;
         }
         tracing::info!(channels = ?self.channels, "listening for Socket.IO emitters");
+        Ok(redis)
+    }
+
+    async fn consume_until_error(&self) -> redis::RedisResult<()> {
+        let mut backlog = Backlog::new();
+        let mut redis = self.subscribe(&backlog).await?;
         let lease = self.lease();
         let script = redis::Script::new(ADD_IF_HOLDER);
         let mut renewal = tokio::time::interval(self.lease / 3);
         let mut holder = false;
-        let mut messages = pubsub.on_message();
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => {
@@ -163,83 +200,217 @@ impl Emitters {
                     if holder != was {
                         tracing::info!(holder, "Socket.IO emitter translation lease changed");
                     }
+                    let dropped = backlog.dropped.swap(0, Ordering::Relaxed);
+                    if dropped > 0 && holder {
+                        holder = self.report_dropped(&mut redis, &script, dropped).await?;
+                    }
                 }
-                message = messages.next() => {
-                    let Some(message) = message else {
+                push = backlog.receiver.recv() => {
+                    let Some(push) = push else {
                         return Ok(());
                     };
-                    if !holder {
-                        continue;
+                    let mut batch = Batch::default();
+                    self.take(&backlog, push, holder, &mut batch)?;
+                    while batch.has_room() {
+                        let Ok(push) = backlog.receiver.try_recv() else {
+                            break;
+                        };
+                        self.take(&backlog, push, holder, &mut batch)?;
                     }
-                    let channel = message.get_channel_name();
-                    let Some(format) = self.channels.format_of(channel) else {
-                        continue;
-                    };
-                    holder = self
-                        .translate(&mut redis, &script, channel, format, message.get_payload_bytes())
-                        .await?;
+                    if !batch.is_empty() {
+                        let (forwarded, refused) = (batch.payloads.len(), batch.refusals.len());
+                        holder = self.flush(&mut redis, &script, &batch).await?;
+                        if holder {
+                            let metrics = self.hub.metrics();
+                            metrics.emitter_forwarded.add(forwarded as u64);
+                            metrics.emitter_refused.add(refused as u64);
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// Adds a message's ingest entries, or its refusal; whether this node still holds the
-    /// lease.
-    async fn translate(
+    /// Takes a push off the backlog, and translates it into `batch` if this node holds the
+    /// lease (the others only keep their backlog empty).
+    fn take(
         &self,
-        redis: &mut MultiplexedConnection,
-        script: &redis::Script,
-        channel: &str,
-        format: Format,
-        bytes: &[u8],
-    ) -> redis::RedisResult<bool> {
-        let entries = if bytes.len() > self.max_message_bytes {
+        backlog: &Backlog,
+        (push, size): (PushInfo, usize),
+        holder: bool,
+        batch: &mut Batch,
+    ) -> redis::RedisResult<()> {
+        backlog.bytes.fetch_sub(size, Ordering::Relaxed);
+        batch.bytes += size;
+        batch.messages += 1;
+        let Some((channel, payload)) = message(push)? else {
+            return Ok(());
+        };
+        let Some(format) = self.channels.format_of(&channel).filter(|_| holder) else {
+            return Ok(());
+        };
+        let translated = if payload.len() > self.max_message_bytes {
             Err(format!(
                 "the message is {} bytes, over the {}-byte limit",
-                bytes.len(),
+                payload.len(),
                 self.max_message_bytes
             ))
         } else {
-            decode(format, bytes).map(entries)
+            decode(format, &payload).map(entries)
         };
-        match entries {
-            Ok(payloads) => {
-                for payload in payloads {
-                    let added: i64 = script
-                        .key(self.keys.emitter_lease())
-                        .key(self.keys.ingest())
-                        .arg(&self.node_id)
-                        .arg(&["*", "payload", &payload])
-                        .invoke_async(redis)
-                        .await?;
-                    if added == 0 {
-                        return Ok(false);
-                    }
-                    self.hub.metrics().emitter_forwarded.inc();
-                }
-                Ok(true)
-            }
+        match translated {
+            Ok(payloads) => batch.payloads.extend(payloads),
             Err(reason) => {
                 tracing::warn!(channel, reason, "refused a Socket.IO emitter message");
-                let entry = format!("pubsub:{channel}");
-                let added: i64 = script
-                    .key(self.keys.emitter_lease())
-                    .key(self.keys.ingest_errors())
-                    .arg(&self.node_id)
-                    .arg(&["MAXLEN", "~"])
-                    .arg(MAX_ERRORS)
-                    .arg(&["*", "entry", &entry, "code"])
-                    .arg(ErrorCode::InvalidEntry.as_str())
-                    .arg(&["error", &reason])
-                    .invoke_async(redis)
-                    .await?;
-                if added == 1 {
-                    self.hub.metrics().emitter_refused.inc();
-                }
-                Ok(added == 1)
+                batch.refusals.push((format!("pubsub:{channel}"), reason));
             }
         }
+        Ok(())
     }
+
+    /// Adds a batch's ingest entries and refusals; whether this node still holds the lease
+    /// (if not, it added nothing).
+    async fn flush(
+        &self,
+        redis: &mut MultiplexedConnection,
+        script: &redis::Script,
+        batch: &Batch,
+    ) -> redis::RedisResult<bool> {
+        let mut call = script.prepare_invoke();
+        call.key(self.keys.emitter_lease())
+            .key(self.keys.ingest())
+            .key(self.keys.ingest_errors())
+            .arg(&self.node_id)
+            .arg(MAX_ERRORS)
+            .arg(ErrorCode::InvalidEntry.as_str())
+            .arg(batch.payloads.len());
+        for payload in &batch.payloads {
+            call.arg(payload);
+        }
+        for (entry, reason) in &batch.refusals {
+            call.arg(entry).arg(reason);
+        }
+        let added: i64 = call.invoke_async(redis).await?;
+        Ok(added == 1)
+    }
+
+    /// Describes, once per renewal, the messages the backlog had no room for.
+    async fn report_dropped(
+        &self,
+        redis: &mut MultiplexedConnection,
+        script: &redis::Script,
+        dropped: u64,
+    ) -> redis::RedisResult<bool> {
+        let reason = format!(
+            "{dropped} Socket.IO emitter messages were dropped: the translator fell behind by \
+             more than {BACKLOG_MESSAGES} messages or {BACKLOG_BYTES} bytes"
+        );
+        tracing::warn!(dropped, "dropped Socket.IO emitter messages");
+        let batch = Batch {
+            refusals: vec![("pubsub".to_owned(), reason)],
+            ..Batch::default()
+        };
+        let holder = self.flush(redis, script, &batch).await?;
+        // Counted once described, so the count never runs ahead of the errors stream.
+        if holder {
+            self.hub.metrics().emitter_dropped.add(dropped);
+        }
+        Ok(holder)
+    }
+}
+
+/// What one script call adds: ingest payloads, in order, and (entry, reason) refusals.
+#[derive(Default)]
+struct Batch {
+    payloads: Vec<String>,
+    refusals: Vec<(String, String)>,
+    /// The bytes of the messages taken.
+    bytes: usize,
+    messages: usize,
+}
+
+impl Batch {
+    fn has_room(&self) -> bool {
+        self.messages < BATCH_MESSAGES && self.bytes < BATCH_BYTES
+    }
+
+    fn is_empty(&self) -> bool {
+        self.payloads.is_empty() && self.refusals.is_empty()
+    }
+}
+
+/// A published message's channel and payload; `None` for the other pushes (subscription
+/// confirmations). The connection's end is an error, so the translator reconnects.
+fn message(push: PushInfo) -> redis::RedisResult<Option<(String, Vec<u8>)>> {
+    let mut data = push.data.into_iter();
+    let (channel, payload) = match push.kind {
+        PushKind::Message => (data.next(), data.next()),
+        PushKind::PMessage => (data.nth(1), data.next()),
+        PushKind::Disconnection => {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "the emitter channels' connection closed",
+            )));
+        }
+        _ => return Ok(None),
+    };
+    let (Some(channel), Some(payload)) = (channel, payload) else {
+        return Ok(None);
+    };
+    let channel: String = redis::from_redis_value(channel)?;
+    let payload: Vec<u8> = redis::from_redis_value(payload)?;
+    Ok(Some((channel, payload)))
+}
+
+/// Messages received and not yet translated: bounded in count and in bytes. What does not
+/// fit is dropped and counted (pub/sub is at most once; Redis itself drops a subscriber
+/// that falls too far behind).
+struct Backlog {
+    sender: mpsc::Sender<(PushInfo, usize)>,
+    receiver: mpsc::Receiver<(PushInfo, usize)>,
+    bytes: Arc<AtomicUsize>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Backlog {
+    fn new() -> Self {
+        let (sender, receiver) = mpsc::channel(BACKLOG_MESSAGES);
+        Self {
+            sender,
+            receiver,
+            bytes: Arc::default(),
+            dropped: Arc::default(),
+        }
+    }
+
+    /// What the connection hands each push to; it must not block.
+    fn sender(&self) -> impl Fn(PushInfo) -> Result<(), Infallible> + Send + Sync + 'static {
+        let (sender, bytes, dropped) = (
+            self.sender.clone(),
+            self.bytes.clone(),
+            self.dropped.clone(),
+        );
+        move |push| {
+            let size = push_size(&push);
+            let queued = bytes.fetch_add(size, Ordering::Relaxed);
+            let fits = queued + size <= BACKLOG_BYTES || push.kind == PushKind::Disconnection;
+            if !fits || sender.try_send((push, size)).is_err() {
+                bytes.fetch_sub(size, Ordering::Relaxed);
+                dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn push_size(push: &PushInfo) -> usize {
+    push.data
+        .iter()
+        .map(|value| match value {
+            redis::Value::BulkString(bytes) => bytes.len(),
+            _ => 16,
+        })
+        .sum()
 }
 
 fn decode(format: Format, bytes: &[u8]) -> Result<Emit, String> {
