@@ -694,21 +694,25 @@ impl OriginPolicy {
         }
     }
 
+    /// Whether a handshake may go on: no `Origin` (not a browser), or every `Origin` it
+    /// carries is allowed (a client that sends two, as websocket-client does when given
+    /// one, is judged by both).
     pub fn allows(&self, headers: &HeaderMap) -> bool {
-        let Some(origin) = headers.get(header::ORIGIN) else {
-            return true;
-        };
         if self.any {
             return true;
         }
-        let Ok(origin) = origin.to_str() else {
-            return false;
-        };
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        headers
+            .get_all(header::ORIGIN)
+            .iter()
+            .all(|origin| origin.to_str().is_ok_and(|o| self.allows_one(o, host)))
+    }
+
+    fn allows_one(&self, origin: &str, host: Option<&str>) -> bool {
         let origin = origin.trim().to_ascii_lowercase();
         if self.allowed.contains(&origin) {
             return true;
         }
-        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
         let authority = origin.split_once("://").map(|(_, rest)| rest);
         matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h))
     }
@@ -1013,6 +1017,16 @@ mod tests {
         assert!(with("http://127.0.0.1:3000", "127.0.0.1:3000"));
         assert!(!with("https://evil.example", "127.0.0.1:3000"));
         assert!(!with("null", "127.0.0.1:3000"));
+        // Two origins (websocket-client sends its own and the one it was given): both count.
+        let two = |second: &str| {
+            let mut h = HeaderMap::new();
+            h.append(header::ORIGIN, "http://127.0.0.1:3000".parse().unwrap());
+            h.append(header::ORIGIN, second.parse().unwrap());
+            h.insert(header::HOST, "127.0.0.1:3000".parse().unwrap());
+            policy.allows(&h)
+        };
+        assert!(!two("https://evil.example"));
+        assert!(two("https://app.example.com"));
         assert!(OriginPolicy::new(true, &[]).allows(&{
             let mut h = HeaderMap::new();
             h.insert(header::ORIGIN, "https://evil.example".parse().unwrap());

@@ -21,9 +21,9 @@ def herald_factory(tmp_path_factory, request):
     servers: list[HeraldServer] = []
     modname = request.module.__name__.rsplit(".", 1)[-1]
 
-    def start(*extra_args, env=None) -> HeraldServer:
+    def start(*extra_args, env=None, dev=True) -> HeraldServer:
         log = tmp_path_factory.mktemp(f"herald-{modname}") / "stderr.log"
-        srv = HeraldServer(extra_args, log_path=log, env=env).start()
+        srv = HeraldServer(extra_args, log_path=log, env=env, dev=dev).start()
         servers.append(srv)
         return srv
 

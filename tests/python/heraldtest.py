@@ -51,8 +51,9 @@ def new_sid(prefix: str = "py") -> str:
 class HeraldServer:
     """One `herald serve` child process on an ephemeral loopback port."""
 
-    def __init__(self, extra_args=(), log_path: Path | None = None, env=None):
+    def __init__(self, extra_args=(), log_path: Path | None = None, env=None, dev: bool = True):
         self.extra_args = list(extra_args)
+        self.dev = dev
         self.log_path = log_path
         self.env = env
         self.proc: subprocess.Popen | None = None
@@ -71,7 +72,8 @@ class HeraldServer:
             raise RuntimeError(
                 f"herald binary not found at {HERALD_BIN}: run `cargo build` or set HERALD_BIN"
             )
-        args = [HERALD_BIN, "serve", "--host", "127.0.0.1", "--port", "0", "--dev", *self.extra_args]
+        dev = ["--dev"] if self.dev else []
+        args = [HERALD_BIN, "serve", "--host", "127.0.0.1", "--port", "0", *dev, *self.extra_args]
         env = dict(os.environ)
         # a stray HERALD_* from the caller's shell must not change the server under test
         for k in list(env):

@@ -476,3 +476,108 @@ def test_http_credentials(server):
     assert_error(r, 401, "INVALID_TOKEN")
     # a reader may not publish
     assert_error(post_events(server.url, sid, progress(2), headers=reader), 403, "FORBIDDEN")
+
+
+# --------------------------------------------------------------------------
+# ownership, as a python-socketio user and their HTTP calls see it
+# --------------------------------------------------------------------------
+
+CREATOR_SCOPE = "read answer cancel create"
+
+
+def session_ids(base: str, headers: dict) -> list[str]:
+    r = requests.get(f"{base}/api/wizard/sessions", headers=headers, timeout=WAIT)
+    assert r.status_code == 200, r.text
+    return [s["sessionId"] for s in r.json()["sessions"]]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_alices_session_is_invisible_to_bob(server, transport):
+    alice = mint_token(SECRET, sub=new_sid("alice"), scope=CREATOR_SCOPE)
+    bob = mint_token(SECRET, sub=new_sid("bob"), scope=CREATOR_SCOPE)
+    r = requests.post(
+        f"{server.url}/api/wizard/sessions",
+        json={"prompts": ["Plan the trip [clarify]"], "models": ["sim-fast"]},
+        headers=bearer(alice),
+        timeout=WAIT,
+    )
+    assert r.status_code == 201, r.text
+    sid = r.json()["sessionId"]
+    owner = SyncCollector().connect(server.url, [transport], auth={"token": alice})
+    intruder = SyncCollector().connect(server.url, [transport], auth={"token": bob})
+    try:
+        ack = owner.sio.call("subscribe", {"sessionId": sid, "lastSeq": 0}, timeout=WAIT)
+        assert ack.get("ok") is True, ack
+        question = owner.first("clarification", lambda p: p.get("sessionId") == sid and p.get("status") == "pending")
+
+        # Bob's socket: refused, still connected, and never sent an event of hers.
+        ack = intruder.sio.call("subscribe", {"sessionId": sid, "lastSeq": 0}, timeout=WAIT)
+        assert_forbidden(ack, intruder.first("error", is_error_for(sid)), sid)
+        assert intruder.sio.connected and not intruder.disconnected.is_set()
+
+        # Bob's HTTP calls: not listed, and 403 on everything else.
+        assert sid in session_ids(server.url, bearer(alice))
+        assert sid not in session_ids(server.url, bearer(bob))
+        answer = {"sessionId": sid, "clarificationId": question["clarificationId"], "answer": "Lisbon"}
+        for r in (
+            requests.get(f"{server.url}/api/wizard/session/{sid}", headers=bearer(bob), timeout=WAIT),
+            requests.get(f"{server.url}/api/wizard/session/{sid}/events", headers=bearer(bob), timeout=WAIT),
+            requests.post(f"{server.url}/api/wizard/clarifications/respond", json=answer, headers=bearer(bob), timeout=WAIT),
+            requests.post(f"{server.url}/api/wizard/session/{sid}/cancel", json={}, headers=bearer(bob), timeout=WAIT),
+        ):
+            assert_error(r, 403, "FORBIDDEN")
+
+        # Alice answers; her socket sees the run go on and end, Bob's sees nothing of it.
+        r = requests.post(f"{server.url}/api/wizard/clarifications/respond", json=answer, headers=bearer(alice), timeout=WAIT)
+        assert r.status_code == 200, r.text
+        owner.first("completed", lambda p: p.get("sessionId") == sid)
+        assert not intruder.session_events(sid, source="wire"), "Bob's socket received Alice's events"
+    finally:
+        owner.disconnect()
+        intruder.disconnect()
+
+
+# --------------------------------------------------------------------------
+# API key scopes, and the origin check, with the real clients
+# --------------------------------------------------------------------------
+
+
+def test_api_key_scopes_on_ingest_and_metrics(server):
+    sid = new_sid("allowed")
+    assert_error(post_events(server.url, sid, progress(1), headers={"X-Api-Key": READ_KEY}), 403, "FORBIDDEN")
+    post_ok(server.url, sid, progress(1), headers={"X-Api-Key": PUBLISH_KEY})
+    for key in (PUBLISH_KEY, READ_KEY):
+        assert_error(requests.get(f"{server.url}/metrics", headers=bearer(key), timeout=WAIT), 403, "FORBIDDEN")
+    assert_error(requests.get(f"{server.url}/metrics", timeout=WAIT), 401, "UNAUTHORIZED")
+    r = requests.get(f"{server.url}/metrics", headers=bearer(ADMIN_KEY), timeout=WAIT)
+    assert r.status_code == 200 and "herald_events_logged_total" in r.text, r.text[:200]
+    # A reader key is a back-end subscriber: it may connect and follow.
+    c = SyncCollector().connect(server.url, ["websocket"], auth={"token": READ_KEY})
+    try:
+        ack = c.sio.call("subscribe", {"sessionId": sid, "lastSeq": 0}, timeout=WAIT)
+        assert ack.get("ok") is True, ack
+        assert [p["seq"] for _, p in c.wait_session_events(sid, 1, source="wire")] == [1]
+    finally:
+        c.disconnect()
+
+
+@pytest.fixture(scope="module")
+def origin_server(herald_factory):
+    """Auth on and one allowed origin (not --dev, which allows any)."""
+    return herald_factory(
+        "--jwt-secret", SECRET, "--cors-origins", "https://app.example.com", dev=False,
+    )
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_page_from_another_origin_cannot_connect(origin_server, transport):
+    token = mint_token(SECRET, sessions=["*"])
+    refused = connect_sync(
+        origin_server.url, transport, auth={"token": token}, headers={"Origin": "https://evil.example"}
+    )
+    assert refused.error is not None and not refused.connected, refused.events
+    assert not [n for n, _ in refused.events if n in ("connect", "connected")], refused.events
+    allowed = connect_sync(
+        origin_server.url, transport, auth={"token": token}, headers={"Origin": "https://app.example.com"}
+    )
+    assert allowed.error is None and allowed.connected, allowed.events
