@@ -899,6 +899,56 @@ mod tests {
     }
 
     #[test]
+    fn a_configured_issuer_must_be_named_exactly() {
+        let checks = JwtChecks {
+            audience: None,
+            issuer: Some("https://auth.example.com".into()),
+            leeway: Duration::from_secs(0),
+        };
+        let auth = auth(checks, &[]);
+        let with_iss = |iss: Option<&str>| {
+            let mut claims = json!({ "sub": "a", "exp": now() + 60 });
+            if let Some(iss) = iss {
+                claims["iss"] = json!(iss);
+            }
+            auth.authenticate(Some(&sign(claims, SECRET)))
+        };
+        assert!(with_iss(Some("https://auth.example.com")).is_ok());
+        for refused in [with_iss(Some("https://evil.example")), with_iss(None)] {
+            let error = refused.unwrap_err();
+            assert_eq!(error.code(), ErrorCode::InvalidToken);
+            assert!(error.detail().contains("iss"), "{error}");
+        }
+    }
+
+    #[test]
+    fn leeway_forgives_a_clock_that_is_behind_by_at_most_its_length() {
+        let auth = auth(
+            JwtChecks {
+                leeway: Duration::from_secs(30),
+                ..JwtChecks::default()
+            },
+            &[],
+        );
+        let expired_ago = |secs: u64| {
+            auth.authenticate(Some(&sign(
+                json!({ "sub": "a", "exp": now() - secs }),
+                SECRET,
+            )))
+        };
+        assert!(
+            expired_ago(10).is_ok(),
+            "10 s past exp is within a 30 s leeway"
+        );
+        assert_eq!(expired_ago(60).unwrap_err().code(), ErrorCode::TokenExpired);
+        let early = json!({ "sub": "a", "exp": now() + 600, "nbf": now() + 10 });
+        assert!(
+            auth.authenticate(Some(&sign(early, SECRET))).is_ok(),
+            "nbf 10 s ahead is within the leeway"
+        );
+    }
+
+    #[test]
     fn public_keys_verify_their_own_algorithm_only() {
         let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jwt");
         let claims = json!({ "sub": "svc", "exp": now() + 60 });

@@ -542,3 +542,36 @@ async fn api_keys_from_the_configuration_file_are_limited_to_their_sessions() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The development routes are for admins even in development mode, and absent outside it.
+#[tokio::test]
+async fn dev_routes_need_admin_and_exist_only_in_dev_mode() {
+    let route = "/api/dev/session/some-session/drop-sockets";
+    let alice = token("alice", json!({ "sessions": "*" }));
+    let dev = spawn_app_with(|config| {
+        config.dev = true;
+        config.jwt_secret = Some(Secret::new(SECRET));
+        config.jwt_audience = Some(AUDIENCE.into());
+        config.api_keys = ["ops:ops-secret:admin", "reader:reader-secret:read"]
+            .map(Secret::new)
+            .to_vec();
+    })
+    .await;
+    assert_eq!(post(&dev, route, None, json!({})).await.status, 401);
+    for credential in ["reader-secret", alice.as_str()] {
+        let refused = post(&dev, route, Some(credential), json!({})).await;
+        assert_eq!(
+            (refused.status, code(&refused)),
+            (403, "FORBIDDEN"),
+            "{}",
+            refused.body
+        );
+    }
+    let dropped = post(&dev, route, Some("ops-secret"), json!({})).await;
+    assert_eq!(dropped.status, 200, "{}", dropped.body);
+    assert_eq!(dropped.body["dropped"], 0);
+
+    let production = start().await;
+    let absent = post(&production, route, Some("ops-secret"), json!({})).await;
+    assert_eq!(absent.status, 404, "{}", absent.body);
+}
