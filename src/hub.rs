@@ -490,10 +490,11 @@ impl Hub {
             .room(session_id)
             .map(|r| r.sockets())
             .unwrap_or_default();
-        let count = sockets.len();
-        for socket in sockets {
-            socket.close_transport();
-        }
+        // A socket already cut off (still leaving the room) is not counted again.
+        let count = sockets
+            .iter()
+            .filter(|socket| socket.close_transport())
+            .count();
         count + self.inner.followers.cut_session(session_id)
     }
 

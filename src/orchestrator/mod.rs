@@ -139,7 +139,7 @@ impl OrchestratorError {
 /// them or pre-empt them.
 pub mod keys {
     /// The prefix of every reserved key (producer ingest refuses keys that start with it).
-    pub const RESERVED_PREFIX: &str = "herald:";
+    pub use crate::intake::RESERVED_KEY_PREFIX as RESERVED_PREFIX;
     /// The error event that cancels a session not running anywhere: a session is
     /// cancelled at most once.
     pub const CANCEL: &str = "herald:cancel";

@@ -118,7 +118,7 @@ impl Ingest {
         self.keys.ingest()
     }
 
-    /// Reads and logs the stream until the task is aborted.
+    /// Reads and logs the stream until `stop` (between two entries).
     pub async fn consume(self) {
         while !self.stop.is_cancelled() {
             if let Err(error) = self.consume_until_error().await {

@@ -309,9 +309,10 @@ impl<A: Adapter> InnerEmitter for Namespace<A> {
                 let err = socket.send_raw(data.clone()).err()?;
                 // (herald patch) A socket whose queue cannot take the packet would miss it and
                 // then get later ones: a silent gap. Its connection is dropped instead, so the
-                // client reconnects and recovers what it missed.
-                if matches!(err, SocketError::InternalChannelFull) {
-                    socket.close_transport();
+                // client reconnects and recovers what it missed. It is reported once: until
+                // it has left the room its queue stays full.
+                if matches!(err, SocketError::InternalChannelFull) && !socket.close_transport() {
+                    return None;
                 }
                 Some(err)
             })

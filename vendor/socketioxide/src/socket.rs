@@ -294,6 +294,8 @@ pub struct Socket<A: Adapter = LocalAdapter> {
     ack_sweep_at: AtomicUsize,
     ack_counter: AtomicI64,
     connected: AtomicBool,
+    /// (herald patch) Whether [`Socket::close_transport`] was called.
+    transport_closed: AtomicBool,
     pub(crate) parser: Parser,
     /// The socket id
     pub id: Sid,
@@ -324,6 +326,7 @@ impl<A: Adapter> Socket<A> {
             ack_sweep_at: AtomicUsize::new(ACK_SWEEP_MIN),
             ack_counter: AtomicI64::new(0),
             connected: AtomicBool::new(false),
+            transport_closed: AtomicBool::new(false),
             parser,
             id: sid,
             #[cfg(feature = "extensions")]
@@ -676,9 +679,14 @@ impl<A: Adapter> Socket<A> {
     /// The client sees its transport drop, as on a network failure, so socket.io-client and
     /// python-socketio reconnect by themselves (a DISCONNECT packet, or an engine.io close
     /// packet, is final to them). The disconnect handler runs as for any closed transport.
-    pub fn close_transport(&self) {
-        self.esocket
-            .drop_connection(EIoDisconnectReason::ClosingServer);
+    /// Returns whether this call closed it (`false`: it was closed already).
+    pub fn close_transport(&self) -> bool {
+        let first = !self.transport_closed.swap(true, Ordering::AcqRel);
+        if first {
+            self.esocket
+                .drop_connection(EIoDisconnectReason::ClosingServer);
+        }
+        first
     }
 
     /// # Get the request info made by the client to connect.
