@@ -50,3 +50,38 @@ test('SIGINT also exits 0', async () => {
     closeAll(s);
   }
 });
+
+test('clients of a node shut down come back by themselves when it is up again, and resume', async () => {
+  const first = await spawnHerald();
+  const sessionId = uniqueId('restart');
+  const options = { reconnection: true, reconnectionDelay: 100, reconnectionDelayMax: 500 };
+  const clients = [
+    connect(first.url, { ...options, transports: ['websocket'] }),
+    connect(first.url, { ...options, transports: ['polling'] }),
+  ];
+  let second;
+  try {
+    for (const s of clients) {
+      // As an unchanged front end does: (re)subscribe from its last seq on every connect.
+      let lastSeq = 0;
+      s.on('progress', (e) => { lastSeq = e.seq; });
+      s.on('connect', () => s.emit('subscribe', { sessionId, lastSeq }));
+      await waitFor(s, 'subscribed');
+    }
+    await postOk(first.url, sessionId, { event: 'progress', data: sampleData('progress') });
+    await Promise.all(clients.map((s) => waitFor(s, 'progress')));
+    const reasons = Promise.all(clients.map((s) => waitFor(s, 'disconnect', 10000)));
+    assert.equal((await first.stop()).code, 0, first.stderr().slice(-3000));
+    // A transport close, not `io server disconnect` (after which socket.io-client gives up).
+    assert.deepEqual(await reasons, ['transport close', 'transport close']);
+
+    second = await spawnHerald([], { port: first.port });
+    await Promise.all(clients.map((s) => waitFor(s, 'subscribed', 10000)));
+    await postOk(second.url, sessionId, { event: 'progress', data: sampleData('progress') });
+    const resumed = await Promise.all(clients.map((s) => waitFor(s, 'progress')));
+    assert.deepEqual(resumed.map((e) => e.seq), [1, 1], 'a fresh in-memory log starts again at 1');
+  } finally {
+    closeAll(...clients);
+    if (second) await second.stop();
+  }
+});
