@@ -201,6 +201,18 @@ impl<'de> Deserialize<'de> for ErrorCode {
 mod tests {
     use super::*;
 
+    /// docs/protocol.md's catalogue names every code a client can be sent.
+    #[test]
+    fn the_protocol_doc_names_every_code() {
+        let doc = include_str!("../docs/protocol.md");
+        let missing: Vec<&str> = ErrorCode::ALL
+            .iter()
+            .map(|code| code.as_str())
+            .filter(|wire| !doc.contains(&format!("`{wire}`")))
+            .collect();
+        assert!(missing.is_empty(), "not in docs/protocol.md: {missing:?}");
+    }
+
     #[test]
     fn wire_strings_are_unique_screaming_snake_and_round_trip() {
         for (i, code) in ErrorCode::ALL.iter().enumerate() {
