@@ -158,6 +158,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
     pub max_snapshot_entries: u64,
 
+    /// Serialized bytes of the model results and clarifications one session's snapshot
+    /// keeps, the same way (the oldest settled go first; the newest always stays).
+    #[arg(long, env = "HERALD_MAX_SNAPSHOT_BYTES", default_value_t = 8 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
+    pub max_snapshot_bytes: u64,
+
     /// Largest Socket.IO packet, in bytes, in either direction (socketioxide's own default is 100 kB).
     #[arg(long, env = "HERALD_MAX_PAYLOAD", default_value_t = 1024 * 1024, help_heading = "Limits")]
     pub max_payload: u64,
@@ -629,6 +635,7 @@ impl Config {
     pub fn store_limits(&self) -> crate::store::StoreLimits {
         crate::store::StoreLimits {
             max_entries: usize::try_from(self.max_snapshot_entries).unwrap_or(usize::MAX),
+            max_entry_bytes: usize::try_from(self.max_snapshot_bytes).unwrap_or(usize::MAX),
             idle_ttl: self.redis_key_ttl(),
         }
     }

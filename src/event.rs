@@ -22,6 +22,24 @@ pub const MAX_SESSION_ID_LEN: usize = 128;
 /// Longest idempotency key accepted.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 
+/// Bytes of `value` serialized as JSON, without building the text.
+pub fn json_len(value: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail, and a JSON value always serializes.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
 /// Now, as ISO 8601 UTC with milliseconds (`2026-11-22T02:07:08.123Z`).
 pub fn now_timestamp() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
@@ -216,11 +234,19 @@ pub struct EventDraft {
 }
 
 impl EventDraft {
-    /// Whether logging this event ends the session: its `completed` or `error`. (A
-    /// `progress` with a terminal status does not: producers commonly send one just before
-    /// their `completed`.)
+    /// Whether logging this event ends the session: its `completed` or `error`, or a
+    /// `progress` `EXPIRED` (how a run whose question went unanswered ends). (A `progress`
+    /// `COMPLETED` or `FAILED` does not: producers commonly send one just before their
+    /// `completed` or `error`.)
     pub fn ends_session(&self) -> bool {
-        matches!(self.kind, EventKind::Completed | EventKind::Error)
+        match self.kind {
+            EventKind::Completed | EventKind::Error => true,
+            EventKind::Progress => {
+                self.data.get("status").and_then(Value::as_str)
+                    == Some(SessionStatus::Expired.as_str())
+            }
+            _ => false,
+        }
     }
 }
 
@@ -474,6 +500,12 @@ pub fn with_identity(session_id: &str, seq: u64, body: Map<String, Value>) -> Ma
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn json_len_is_the_serialized_length() {
+        let value = serde_json::json!({ "k": "vé", "n": [1, 2] });
+        assert_eq!(super::json_len(&value), value.to_string().len());
+    }
+
     use super::*;
     use serde_json::json;
 

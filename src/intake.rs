@@ -147,7 +147,7 @@ fn parse_item(session_id: &str, index: usize, value: Value) -> Result<EventDraft
 /// (`--max-event-bytes`). Measured without building the JSON.
 pub fn check_event_sizes(drafts: &[EventDraft], max_bytes: u64) -> Result<(), IntakeError> {
     for (index, draft) in drafts.iter().enumerate() {
-        let bytes = serialized_len(&draft.data);
+        let bytes = crate::event::json_len(&draft.data) as u64;
         if bytes > max_bytes {
             return Err(IntakeError::EventTooLarge {
                 index,
@@ -157,23 +157,6 @@ pub fn check_event_sizes(drafts: &[EventDraft], max_bytes: u64) -> Result<(), In
         }
     }
     Ok(())
-}
-
-fn serialized_len(value: &impl serde::Serialize) -> u64 {
-    struct Count(u64);
-    impl std::io::Write for Count {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len() as u64;
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    // Writing to a counter cannot fail, and a `Map<String, Value>` always serializes.
-    let _ = serde_json::to_writer(&mut count, value);
-    count.0
 }
 
 /// A Redis ingest stream entry's payload: `{ sessionId, event, data, idempotencyKey? }` or

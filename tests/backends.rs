@@ -1464,6 +1464,7 @@ fn tight_log() -> LogLimits {
 fn tight_store() -> StoreLimits {
     StoreLimits {
         max_entries: 3,
+        max_entry_bytes: 4_000,
         idle_ttl: Duration::from_secs(600),
     }
 }
@@ -1675,6 +1676,52 @@ async fn a_snapshot_keeps_its_newest_and_pending_entries(
     let json = serde_json::to_value(&snapshot).unwrap();
     assert_eq!(json["droppedEntries"], 3, "{json}");
     assert_eq!(snapshot.summary.last_seq, 7);
+}
+
+limits_suite!(a_snapshot_keeps_its_entries_within_their_byte_limit);
+async fn a_snapshot_keeps_its_entries_within_their_byte_limit(
+    log: Arc<dyn EventLog>,
+    store: Arc<dyn SessionStore>,
+) {
+    let sid = "entry-bytes";
+    // Three of these are over 4,000 bytes: only two fit, though three entries would.
+    let result = |prompt: &str| {
+        draft(
+            EventKind::ModelResult,
+            json!({ "promptId": prompt, "modelName": "m", "status": "completed", "result": "r".repeat(1_500) }),
+        )
+    };
+    for prompt in ["p1", "p2", "p3", "p4", "p5"] {
+        publish(&*log, &*store, sid, vec![result(prompt)]).await;
+    }
+    let snapshot = get(&*store, sid).await;
+    let prompts: Vec<&str> = snapshot
+        .model_results
+        .iter()
+        .map(|m| m["promptId"].as_str().unwrap())
+        .collect();
+    assert_eq!(prompts, ["p4", "p5"], "the newest results that fit stay");
+    assert_eq!(snapshot.dropped_entries, 3);
+    let kept: usize = snapshot
+        .model_results
+        .iter()
+        .map(|m| serde_json::to_string(m).unwrap().len())
+        .sum();
+    assert!(kept <= 4_000, "{kept} bytes kept");
+    // A result that grows in place is counted at its new size, not twice.
+    let grown = draft(
+        EventKind::ModelResult,
+        json!({ "promptId": "p5", "modelName": "m", "status": "completed", "result": "r".repeat(3_000) }),
+    );
+    publish(&*log, &*store, sid, vec![grown]).await;
+    let snapshot = get(&*store, sid).await;
+    let prompts: Vec<&str> = snapshot
+        .model_results
+        .iter()
+        .map(|m| m["promptId"].as_str().unwrap())
+        .collect();
+    assert_eq!(prompts, ["p5"], "p4 makes room for the grown p5");
+    assert_eq!(snapshot.dropped_entries, 4);
 }
 
 limits_suite!(idle_sessions_are_taken_once);

@@ -1578,6 +1578,15 @@ async fn an_unanswered_question_expires_the_session_and_stops_its_work() {
         "SESSION_ENDED",
         "cancel an expired session",
     );
+    // An expired session stays ended for producers too.
+    let (status, body) = app
+        .post_events(
+            &id,
+            &json!([{ "event": "progress", "data": { "status": "PROCESSING", "progress": 5 } }]),
+        )
+        .await;
+    assert_error(status, &body, 409, "SESSION_ENDED", "a late producer event");
+    assert_eq!(snapshot(&app, &id).await["status"], "EXPIRED");
 }
 
 // ---------------------------------------------------------------------------------------

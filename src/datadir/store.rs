@@ -145,7 +145,7 @@ impl DiskStore {
             Some(stored) => stored.snapshot,
             None => Snapshot::new(session_id, epoch, now_timestamp()),
         };
-        snapshot.apply_within(events, epoch, self.limits.max_entries);
+        snapshot.apply_within(events, epoch, &self.limits);
         self.save(session_id, snapshot)
     }
 

@@ -222,10 +222,10 @@ impl SessionStore for RedisStore {
             };
             if done + 1 < first {
                 let missing = self.missing(session_id, done, first).await?;
-                snapshot.apply_within(&missing, epoch, self.limits.max_entries);
+                snapshot.apply_within(&missing, epoch, &self.limits);
             }
             // The fold skips what it already has (another node may have folded some).
-            snapshot.apply_within(events, epoch, self.limits.max_entries);
+            snapshot.apply_within(events, epoch, &self.limits);
             if self.write(session_id, &read, &snapshot).await? {
                 return Ok(());
             }

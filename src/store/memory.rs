@@ -88,9 +88,7 @@ impl SessionStore for MemoryStore {
                 .clone(),
         };
         let mut entry = entry.lock().unwrap();
-        entry
-            .snapshot
-            .apply_within(events, epoch, self.limits.max_entries);
+        entry.snapshot.apply_within(events, epoch, &self.limits);
         entry.touched = Instant::now();
         Ok(())
     }

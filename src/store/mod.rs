@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 
 pub use memory::MemoryStore;
 
-use crate::event::{ClarificationStatus, EventKind, ModelStatus, SessionStatus};
+use crate::event::{ClarificationStatus, EventKind, ModelStatus, SessionStatus, json_len};
 use crate::log::{Appended, Epoch};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -79,6 +79,10 @@ pub struct Snapshot {
     pub dropped_entries: u64,
     #[serde(skip)]
     pub ended_at: Option<Instant>,
+    /// Serialized bytes of `model_results` and `clarifications`, kept up to date while
+    /// folding (counted afresh after a load, on the first fold).
+    #[serde(skip)]
+    entry_bytes: Option<usize>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -91,6 +95,8 @@ pub struct StoreLimits {
     /// Model results plus clarifications one snapshot keeps; a new one over it takes the
     /// place of the oldest settled one (a finished model result, a closed clarification).
     pub max_entries: usize,
+    /// Their serialized bytes, at most, the same way (the newest entry always stays).
+    pub max_entry_bytes: usize,
     /// How long a session's snapshot lives after its last change when nothing sweeps it
     /// (Redis keys expire after it).
     pub idle_ttl: std::time::Duration,
@@ -100,6 +106,7 @@ impl Default for StoreLimits {
     fn default() -> Self {
         Self {
             max_entries: usize::MAX,
+            max_entry_bytes: usize::MAX,
             idle_ttl: std::time::Duration::from_secs(30 * 24 * 3600),
         }
     }
@@ -128,17 +135,18 @@ impl Snapshot {
             metadata: Value::Null,
             dropped_entries: 0,
             ended_at: None,
+            entry_bytes: Some(0),
         }
     }
 
     /// Folds logged events into the snapshot, keeping every entry.
     pub fn apply(&mut self, events: &[Appended], epoch: &Epoch) {
-        self.apply_within(events, epoch, usize::MAX);
+        self.apply_within(events, epoch, &StoreLimits::default());
     }
 
-    /// Folds logged events into the snapshot, keeping at most `max_entries` model results
-    /// and clarifications ([`StoreLimits::max_entries`]).
-    pub fn apply_within(&mut self, events: &[Appended], epoch: &Epoch, max_entries: usize) {
+    /// Folds logged events into the snapshot, keeping its model results and clarifications
+    /// within `limits` ([`StoreLimits::max_entries`], [`StoreLimits::max_entry_bytes`]).
+    pub fn apply_within(&mut self, events: &[Appended], epoch: &Epoch, limits: &StoreLimits) {
         if self.summary.epoch != *epoch {
             // The log was recreated under us: the old fold no longer describes it.
             let metadata = std::mem::take(&mut self.metadata);
@@ -151,18 +159,35 @@ impl Snapshot {
             self.metadata = metadata;
             self.summary.owner = owner;
         }
+        if self.entry_bytes.is_none() {
+            let bytes = self.model_results.iter().map(json_len).sum::<usize>()
+                + self.clarifications.iter().map(json_len).sum::<usize>();
+            self.entry_bytes = Some(bytes);
+        }
         // Folding is idempotent: events already folded (a retried append) are skipped.
         for appended in events {
             if appended.event.seq > self.summary.last_seq {
                 self.apply_one(appended.event.kind, appended.event.seq, &appended.data);
-                self.keep_within(max_entries);
+                self.keep_within(limits);
             }
         }
     }
 
-    /// Drops the oldest settled entries (else the oldest ones) until at most `max` remain.
-    fn keep_within(&mut self, max: usize) {
-        while self.model_results.len() + self.clarifications.len() > max.max(1) {
+    fn entry_bytes_mut(&mut self) -> &mut usize {
+        self.entry_bytes.get_or_insert(0)
+    }
+
+    /// Drops the oldest settled entries (else the oldest ones) until the entries are within
+    /// both limits; the newest entry always stays.
+    fn keep_within(&mut self, limits: &StoreLimits) {
+        loop {
+            let count = self.model_results.len() + self.clarifications.len();
+            let bytes = self.entry_bytes.unwrap_or(0);
+            let over =
+                count > limits.max_entries.max(1) || (bytes > limits.max_entry_bytes && count > 1);
+            if !over {
+                return;
+            }
             let settled_result = self.model_results.iter().position(|m| {
                 m.get("status")
                     .and_then(Value::as_str)
@@ -173,20 +198,16 @@ impl Snapshot {
                 .clarifications
                 .iter()
                 .position(|c| c.status != ClarificationStatus::Pending);
-            match (settled_result, closed_clarification) {
-                (Some(i), _) => {
-                    self.model_results.remove(i);
-                }
-                (None, Some(i)) => {
-                    self.clarifications.remove(i);
-                }
+            let freed = match (settled_result, closed_clarification) {
+                (Some(i), _) => json_len(&self.model_results.remove(i)),
+                (None, Some(i)) => json_len(&self.clarifications.remove(i)),
                 (None, None) if !self.model_results.is_empty() => {
-                    self.model_results.remove(0);
+                    json_len(&self.model_results.remove(0))
                 }
-                (None, None) => {
-                    self.clarifications.remove(0);
-                }
-            }
+                (None, None) => json_len(&self.clarifications.remove(0)),
+            };
+            let total = self.entry_bytes_mut();
+            *total = total.saturating_sub(freed);
             self.dropped_entries += 1;
         }
     }
@@ -243,10 +264,19 @@ impl Snapshot {
             (m.get("promptId"), m.get("modelName"))
         }
         let wanted = key(data);
-        match self.model_results.iter_mut().find(|m| key(m) == wanted) {
-            Some(slot) => slot.clone_from(data),
-            None => self.model_results.push(data.clone()),
-        }
+        let (added, freed) = match self.model_results.iter_mut().find(|m| key(m) == wanted) {
+            Some(slot) => {
+                let freed = json_len(slot);
+                slot.clone_from(data);
+                (json_len(data), freed)
+            }
+            None => {
+                self.model_results.push(data.clone());
+                (json_len(data), 0)
+            }
+        };
+        let total = self.entry_bytes_mut();
+        *total = (*total + added).saturating_sub(freed);
     }
 
     fn apply_clarification(&mut self, data: &Map<String, Value>) {
@@ -267,14 +297,20 @@ impl Snapshot {
             answer: text("answer"),
             timestamp: data.get("timestamp").cloned().unwrap_or(Value::Null),
         };
-        match self
+        let added = json_len(&entry);
+        let freed = match self
             .clarifications
             .iter_mut()
             .find(|c| c.clarification_id == id)
         {
-            Some(slot) => *slot = entry,
-            None => self.clarifications.push(entry),
-        }
+            Some(slot) => json_len(&std::mem::replace(slot, entry)),
+            None => {
+                self.clarifications.push(entry);
+                0
+            }
+        };
+        let total = self.entry_bytes_mut();
+        *total = (*total + added).saturating_sub(freed);
         self.summary.clarification_count = self
             .clarifications
             .iter()
