@@ -223,7 +223,12 @@ impl Server {
             ));
             let channels = config.emitter_channels();
             if !channels.is_empty() {
-                tasks.spawn(cluster.emitters(channels, config.max_body, hub.clone(), stop.clone()));
+                let limits = crate::redis::EmitterLimits {
+                    max_message_bytes: config.max_body,
+                    max_event_bytes: config.max_event_bytes,
+                    max_batch: config.max_batch.max(1),
+                };
+                tasks.spawn(cluster.emitters(channels, limits, hub.clone(), stop.clone()));
             }
         }
         let grace = Duration::from_secs(config.shutdown_timeout_secs);

@@ -37,7 +37,9 @@ use tokio::sync::oneshot;
 
 use crate::hub::Hub;
 use crate::intake::Runs;
-use crate::redis::{Announcement, EmitterChannels, Emitters, Ingest, Keys, connect, once_more};
+use crate::redis::{
+    Announcement, EmitterChannels, EmitterLimits, Emitters, Ingest, Keys, connect, once_more,
+};
 use tokio_util::sync::CancellationToken;
 
 const FIRST_RETRY: Duration = Duration::from_millis(100);
@@ -405,7 +407,7 @@ impl Cluster {
     pub fn emitters(
         &self,
         channels: EmitterChannels,
-        max_message_bytes: usize,
+        limits: EmitterLimits,
         hub: Hub,
         stop: CancellationToken,
     ) -> impl Future<Output = ()> + Send + 'static {
@@ -415,7 +417,7 @@ impl Cluster {
             node_id: self.inner.node_id.clone(),
             channels,
             lease: self.inner.lease,
-            max_message_bytes,
+            limits,
             hub,
             stop,
         };

@@ -29,27 +29,31 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use redis::{PushInfo, PushKind};
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use std::collections::HashMap;
+
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{Keys, Lease};
 use crate::error::ErrorCode;
+use crate::event::EventDraft;
 use crate::hub::Hub;
+use crate::intake;
 
 /// KEYS: the lease, the ingest stream, the errors stream. ARGV: this node, the errors
-/// stream's length, the refusal code, the number `n` of ingest payloads, the `n` payloads,
-/// then (entry, reason) pairs. Adds them only while this node holds the lease; 1 when it did.
+/// stream's length, the number `n` of ingest payloads, the `n` payloads, then (entry, code,
+/// reason) triples. Adds them only while this node holds the lease; 1 when it did.
 const ADD_IF_HOLDER: &str = r#"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
-local n = tonumber(ARGV[4])
-for i = 5, 4 + n do
+local n = tonumber(ARGV[3])
+for i = 4, 3 + n do
   redis.call('XADD', KEYS[2], '*', 'payload', ARGV[i])
 end
-for i = 5 + n, #ARGV, 2 do
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'entry', ARGV[i], 'code', ARGV[3], 'error', ARGV[i + 1])
+for i = 4 + n, #ARGV, 3 do
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'entry', ARGV[i], 'code', ARGV[i + 1], 'error', ARGV[i + 2])
 end
 return 1
 "#;
@@ -124,6 +128,17 @@ struct Emit {
     rooms: Vec<String>,
 }
 
+/// How large what the translator takes and makes may be.
+#[derive(Debug, Clone, Copy)]
+pub struct EmitterLimits {
+    /// Larger messages are refused undecoded (`--max-body`).
+    pub max_message_bytes: usize,
+    /// `--max-event-bytes`, checked here so that one bad emit is refused alone.
+    pub max_event_bytes: u64,
+    /// `--max-batch`: the most events of one session one ingest entry holds.
+    pub max_batch: usize,
+}
+
 /// This node's translator.
 pub struct Emitters {
     pub client: redis::Client,
@@ -131,8 +146,7 @@ pub struct Emitters {
     pub node_id: String,
     pub channels: EmitterChannels,
     pub lease: Duration,
-    /// Larger messages are refused undecoded (`--max-body`).
-    pub max_message_bytes: usize,
+    pub limits: EmitterLimits,
     /// Only for its metrics: the translator logs nothing itself.
     pub hub: Hub,
     pub stop: CancellationToken,
@@ -218,7 +232,7 @@ impl Emitters {
                         self.take(&backlog, push, holder, &mut batch)?;
                     }
                     if !batch.is_empty() {
-                        let (forwarded, refused) = (batch.payloads.len(), batch.refusals.len());
+                        let (forwarded, refused) = (batch.events(), batch.refusals.len());
                         holder = self.flush(&mut redis, &script, &batch).await?;
                         if holder {
                             let metrics = self.hub.metrics();
@@ -249,22 +263,25 @@ impl Emitters {
         let Some(format) = self.channels.format_of(&channel).filter(|_| holder) else {
             return Ok(());
         };
-        let translated = if payload.len() > self.max_message_bytes {
+        let entry = format!("pubsub:{channel}");
+        let decoded = if payload.len() > self.limits.max_message_bytes {
             Err(format!(
                 "the message is {} bytes, over the {}-byte limit",
                 payload.len(),
-                self.max_message_bytes
+                self.limits.max_message_bytes
             ))
         } else {
-            decode(format, &payload).map(entries)
+            decode(format, &payload)
         };
-        match translated {
-            Ok(payloads) => batch.payloads.extend(payloads),
+        let emit = match decoded {
+            Ok(emit) => emit,
             Err(reason) => {
                 tracing::warn!(channel, reason, "refused a Socket.IO emitter message");
-                batch.refusals.push((format!("pubsub:{channel}"), reason));
+                batch.refuse(entry, ErrorCode::InvalidEntry, reason);
+                return Ok(());
             }
-        }
+        };
+        add_emit(&self.limits, emit, &entry, batch);
         Ok(())
     }
 
@@ -282,13 +299,12 @@ impl Emitters {
             .key(self.keys.ingest_errors())
             .arg(&self.node_id)
             .arg(MAX_ERRORS)
-            .arg(ErrorCode::InvalidEntry.as_str())
-            .arg(batch.payloads.len());
-        for payload in &batch.payloads {
-            call.arg(payload);
+            .arg(batch.groups.len());
+        for group in &batch.groups {
+            call.arg(group.payload());
         }
-        for (entry, reason) in &batch.refusals {
-            call.arg(entry).arg(reason);
+        for (entry, code, reason) in &batch.refusals {
+            call.arg(entry).arg(code.as_str()).arg(reason);
         }
         let added: i64 = call.invoke_async(redis).await?;
         Ok(added == 1)
@@ -306,10 +322,8 @@ impl Emitters {
              more than {BACKLOG_MESSAGES} messages or {BACKLOG_BYTES} bytes"
         );
         tracing::warn!(dropped, "dropped Socket.IO emitter messages");
-        let batch = Batch {
-            refusals: vec![("pubsub".to_owned(), reason)],
-            ..Batch::default()
-        };
+        let mut batch = Batch::default();
+        batch.refuse("pubsub".to_owned(), ErrorCode::InvalidEntry, reason);
         let holder = self.flush(redis, script, &batch).await?;
         // Counted once described, so the count never runs ahead of the errors stream.
         if holder {
@@ -319,14 +333,30 @@ impl Emitters {
     }
 }
 
-/// What one script call adds: ingest payloads, in order, and (entry, reason) refusals.
+/// What one script call adds: an ingest entry per session's run of events, and refusals
+/// (entry, code, reason).
 #[derive(Default)]
 struct Batch {
-    payloads: Vec<String>,
-    refusals: Vec<(String, String)>,
+    /// In the order they were opened, so each session's entries are in its events' order.
+    groups: Vec<Group>,
+    /// The group each session's next event joins.
+    open: HashMap<String, usize>,
+    refusals: Vec<(String, ErrorCode, String)>,
     /// The bytes of the messages taken.
     bytes: usize,
     messages: usize,
+}
+
+/// One session's events, in order: one ingest entry `{ sessionId, events }`.
+struct Group {
+    session_id: String,
+    events: Vec<Value>,
+}
+
+impl Group {
+    fn payload(&self) -> String {
+        json!({ "sessionId": self.session_id, "events": self.events }).to_string()
+    }
 }
 
 impl Batch {
@@ -335,7 +365,36 @@ impl Batch {
     }
 
     fn is_empty(&self) -> bool {
-        self.payloads.is_empty() && self.refusals.is_empty()
+        self.groups.is_empty() && self.refusals.is_empty()
+    }
+
+    fn events(&self) -> usize {
+        self.groups.iter().map(|g| g.events.len()).sum()
+    }
+
+    /// Adds an event to its session's open group. An event that ends the session closes
+    /// it (a later event then goes alone, to be refused as the HTTP route would), and so
+    /// does a full one.
+    fn add(&mut self, session_id: String, item: Value, ends: bool, max_group: usize) {
+        let index = match self.open.get(&session_id) {
+            Some(&index) if self.groups[index].events.len() < max_group.max(1) => index,
+            _ => {
+                self.groups.push(Group {
+                    session_id: session_id.clone(),
+                    events: Vec::new(),
+                });
+                self.open.insert(session_id.clone(), self.groups.len() - 1);
+                self.groups.len() - 1
+            }
+        };
+        self.groups[index].events.push(item);
+        if ends {
+            self.open.remove(&session_id);
+        }
+    }
+
+    fn refuse(&mut self, entry: String, code: ErrorCode, reason: String) {
+        self.refusals.push((entry, code, reason));
     }
 }
 
@@ -411,6 +470,39 @@ fn push_size(push: &PushInfo) -> usize {
             _ => 16,
         })
         .sum()
+}
+
+/// Adds an emit's event to `batch` for each of its rooms, or the refusal of a room.
+fn add_emit(limits: &EmitterLimits, emit: Emit, entry: &str, batch: &mut Batch) {
+    let item = json!({ "event": emit.event, "data": emit.data });
+    for room in emit.rooms {
+        match validate(limits, &room, &item) {
+            Ok(ends) => batch.add(room, item.clone(), ends, limits.max_batch),
+            Err((code, reason)) => {
+                tracing::warn!(entry, room, %code, reason, "refused a Socket.IO emitter event");
+                batch.refuse(entry.to_owned(), code, reason);
+            }
+        }
+    }
+}
+
+/// Checks an emit to one room as the ingest consumer will, so that a bad one is refused
+/// alone rather than with the other events of its session's entry; whether it ends the
+/// session.
+fn validate(limits: &EmitterLimits, room: &str, item: &Value) -> Result<bool, (ErrorCode, String)> {
+    crate::event::validate_session_id(room).map_err(|error| {
+        (
+            ErrorCode::InvalidSessionId,
+            format!("room {} is not a session id: {error}", cut(room)),
+        )
+    })?;
+    let drafts = intake::parse_batch(room, Value::Array(vec![item.clone()]), 1)
+        .and_then(|drafts| {
+            intake::check_event_sizes(&drafts, limits.max_event_bytes)?;
+            Ok(drafts)
+        })
+        .map_err(|error| (error.code(), cut(&error.to_string())))?;
+    Ok(drafts.iter().any(EventDraft::ends_session))
 }
 
 fn decode(format: Format, bytes: &[u8]) -> Result<Emit, String> {
@@ -564,21 +656,6 @@ fn cut(text: &str) -> String {
     }
 }
 
-/// One ingest stream payload per room (the ingest consumer validates the session id, the
-/// event and its data, and logs each).
-fn entries(emit: Emit) -> Vec<String> {
-    let Emit { event, data, rooms } = emit;
-    let mut payloads = Vec::with_capacity(rooms.len());
-    for room in rooms {
-        let mut entry = Map::with_capacity(3);
-        entry.insert("sessionId".into(), Value::String(room));
-        entry.insert("event".into(), Value::String(event.clone()));
-        entry.insert("data".into(), data.clone());
-        payloads.push(Value::Object(entry).to_string());
-    }
-    payloads
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -675,16 +752,131 @@ mod tests {
 
     #[test]
     fn an_emit_to_several_rooms_is_one_entry_per_room() {
-        let payloads = entries(emit(&["a", "b"]));
-        let parsed: Vec<Value> = payloads
-            .iter()
-            .map(|p| serde_json::from_str(p).unwrap())
-            .collect();
+        let payloads = translate(&[emit(&["a", "b"])]).0;
         assert_eq!(
-            parsed,
+            payloads,
             [
-                json!({"sessionId": "a", "event": "progress", "data": {"status": "ACTIVE", "progress": 10}}),
-                json!({"sessionId": "b", "event": "progress", "data": {"status": "ACTIVE", "progress": 10}}),
+                json!({"sessionId": "a", "events": [{"event": "progress", "data": {"status": "ACTIVE", "progress": 10}}]}),
+                json!({"sessionId": "b", "events": [{"event": "progress", "data": {"status": "ACTIVE", "progress": 10}}]}),
+            ]
+        );
+    }
+
+    const LIMITS: EmitterLimits = EmitterLimits {
+        max_message_bytes: 1 << 20,
+        max_event_bytes: 1_000,
+        max_batch: 3,
+    };
+
+    /// The ingest payloads (parsed) and the refusal codes a batch of emits makes.
+    fn translate(emits: &[Emit]) -> (Vec<Value>, Vec<ErrorCode>) {
+        let mut batch = Batch::default();
+        for emit in emits {
+            let emit = Emit {
+                event: emit.event.clone(),
+                data: emit.data.clone(),
+                rooms: emit.rooms.clone(),
+            };
+            add_emit(&LIMITS, emit, "pubsub:test", &mut batch);
+        }
+        let payloads = batch
+            .groups
+            .iter()
+            .map(|g| serde_json::from_str(&g.payload()).unwrap())
+            .collect();
+        (payloads, batch.refusals.iter().map(|r| r.1).collect())
+    }
+
+    fn to(event: &str, data: Value, room: &str) -> Emit {
+        Emit {
+            event: event.into(),
+            data,
+            rooms: vec![room.into()],
+        }
+    }
+
+    #[test]
+    fn a_sessions_emits_share_entries_in_order_and_bad_ones_are_refused_alone() {
+        let step = |n: u64| {
+            to(
+                "progress",
+                json!({"status": "PROCESSING", "progress": n}),
+                "a",
+            )
+        };
+        let emits = [
+            step(1),
+            to(
+                "progress",
+                json!({"status": "PROCESSING", "progress": 1}),
+                "b",
+            ),
+            to("bogus", json!({}), "a"),
+            step(2),
+            to("progress", json!({"progress": 3}), "a"),
+            step(3),
+            step(4),
+            to("completed", json!({"result": {}}), "a"),
+            step(5),
+            to(
+                "progress",
+                json!({"status": "ACTIVE", "progress": 1}),
+                "not a session id!",
+            ),
+            to(
+                "progress",
+                json!({"status": "ACTIVE", "x": "y".repeat(2_000), "progress": 1}),
+                "b",
+            ),
+        ];
+        let (payloads, refusals) = translate(&emits);
+        let summary: Vec<(String, Vec<String>)> = payloads
+            .iter()
+            .map(|p| {
+                let events = p["events"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| {
+                        let n = &e["data"]["progress"];
+                        format!(
+                            "{}{}",
+                            e["event"].as_str().unwrap(),
+                            if n.is_null() {
+                                String::new()
+                            } else {
+                                n.to_string()
+                            }
+                        )
+                    })
+                    .collect();
+                (p["sessionId"].as_str().unwrap().to_owned(), events)
+            })
+            .collect();
+        let owned = |s: &str, e: &[&str]| {
+            (
+                s.to_owned(),
+                e.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(
+            summary,
+            [
+                // At most max_batch (3) events per entry, in order.
+                owned("a", &["progress1", "progress2", "progress3"]),
+                owned("b", &["progress1"]),
+                // An ending event closes its entry: what follows goes alone.
+                owned("a", &["progress4", "completed"]),
+                owned("a", &["progress5"]),
+            ]
+        );
+        assert_eq!(
+            refusals,
+            [
+                ErrorCode::InvalidEvent,
+                ErrorCode::InvalidEvent,
+                ErrorCode::InvalidSessionId,
+                ErrorCode::EventTooLarge
             ]
         );
     }
@@ -714,14 +906,14 @@ mod tests {
             Ok(emit) => {
                 let rooms = emit.rooms.len();
                 assert!(rooms > 0);
-                let payloads = entries(emit);
-                assert_eq!(payloads.len(), rooms);
+                let (payloads, refusals) = translate(&[emit]);
+                assert_eq!(payloads.len() + refusals.len(), rooms);
                 for payload in payloads {
-                    // The ingest consumer's parser takes it or refuses it with a 4xx code.
-                    if let Err(error) = crate::intake::parse_stream_payload(&payload, 10) {
-                        assert!(error.code().http_status().is_client_error(), "{error:?}");
-                    }
+                    // The ingest consumer's parser takes what the translator admitted.
+                    let parsed = crate::intake::parse_stream_payload(&payload.to_string(), 10);
+                    assert!(parsed.is_ok(), "{payload}: {parsed:?}");
                 }
+                assert!(refusals.iter().all(|c| c.http_status().is_client_error()));
             }
             Err(reason) => assert!(
                 reason.chars().count() <= 300,

@@ -18,7 +18,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use announcement::Announcement;
-pub use emitters::{EmitterChannels, Emitters};
+pub use emitters::{EmitterChannels, EmitterLimits, Emitters};
 pub use ingest::Ingest;
 pub use keys::Keys;
 pub use lease::Lease;
