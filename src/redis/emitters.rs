@@ -4,12 +4,12 @@
 //!
 //! **One translator.** Every node subscribes, but only the holder of
 //! [`Keys::emitter_lease`] (renewed every third of a lease) translates: an `emit` of an event
-//! to rooms becomes one [`Keys::ingest`] entry per room, `{ sessionId, event, data }`, added
-//! by a script that first checks the lease, so a node that lost its lease adds nothing. The
-//! ingest consumer ([`super::Ingest`]) then logs each entry exactly once, in order, and
-//! refuses (in [`Keys::ingest_errors`]) what is no session event; what cannot be translated
-//! at all (another method, another namespace, no room, undecodable) is described there
-//! by the translator, with `entry` `pubsub:<channel>`.
+//! to rooms becomes an event of each room's session, checked first by the HTTP route's
+//! parser ([`crate::intake`]) so a bad one is refused alone, and the events of one session
+//! taken together share one [`Keys::ingest`] entry `{ sessionId, events }`, added by a
+//! script that first checks the lease, so a node that lost its lease adds nothing. The
+//! ingest consumer ([`super::Ingest`]) then logs each entry exactly once, in order.
+//! Refusals go to [`Keys::ingest_errors`] with `entry` `pubsub:<channel>`.
 //!
 //! **Bounded.** Messages wait in a [`Backlog`] of at most [`BACKLOG_MESSAGES`] messages and
 //! [`BACKLOG_BYTES`] bytes (the connection speaks RESP3 and hands each message to it without
