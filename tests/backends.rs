@@ -1631,6 +1631,15 @@ async fn an_ended_session_refuses_new_producer_events(
     assert_eq!(read(&*log, sid, 0, READ_ALL).await, [1, 2, 3, 4, 5, 6]);
 }
 
+/// The prompt ids of a snapshot's model results, in order.
+fn prompt_ids(snapshot: &Snapshot) -> Vec<&str> {
+    snapshot
+        .model_results
+        .iter()
+        .map(|m| m["promptId"].as_str().unwrap())
+        .collect()
+}
+
 limits_suite!(a_snapshot_keeps_its_newest_and_pending_entries);
 async fn a_snapshot_keeps_its_newest_and_pending_entries(
     log: Arc<dyn EventLog>,
@@ -1660,11 +1669,7 @@ async fn a_snapshot_keeps_its_newest_and_pending_entries(
     // An update of a kept entry is not a new one.
     publish(&*log, &*store, sid, vec![result("p5", "failed")]).await;
     let snapshot = get(&*store, sid).await;
-    let prompts: Vec<&str> = snapshot
-        .model_results
-        .iter()
-        .map(|m| m["promptId"].as_str().unwrap())
-        .collect();
+    let prompts = prompt_ids(&snapshot);
     assert_eq!(prompts, ["p4", "p5"], "the newest settled results stay");
     assert_eq!(
         snapshot.clarifications.len(),
@@ -1695,11 +1700,7 @@ async fn a_snapshot_keeps_its_entries_within_their_byte_limit(
         publish(&*log, &*store, sid, vec![result(prompt)]).await;
     }
     let snapshot = get(&*store, sid).await;
-    let prompts: Vec<&str> = snapshot
-        .model_results
-        .iter()
-        .map(|m| m["promptId"].as_str().unwrap())
-        .collect();
+    let prompts = prompt_ids(&snapshot);
     assert_eq!(prompts, ["p4", "p5"], "the newest results that fit stay");
     assert_eq!(snapshot.dropped_entries, 3);
     let kept: usize = snapshot
@@ -1715,11 +1716,7 @@ async fn a_snapshot_keeps_its_entries_within_their_byte_limit(
     );
     publish(&*log, &*store, sid, vec![grown]).await;
     let snapshot = get(&*store, sid).await;
-    let prompts: Vec<&str> = snapshot
-        .model_results
-        .iter()
-        .map(|m| m["promptId"].as_str().unwrap())
-        .collect();
+    let prompts = prompt_ids(&snapshot);
     assert_eq!(prompts, ["p5"], "p4 makes room for the grown p5");
     assert_eq!(snapshot.dropped_entries, 4);
 }
