@@ -37,7 +37,10 @@ HERALD_TEST_AUTH=1 cargo test --locked --test orchestrator --test cluster
 export HERALD_BIN="$ROOT/target/debug/herald"
 
 if [ "${SKIP_JS:-0}" != 1 ]; then
-  step "socket.io-client (Node) compatibility tests"
+  # The dashboard's browser test drives Debian's Chromium through playwright-core.
+  need_cmd chromium chromium
+  export CHROMIUM_BIN="${CHROMIUM_BIN:-$(command -v chromium)}"
+  step "socket.io-client (Node) compatibility tests, and the dashboard in headless Chromium"
   (cd tests/js && npm ci --no-audit --no-fund --loglevel=error && npm test)
 fi
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Refreshes the socket.io-client browser bundle herald serves at /socket.io/socket.io.js
-# (src/bundle.rs embeds assets/socket.io/ at build time). The version is the one
+# (build.rs embeds assets/socket.io/ at build time, src/assets.rs serves it). The version is the one
 # tests/js/package-lock.json pins, so the bundle herald serves is the client its tests run.
 #
 #   1. bump "socket.io-client" in tests/js/package.json, run `npm install` there

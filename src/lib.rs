@@ -2,8 +2,8 @@
 //!
 //! See `ARCHITECTURE.md` for the code map and the invariants.
 
+pub mod assets;
 pub mod auth;
-pub mod bundle;
 pub mod cluster;
 pub mod config;
 pub mod datadir;

@@ -143,7 +143,7 @@ impl Server {
         let origins = OriginPolicy::new(config.dev, &config.cors_origins);
         let app = router(api, config.max_body)
             .layer(io_layer)
-            .layer(axum::middleware::from_fn(crate::bundle::serve))
+            .layer(axum::middleware::from_fn(crate::assets::serve))
             .layer(axum::middleware::map_request(detach_handshake_head))
             .layer(axum::middleware::from_fn_with_state(origins, check_origin))
             // Inside CORS, so that a browser can read a 429.
@@ -550,7 +550,7 @@ async fn check_origin(
     // are checked here against the same allow-list.
     let path = request.uri().path();
     let is_handshake =
-        (path.starts_with("/socket.io") && !crate::bundle::is_bundle(path)) || path == "/ws";
+        (path.starts_with("/socket.io") && !crate::assets::is_asset(path)) || path == "/ws";
     if is_handshake && !origins.allows(request.headers()) {
         return crate::http::ApiError::new(
             crate::error::ErrorCode::OriginNotAllowed,
@@ -572,7 +572,7 @@ async fn check_origin(
 async fn detach_handshake_head(mut request: Request) -> Request {
     let uri = request.uri();
     let is_handshake = uri.path().starts_with("/socket.io")
-        && !crate::bundle::is_bundle(uri.path())
+        && !crate::assets::is_asset(uri.path())
         && !uri.query().is_some_and(|q| q.contains("sid="));
     if !is_handshake {
         return request;

@@ -557,9 +557,9 @@ async fn the_browser_bundle_is_served_with_node_s_caching_headers() {
         );
         assert_eq!(response.headers()["cache-control"], "public, max-age=0");
         let etag = response.headers()["etag"].to_str().unwrap().to_owned();
-        assert_eq!(etag, format!("\"{}\"", herald::bundle::VERSION));
+        assert_eq!(etag, format!("\"{}\"", herald::assets::SOCKET_IO_VERSION));
         let body = response.text().await.unwrap();
-        assert!(body.contains(&format!("Socket.IO v{}", herald::bundle::VERSION)));
+        assert!(body.contains(&format!("Socket.IO v{}", herald::assets::SOCKET_IO_VERSION)));
         let again = http
             .get(server.url(path))
             .header("if-none-match", &etag)
@@ -571,6 +571,81 @@ async fn the_browser_bundle_is_served_with_node_s_caching_headers() {
     // The Engine.IO endpoint next to it is untouched.
     let (status, _) = server.get("/socket.io/?EIO=4&transport=polling").await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn the_dashboard_is_served_compressed_revalidated_and_without_a_credential() {
+    // With auth on: the page must load before the user has a token to give it.
+    let server = spawn_app_with(|c| {
+        c.dev = false;
+        c.jwt_secret = Some(herald::config::Secret::new("dashboard-secret"));
+    })
+    .await;
+    let http = client();
+    for (path, kind) in [
+        ("/", "text/html; charset=utf-8"),
+        ("/dashboard/app.js", "text/javascript; charset=utf-8"),
+        ("/dashboard/style.css", "text/css; charset=utf-8"),
+    ] {
+        let fetch = |encoding: &'static str| {
+            let request = http
+                .get(server.url(path))
+                .header("accept-encoding", encoding);
+            async move { request.send().await.unwrap() }
+        };
+        let plain = fetch("identity").await;
+        assert_eq!(plain.status(), 200, "{path}");
+        assert_eq!(plain.headers()["content-type"], kind);
+        assert_eq!(plain.headers()["cache-control"], "no-cache");
+        assert_eq!(plain.headers()["vary"], "Accept-Encoding");
+        assert!(plain.headers().get("content-encoding").is_none());
+        let etag = plain.headers()["etag"].to_str().unwrap().to_owned();
+        let plain = plain.bytes().await.unwrap();
+
+        let br = fetch("gzip, deflate, br").await;
+        assert_eq!(br.headers()["content-encoding"], "br", "{path}");
+        assert_eq!(br.headers()["etag"].to_str().unwrap(), etag);
+        let br = br.bytes().await.unwrap();
+        let mut decoded = Vec::new();
+        brotli::BrotliDecompress(&mut &br[..], &mut decoded).unwrap();
+        assert_eq!(decoded, plain, "{path}");
+        assert!(
+            br.len() < plain.len() / 2,
+            "{path}: {} of {}",
+            br.len(),
+            plain.len()
+        );
+
+        let gzip = fetch("gzip").await;
+        assert_eq!(gzip.headers()["content-encoding"], "gzip", "{path}");
+        let gzip = gzip.bytes().await.unwrap();
+        let mut decoded = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gzip[..]), &mut decoded)
+            .unwrap();
+        assert_eq!(decoded, plain, "{path}");
+
+        let again = http
+            .get(server.url(path))
+            .header("if-none-match", &etag)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 304, "{path}");
+        assert!(again.bytes().await.unwrap().is_empty());
+    }
+    let page = http.get(server.url("/")).send().await.unwrap();
+    let csp = page.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("default-src 'self'"), "{csp}");
+    let html = page.text().await.unwrap();
+    assert!(html.contains("/socket.io/socket.io.min.js"), "{html}");
+    // Everything else still needs a credential.
+    let (status, _) = server.get("/api/wizard/sessions").await;
+    assert_eq!(status, 401);
+    // Only GET and HEAD are the page's.
+    let post = http.post(server.url("/")).send().await.unwrap();
+    assert_eq!(post.status(), 404);
+    let head = http.head(server.url("/")).send().await.unwrap();
+    assert_eq!(head.status(), 200);
 }
 
 #[tokio::test]

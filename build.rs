@@ -1,0 +1,120 @@
+//! Compresses the files herald serves from memory (the dashboard and the socket.io-client
+//! bundle) once, at build time, so that a request costs a lookup, not a compression: each
+//! file is embedded as it is, gzipped and brotli'd, with an ETag. `src/assets.rs` includes
+//! the table written here.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+/// (URL path, source file, content type, cache-control, whether the ETag is the
+/// socket.io-client version rather than a digest of the content).
+const FILES: &[(&str, &str, &str, &str, bool)] = &[
+    (
+        "/",
+        "dashboard/index.html",
+        "text/html; charset=utf-8",
+        "no-cache",
+        false,
+    ),
+    (
+        "/dashboard/app.js",
+        "dashboard/app.js",
+        "text/javascript; charset=utf-8",
+        "no-cache",
+        false,
+    ),
+    (
+        "/dashboard/style.css",
+        "dashboard/style.css",
+        "text/css; charset=utf-8",
+        "no-cache",
+        false,
+    ),
+    // As Node's socket.io server serves them: revalidated, ETag the client's version.
+    (
+        "/socket.io/socket.io.js",
+        "assets/socket.io/socket.io.js",
+        "application/javascript; charset=utf-8",
+        "public, max-age=0",
+        true,
+    ),
+    (
+        "/socket.io/socket.io.min.js",
+        "assets/socket.io/socket.io.min.js",
+        "application/javascript; charset=utf-8",
+        "public, max-age=0",
+        true,
+    ),
+    (
+        "/socket.io/socket.io.esm.min.js",
+        "assets/socket.io/socket.io.esm.min.js",
+        "application/javascript; charset=utf-8",
+        "public, max-age=0",
+        true,
+    ),
+];
+
+fn main() {
+    let root = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("set by cargo"));
+    let version_file = root.join("assets/socket.io/VERSION");
+    println!("cargo::rerun-if-changed={}", version_file.display());
+    let version = std::fs::read_to_string(&version_file).expect("assets/socket.io/VERSION");
+    let mut table = String::from("&[\n");
+    for (i, (path, source, content_type, cache, versioned)) in FILES.iter().enumerate() {
+        let source = root.join(source);
+        println!("cargo::rerun-if-changed={}", source.display());
+        let body = std::fs::read(&source).unwrap_or_else(|e| panic!("{}: {e}", source.display()));
+        let gzip = write(&out, &format!("{i}.gz"), &gzip(&body));
+        let brotli = write(&out, &format!("{i}.br"), &brotli(&body));
+        let etag = if *versioned {
+            format!("\"{}\"", version.trim())
+        } else {
+            format!("\"{}\"", digest(&body))
+        };
+        writeln!(
+            table,
+            "    Asset {{ path: {path:?}, content_type: {content_type:?}, cache_control: {cache:?}, \
+             etag: {etag:?}, identity: include_bytes!({source:?}), gzip: include_bytes!({gzip:?}), \
+             brotli: include_bytes!({brotli:?}) }},",
+        )
+        .unwrap();
+    }
+    table.push(']');
+    std::fs::write(out.join("assets.rs"), table).expect("OUT_DIR is writable");
+}
+
+fn write(out: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = out.join(name);
+    std::fs::write(&path, bytes).expect("OUT_DIR is writable");
+    path
+}
+
+fn gzip(body: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    encoder.write_all(body).expect("writes to memory");
+    encoder.finish().expect("writes to memory")
+}
+
+fn brotli(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let params = brotli::enc::BrotliEncoderParams {
+        quality: 11,
+        lgwin: 22,
+        ..Default::default()
+    };
+    brotli::BrotliCompress(&mut &body[..], &mut out, &params).expect("writes to memory");
+    out
+}
+
+/// A short content digest (FNV-1a, 64 bits): enough to tell two builds' files apart, and
+/// no crate for it.
+fn digest(body: &[u8]) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in body {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
