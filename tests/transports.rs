@@ -544,6 +544,18 @@ async fn all_transports_share_one_order_and_are_dropped_together() {
     assert_eq!(close.map(|f| f.code), Some(CloseCode::Again));
 }
 
+/// A request for `url` with the `etag` it was served with is answered 304, with no body.
+async fn assert_revalidates(http: &reqwest::Client, url: &str, etag: &str) {
+    let again = http
+        .get(url)
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304, "{url}");
+    assert!(again.bytes().await.unwrap().is_empty(), "{url}");
+}
+
 #[tokio::test]
 async fn the_browser_bundle_is_served_with_node_s_caching_headers() {
     let server = spawn_app_with(|_| {}).await;
@@ -560,13 +572,7 @@ async fn the_browser_bundle_is_served_with_node_s_caching_headers() {
         assert_eq!(etag, format!("\"{}\"", herald::assets::SOCKET_IO_VERSION));
         let body = response.text().await.unwrap();
         assert!(body.contains(&format!("Socket.IO v{}", herald::assets::SOCKET_IO_VERSION)));
-        let again = http
-            .get(server.url(path))
-            .header("if-none-match", &etag)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(again.status(), 304);
+        assert_revalidates(&http, &server.url(path), &etag).await;
     }
     // The Engine.IO endpoint next to it is untouched.
     let (status, _) = server.get("/socket.io/?EIO=4&transport=polling").await;
@@ -624,14 +630,7 @@ async fn the_dashboard_is_served_compressed_revalidated_and_without_a_credential
             .unwrap();
         assert_eq!(decoded, plain, "{path}");
 
-        let again = http
-            .get(server.url(path))
-            .header("if-none-match", &etag)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(again.status(), 304, "{path}");
-        assert!(again.bytes().await.unwrap().is_empty());
+        assert_revalidates(&http, &server.url(path), &etag).await;
     }
     let page = http.get(server.url("/")).send().await.unwrap();
     let csp = page.headers()["content-security-policy"].to_str().unwrap();

@@ -100,7 +100,7 @@ async function startFromForm(page, prompts) {
 }
 
 test('the dashboard starts, streams, answers, resyncs after a drop and cancels, in a real browser', async () => {
-  const server = await spawnHerald(['--config', writeConfig()]);
+  const server = await spawnHerald(['--config', writeConfig(), '--max-answer-bytes', '64']);
   const context = await browser.newContext({ viewport: { width: 1280, height: 860 } });
   const page = await context.newPage();
   page.baseUrl = server.url;
@@ -141,6 +141,10 @@ test('the dashboard starts, streams, answers, resyncs after a drop and cancels, 
     const pending = page.locator('.clarification[data-status=pending]').first();
     await pending.waitFor({ timeout: WAIT });
     await page.screenshot({ path: path.join(SHOTS, 'dashboard-session-clarification.png') });
+    // An answer the server refuses is said in words, and the question stays open.
+    await pending.locator('textarea[name=answer]').fill('x'.repeat(65));
+    await pending.locator('button[type=submit]').click();
+    await page.waitForFunction(() => /ANSWER_TOO_LARGE/.test(document.querySelector('.clarification[data-status=pending] .clar-error')?.textContent ?? ''), null, { timeout: WAIT });
     await pending.locator('textarea[name=answer]').fill('Focus on revenue');
     await pending.locator('button[type=submit]').click();
     await page.locator('.clarification[data-status=answered]').first().waitFor({ timeout: WAIT });
