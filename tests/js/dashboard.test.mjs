@@ -84,6 +84,45 @@ function pageSeqs(page, sessionId) {
   return page.evaluate((id) => window.herald.seqs(id), sessionId);
 }
 
+/**
+ * Accessibility checks a page can fail: every form control has a label, and every element
+ * showing text has a contrast of at least 4.5:1 against the background it sits on.
+ * Returns the failures.
+ */
+function accessibilityFailures(page) {
+  return page.evaluate(() => {
+    const failures = [];
+    for (const control of document.querySelectorAll('input, select, textarea, button')) {
+      if (control.offsetParent === null) continue;
+      const named = control.labels?.length || control.getAttribute('aria-label') || control.getAttribute('aria-labelledby')
+        || (control.tagName === 'BUTTON' && control.textContent.trim());
+      if (!named) failures.push(`unlabelled ${control.outerHTML.slice(0, 80)}`);
+    }
+    const rgb = (c) => (c.match(/[\d.]+/g) || []).map(Number);
+    const lum = ([r, g, b]) => {
+      const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+      return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b);
+    };
+    const background = (el) => {
+      for (let e = el; e; e = e.parentElement) {
+        const c = rgb(getComputedStyle(e).backgroundColor);
+        if (c.length === 3 || (c.length === 4 && c[3] > 0.9)) return c.slice(0, 3);
+      }
+      return [255, 255, 255];
+    };
+    for (const el of document.querySelectorAll('body *')) {
+      if (el.offsetParent === null || el.children.length > 0 || !el.textContent.trim()) continue;
+      const style = getComputedStyle(el);
+      if (style.visibility === 'hidden' || el.closest('[disabled]')) continue;
+      const fg = rgb(style.color).slice(0, 3);
+      const [a, b] = [lum(fg), lum(background(el))].sort((x, y) => y - x);
+      const ratio = (a + 0.05) / (b + 0.05);
+      if (ratio < 4.5) failures.push(`contrast ${ratio.toFixed(2)} for "${el.textContent.trim().slice(0, 30)}" (${el.tagName.toLowerCase()}.${el.className})`);
+    }
+    return failures;
+  });
+}
+
 async function startFromForm(page, prompts) {
   await page.goto(`${page.baseUrl}/#/new`);
   await page.locator('#new-session').waitFor();
@@ -191,9 +230,16 @@ test('the dashboard starts, streams, answers, resyncs after a drop and cancels, 
     await page.waitForFunction(() => document.querySelector('#session-count')?.textContent.trim().startsWith('1'), null, { timeout: WAIT });
     await page.selectOption('#status-filter', '');
     await page.screenshot({ path: path.join(SHOTS, 'dashboard-sessions.png') });
+    assert.deepEqual(await accessibilityFailures(page), [], 'sessions view');
+    // By keyboard: focus the first row, Enter opens that session.
+    await page.locator('.session-row').first().focus();
+    await page.keyboard.press('Enter');
+    await page.locator(`#session-view[data-session-id="${other}"]`).waitFor({ timeout: WAIT });
+    assert.deepEqual(await accessibilityFailures(page), [], 'session view');
     await page.goto(`${server.url}/#/new`);
     await page.locator('input[name=model]').first().waitFor();
     await page.screenshot({ path: path.join(SHOTS, 'dashboard-new-session.png') });
+    assert.deepEqual(await accessibilityFailures(page), [], 'new-session view');
 
     // A phone-width screen: nothing overflows the page sideways.
     await page.setViewportSize({ width: 360, height: 740 });
@@ -274,6 +320,7 @@ test('with auth on, the page asks for a token and says in words what is refused'
     await page.goto(`${server.url}/`);
     await page.locator('#token-form').waitFor({ timeout: WAIT });
     await page.screenshot({ path: path.join(SHOTS, 'dashboard-token.png') });
+    assert.deepEqual(await accessibilityFailures(page), [], 'token prompt');
 
     // An expired token is refused in words.
     await page.fill('#token', sign({ exp: Math.floor(Date.now() / 1000) - 60 }));
