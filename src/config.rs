@@ -250,8 +250,9 @@ pub struct Config {
     pub ws_read_buffer: usize,
 
     // The HTTP/socket edge (docs/deployment.md, "Edge limits").
-    /// Milliseconds a client has to send a request's headers, and that a keep-alive
-    /// connection may sit idle between requests; then the connection is closed.
+    /// Milliseconds a client has to send a request's headers (then 408, if it began), and
+    /// that a keep-alive connection may sit idle between requests; then the connection is
+    /// closed.
     #[arg(long, env = "HERALD_HEADER_TIMEOUT_MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(1..), help_heading = "Limits")]
     pub header_timeout_ms: u64,

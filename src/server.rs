@@ -4,29 +4,23 @@
 //! The accept loop is herald's own (axum's `serve` cannot set a header timeout): it caps
 //! open connections (`--max-connections`) and gives hyper its header read timeout.
 
+mod connection;
+
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, OriginalUri, Request};
+use axum::extract::{OriginalUri, Request};
 use axum::http::{HeaderValue, Method, Uri};
 use axum::response::IntoResponse;
-use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use socketioxide::SocketIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{Semaphore, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tower::ServiceExt as _;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::trace::TraceLayer;
 
@@ -340,12 +334,9 @@ where
             refuse(stream, peer, &refused, edge.max_connections);
             continue;
         };
-        let io = Counted {
+        connections.spawn(connection::serve(
             stream,
-            _slot: slot,
-        };
-        connections.spawn(serve_connection(
-            io,
+            slot,
             peer,
             app.clone(),
             edge.header_timeout,
@@ -397,86 +388,6 @@ async fn accept_failed(error: io::Error) {
     }
     tracing::warn!(%error, "accept failed; retrying in 100 ms");
     tokio::time::sleep(Duration::from_millis(100)).await;
-}
-
-/// Serves one connection over HTTP/1.1 (with upgrades, for websockets), with hyper's header
-/// read timeout: a client that takes longer to send a request's head, or leaves a
-/// keep-alive connection idle that long, is disconnected.
-async fn serve_connection(
-    io: Counted,
-    peer: SocketAddr,
-    app: axum::Router,
-    header_timeout: Duration,
-    draining: CancellationToken,
-) {
-    let service = app.map_request(move |mut request: Request<Incoming>| {
-        request.extensions_mut().insert(ConnectInfo(peer));
-        request
-    });
-    let connection = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
-        .with_upgrades();
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = draining.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
-    if let Err(error) = result {
-        tracing::trace!(%peer, %error, "connection ended");
-    }
-}
-
-/// A connection's stream with its slot under `--max-connections`: the slot is freed when
-/// the stream is dropped, which for a websocket is when the socket closes, long after
-/// hyper handed the stream over.
-struct Counted {
-    stream: TcpStream,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl AsyncRead for Counted {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Counted {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
 }
 
 /// Keeps this node's liveness fresh and ends the sessions of nodes that were lost.

@@ -134,7 +134,7 @@ async fn slowloris_connections_are_closed_by_the_header_timeout_and_healthz_stay
 }
 
 /// Opens a connection and sends a request head one byte every 100 ms, never finishing it;
-/// returns how long the connection lived before the server closed it.
+/// returns how long the connection lived before the server answered 408 and closed it.
 async fn trickle_headers(addr: SocketAddr, open: tokio::sync::mpsc::Sender<()>) -> Duration {
     let opened = Instant::now();
     let mut stream = TcpStream::connect(addr).await.expect("connects");
@@ -149,8 +149,19 @@ async fn trickle_headers(addr: SocketAddr, open: tokio::sync::mpsc::Sender<()>) 
             return opened.elapsed();
         }
         match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut scratch)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return opened.elapsed(),
-            Ok(Ok(_)) => panic!("the server answered an unfinished request head"),
+            Ok(Ok(0)) | Ok(Err(_)) => panic!("closed without the 408 answer"),
+            Ok(Ok(n)) => {
+                let mut answer = scratch[..n].to_vec();
+                let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut answer)).await;
+                let answer = String::from_utf8_lossy(&answer);
+                assert!(
+                    answer.starts_with("HTTP/1.1 408 Request Timeout\r\n")
+                        && answer.contains("connection: close")
+                        && answer.ends_with(r#""code":"REQUEST_TIMEOUT","message":"the request head was not received in time"}}"#),
+                    "{answer}"
+                );
+                return opened.elapsed();
+            }
             Err(_) => {}
         }
         // Bounded: the test's own timeout ends the task if the server never closes.
@@ -158,6 +169,41 @@ async fn trickle_headers(addr: SocketAddr, open: tokio::sync::mpsc::Sender<()>) 
             return opened.elapsed();
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_nothing_or_idles_after_a_request_is_closed_without_an_answer() {
+    let server = spawn_app_with(|c| c.header_timeout_ms = 300).await;
+    // Sends nothing at all.
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    // Sends one whole request, reads its answer, then idles.
+    let mut idle = TcpStream::connect(server.addr).await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: herald\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, idle.read(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        answer[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    for (what, stream) in [("silent", &mut silent), ("idle", &mut idle)] {
+        let mut rest = Vec::new();
+        tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: never closed"))
+            .unwrap();
+        assert!(
+            rest.is_empty(),
+            "{what}: {}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+    server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
