@@ -47,6 +47,8 @@ fi
 if [ "${SKIP_JS:-0}" != 1 ]; then
   step "herald-client (TypeScript) build and tests, seed client example"
   (cd clients/js && npm ci --no-audit --no-fund --loglevel=error && npm run build && npm test)
+  step "the dashboard's JavaScript type-checks (JSDoc types, with the TypeScript clients/js pins)"
+  clients/js/node_modules/.bin/tsc -p dashboard
 fi
 
 if [ "${SKIP_PY:-0}" != 1 ]; then
