@@ -8,7 +8,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 /// (URL path, source file, content type, cache-control, whether the ETag is the
-/// socket.io-client version rather than a digest of the content).
+/// socket.io-client version rather than a digest of the content). The first is the page.
 const FILES: &[(&str, &str, &str, &str, bool)] = &[
     (
         "/",
@@ -76,8 +76,9 @@ fn main() {
         writeln!(
             table,
             "    Asset {{ path: {path:?}, content_type: {content_type:?}, cache_control: {cache:?}, \
-             etag: {etag:?}, identity: include_bytes!({source:?}), gzip: include_bytes!({gzip:?}), \
-             brotli: include_bytes!({brotli:?}) }},",
+             etag: {etag:?}, page: {page}, identity: include_bytes!({source:?}), \
+             gzip: include_bytes!({gzip:?}), brotli: include_bytes!({brotli:?}) }},",
+            page = i == 0,
         )
         .unwrap();
     }
@@ -108,13 +109,8 @@ fn brotli(body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A short content digest (FNV-1a, 64 bits): enough to tell two builds' files apart, and
-/// no crate for it.
+/// A short content digest: the first 8 bytes of the file's SHA-256, hex.
 fn digest(body: &[u8]) -> String {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in body {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{hash:016x}")
+    use sha2::Digest as _;
+    hex::encode(&sha2::Sha256::digest(body)[..8])
 }

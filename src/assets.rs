@@ -25,6 +25,8 @@ struct Asset {
     content_type: &'static str,
     cache_control: &'static str,
     etag: &'static str,
+    /// The dashboard's HTML page, which gets the page's security headers.
+    page: bool,
     identity: &'static [u8],
     gzip: &'static [u8],
     brotli: &'static [u8],
@@ -84,7 +86,7 @@ fn respond(asset: &Asset, headers: &HeaderMap) -> Response {
     );
     out.insert(header::ETAG, HeaderValue::from_static(asset.etag));
     out.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
-    if asset.path == "/" {
+    if asset.page {
         // The page runs scripts from this server only and is never framed.
         out.insert(
             header::CONTENT_SECURITY_POLICY,

@@ -147,14 +147,14 @@ test('the dashboard starts, streams, answers, resyncs after a drop and cancels, 
   page.on('pageerror', (e) => pageErrors.push(String(e)));
   try {
     // The first load, compressed, as the browser fetched it.
-    const sizes = [];
-    page.on('requestfinished', async (request) => {
-      const s = await request.sizes().catch(() => null);
-      if (s) sizes.push({ url: request.url(), bytes: s.responseBodySize + s.responseHeadersSize });
+    const measured = [];
+    page.on('requestfinished', (request) => {
+      measured.push(request.sizes().then((s) => ({ url: request.url(), bytes: s.responseBodySize + s.responseHeadersSize })));
     });
     await page.goto(`${server.url}/`);
     await page.locator('#sessions-view').waitFor();
     await page.locator('#conn[data-state=connected]').waitFor({ timeout: WAIT });
+    const sizes = await Promise.all(measured.splice(0));
     const firstLoad = sizes.reduce((n, s) => n + s.bytes, 0);
     console.log(`first load: ${sizes.length} requests, ${firstLoad} bytes compressed`);
     assert.ok(sizes.some((s) => s.url.endsWith('/socket.io/socket.io.min.js')), JSON.stringify(sizes));
