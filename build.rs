@@ -2,6 +2,10 @@
 //! bundle) once, at build time, so that a request costs a lookup, not a compression: each
 //! file is embedded as it is, gzipped and brotli'd, with an ETag. `src/assets.rs` includes
 //! the table written here.
+//!
+//! It also tells `herald_build_info` (src/metrics.rs) what is built: the git commit
+//! (`HERALD_GIT_COMMIT`) and the compiler's version (`HERALD_RUSTC_VERSION`), each
+//! `unknown` when it cannot be found out (no git, not a checkout), never a failed build.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -84,6 +88,59 @@ fn main() {
     }
     table.push(']');
     std::fs::write(out.join("assets.rs"), table).expect("OUT_DIR is writable");
+    build_info(&root);
+}
+
+/// The commit and compiler `herald_build_info` names.
+fn build_info(root: &Path) {
+    let commit = git(root, &["rev-parse", "--short=12", "HEAD"]);
+    // A new commit or checkout changes one of these files, and so the commit embedded. Only
+    // files that exist are watched: cargo reruns a script whose watched file is missing on
+    // every build.
+    let branch = git(root, &["symbolic-ref", "-q", "HEAD"]);
+    for file in ["HEAD", "packed-refs"].into_iter().chain(branch.as_deref()) {
+        if let Some(path) = git(root, &["rev-parse", "--git-path", file]) {
+            let path = root.join(path);
+            if path.exists() {
+                println!("cargo::rerun-if-changed={}", path.display());
+            }
+        }
+    }
+    let rustc = std::env::var_os("RUSTC")
+        .and_then(|rustc| {
+            std::process::Command::new(rustc)
+                .arg("--version")
+                .output()
+                .ok()
+        })
+        .filter(|output| output.status.success())
+        .and_then(|output| {
+            // `rustc 1.85.0 (4d91de4e4 2025-02-17)`: the version.
+            let text = String::from_utf8(output.stdout).ok()?;
+            text.split_whitespace().nth(1).map(str::to_owned)
+        });
+    let label = |value: Option<String>| {
+        value
+            .filter(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_graphic()))
+            .unwrap_or_else(|| "unknown".to_owned())
+    };
+    println!("cargo::rustc-env=HERALD_GIT_COMMIT={}", label(commit));
+    println!("cargo::rustc-env=HERALD_RUSTC_VERSION={}", label(rustc));
+}
+
+/// `git ARGS` in `dir`: its output's first line, or `None` when git is missing or fails.
+fn git(dir: &Path, args: &[&str]) -> Option<String> {
+    let output = std::process::Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    let text = String::from_utf8(output.stdout).ok()?;
+    text.lines().next().map(str::to_owned)
 }
 
 fn write(out: &Path, name: &str, bytes: &[u8]) -> PathBuf {

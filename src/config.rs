@@ -11,7 +11,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 use crate::orchestrator::RunLimits;
@@ -485,6 +485,17 @@ pub struct Config {
     )]
     pub shutdown_timeout_secs: u64,
 
+    /// How log lines on stderr are written: `text` (for people) or `json` (one JSON object
+    /// per line, for log shippers). Which lines is `HERALD_LOG`'s filter.
+    #[arg(
+        long,
+        env = "HERALD_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text,
+        help_heading = "Server"
+    )]
+    pub log_format: LogFormat,
+
     /// API keys given by the SHA-256 of their secret (`[[auth.api_key_digests]]`, file only).
     #[arg(skip)]
     pub api_key_digests: Vec<ApiKeyDigest>,
@@ -495,6 +506,17 @@ pub struct Config {
     /// itself, or takes the built-in models.
     #[arg(skip)]
     pub models: Option<ModelsFile>,
+}
+
+/// How herald writes its log lines (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (colored on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `message` and the event's
+    /// fields at the top level, and the spans it happened in.
+    Json,
 }
 
 /// A configuration value that must never reach a log line or `--help` output.

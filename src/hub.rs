@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use socketioxide::{BroadcastError, SocketError, SocketIo};
@@ -59,6 +59,34 @@ pub struct Published {
     pub duplicates: usize,
     pub seqs: Vec<Option<u64>>,
     pub last_seq: u64,
+}
+
+/// Which events a delivery hands over for this node's own publish, and when that publish
+/// began (for `herald_publish_to_deliver_seconds`).
+#[derive(Debug, Clone, Copy)]
+struct Accepted {
+    /// The publish's first new `seq` and its start.
+    from: Option<(u64, Instant)>,
+}
+
+impl Accepted {
+    /// A delivery of events this node did not just accept (caught up, or at a subscribe).
+    const NOT_HERE: Accepted = Accepted { from: None };
+
+    /// The publish that began at `at` (`None`: it logged nothing new) logged `fresh`.
+    fn at(at: Option<Instant>, fresh: &[Arc<LoggedEvent>]) -> Self {
+        Self {
+            from: at
+                .zip(fresh.first().map(|e| e.seq))
+                .map(|(at, seq)| (seq, at)),
+        }
+    }
+
+    /// When `event` was accepted, if this publish accepted it.
+    fn of(self, event: &LoggedEvent) -> Option<Instant> {
+        self.from
+            .and_then(|(first, at)| (event.seq >= first).then_some(at))
+    }
 }
 
 /// Where a client wants to resume from.
@@ -221,7 +249,7 @@ impl Hub {
         }
     }
 
-    pub fn metrics(&self) -> &Metrics {
+    pub fn metrics(&self) -> &Arc<Metrics> {
         &self.inner.metrics
     }
 
@@ -251,6 +279,9 @@ impl Hub {
         drafts: Vec<EventDraft>,
         writer: Writer,
     ) -> Result<Published, HubError> {
+        // `herald_publish_to_deliver_seconds` counts from here: the gate's wait is part of
+        // what a publisher waits for.
+        let accepted_at = Instant::now();
         let gate = self.gate(session_id);
         let mut cursor = gate.lock().await;
         let outcome = self.inner.log.append_as(session_id, drafts, writer).await?;
@@ -272,8 +303,17 @@ impl Hub {
         }
         let fresh: Vec<Arc<LoggedEvent>> = to_fold.iter().map(|a| a.event.clone()).collect();
         let upto = fresh.last().map_or(outcome.last_seq, |e| e.seq);
-        self.deliver(session_id, &mut cursor, Some(&outcome.epoch), upto, &fresh)
-            .await?;
+        // A retry that found only duplicates delivers events accepted by an earlier call.
+        let accepted_here = Accepted::at((accepted > 0).then_some(accepted_at), &fresh);
+        self.deliver(
+            session_id,
+            &mut cursor,
+            Some(&outcome.epoch),
+            upto,
+            &fresh,
+            accepted_here,
+        )
+        .await?;
         self.inner.metrics.events_logged.add(accepted as u64);
         Ok(Published {
             accepted,
@@ -385,8 +425,15 @@ impl Hub {
                 .events
                 .last()
                 .map_or(head.last_seq, |e| e.seq.min(head.last_seq));
-            self.deliver(session_id, cursor, head.epoch.as_ref(), upto, &slice.events)
-                .await?;
+            self.deliver(
+                session_id,
+                cursor,
+                head.epoch.as_ref(),
+                upto,
+                &slice.events,
+                Accepted::NOT_HERE,
+            )
+            .await?;
             let stuck = (cursor.epoch.clone(), cursor.delivered) == before;
             if cursor.delivered >= head.last_seq || stuck {
                 return Ok(());
@@ -401,13 +448,21 @@ impl Hub {
         cursor: &mut Cursor,
         head: &LogHead,
     ) -> Result<(), HubError> {
-        self.deliver(session_id, cursor, head.epoch.as_ref(), head.last_seq, &[])
-            .await
+        self.deliver(
+            session_id,
+            cursor,
+            head.epoch.as_ref(),
+            head.last_seq,
+            &[],
+            Accepted::NOT_HERE,
+        )
+        .await
     }
 
     /// Broadcasts, in order, every event after `cursor.delivered` up to `upto`: `fresh`
     /// when it continues the cursor (the common case: events this node just logged),
-    /// otherwise what the log holds (events other nodes logged in between).
+    /// otherwise what the log holds (events other nodes logged in between). `accepted`
+    /// says which of them this node's publish accepted, and when.
     async fn deliver(
         &self,
         session_id: &str,
@@ -415,6 +470,7 @@ impl Hub {
         epoch: Option<&Epoch>,
         upto: u64,
         fresh: &[Arc<LoggedEvent>],
+        accepted: Accepted,
     ) -> Result<(), HubError> {
         match &cursor.epoch {
             Some(known) if known.as_ref() == epoch => {}
@@ -438,7 +494,7 @@ impl Hub {
         }
         if fresh.first().is_some_and(|e| e.seq == cursor.delivered + 1) {
             for event in fresh {
-                self.broadcast(session_id, event).await;
+                self.broadcast(session_id, event, accepted.of(event)).await;
             }
         } else if !self.room_is_empty(session_id) {
             let count = usize::try_from(upto - cursor.delivered).unwrap_or(usize::MAX);
@@ -463,7 +519,7 @@ impl Hub {
                 );
             } else {
                 for event in slice.events.iter().filter(|e| e.seq <= upto) {
-                    self.broadcast(session_id, event).await;
+                    self.broadcast(session_id, event, accepted.of(event)).await;
                 }
             }
         }
@@ -505,14 +561,42 @@ impl Hub {
             && !self.inner.followers.has(session_id)
     }
 
-    async fn broadcast(&self, session_id: &str, event: &Arc<LoggedEvent>) {
+    /// Hands `event` to every local subscriber (followers, then the room) and times it:
+    /// `accepted` is when this node's publish of it began, if it did.
+    async fn broadcast(
+        &self,
+        session_id: &str,
+        event: &Arc<LoggedEvent>,
+        accepted: Option<Instant>,
+    ) {
         let cut = self.inner.followers.broadcast(session_id, event);
         self.inner.metrics.slow_consumers.add(cut as u64);
         // The payload is raw JSON: socketioxide copies it into one packet shared by every
         // socket of the room, so an event is encoded once per broadcast, not per client.
-        let Some(room) = self.room(session_id) else {
-            return;
-        };
+        if let Some(room) = self.room(session_id) {
+            self.emit(session_id, room, event).await;
+        }
+        let timings = &self.inner.metrics.timings;
+        if let Some(accepted) = accepted {
+            timings.publish_to_deliver.observe(accepted.elapsed());
+        }
+        if let Some(logged_ms) = event.timestamp_ms() {
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64);
+            // A clock behind the logging node's (or a producer's timestamp ahead of it)
+            // counts as no lag.
+            let lag_ms = u64::try_from(now_ms.saturating_sub(logged_ms)).unwrap_or(0);
+            timings.delivery_lag.observe(Duration::from_millis(lag_ms));
+        }
+    }
+
+    async fn emit(
+        &self,
+        session_id: &str,
+        room: socketioxide::operators::BroadcastOperators,
+        event: &LoggedEvent,
+    ) {
         match room.emit(event.kind.as_str(), &*event.json).await {
             Ok(()) => self.inner.metrics.broadcasts.inc(),
             Err(BroadcastError::Socket(errors)) => {

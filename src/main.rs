@@ -1,7 +1,7 @@
 use std::io::{IsTerminal, Write};
 
 use anyhow::Context;
-use herald::config::{Cli, Command, ConfigCommand, LoadError};
+use herald::config::{Cli, Command, ConfigCommand, LoadError, LogFormat};
 use herald::server::{Server, shutdown_signal};
 use tracing_subscriber::EnvFilter;
 
@@ -10,6 +10,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Until the settings are read there is no logger: a bad command line or configuration
+    // file is reported on stderr as plain text, whatever the log format (exit code 2).
     let loaded = match Cli::load() {
         Ok(loaded) => loaded,
         Err(LoadError::Args(error)) => error.exit(),
@@ -18,13 +20,12 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| {
-            EnvFilter::new("info,socketioxide=warn,engineioxide=warn,fjall=warn,lsm_tree=warn")
-        }))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let format = match &loaded.cli.command {
+        Command::Serve(config) => config.log_format,
+        Command::Config(ConfigCommand::Check(check)) => check.config.log_format,
+        Command::Token(_) | Command::Demo(_) => LogFormat::Text,
+    };
+    init_logging(format);
     match loaded.cli.command {
         Command::Serve(config) => serve(*config).await,
         Command::Token(args) => {
@@ -49,6 +50,22 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+/// Logs go to stderr, filtered by `HERALD_LOG`, as `--log-format` says.
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("HERALD_LOG").unwrap_or_else(|_| {
+        EnvFilter::new("info,socketioxide=warn,engineioxide=warn,fjall=warn,lsm_tree=warn")
+    });
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        // The event's fields beside `timestamp`, `level` and `target`, not nested under
+        // `fields`: what log shippers index without a mapping.
+        LogFormat::Json => logs.json().flatten_event(true).with_ansi(false).init(),
     }
 }
 

@@ -203,7 +203,7 @@ impl Subscriber {
         resume: Option<Resume>,
     ) -> Result<Subscribed, Refusal> {
         authorize_read(&self.hub, &self.principal, &session_id).await?;
-        let newly_added = {
+        {
             let mut inner = self.inner.lock().unwrap();
             if !inner.sessions.contains(&session_id)
                 && inner.sessions.len() >= self.limits.max_subscriptions
@@ -217,20 +217,21 @@ impl Subscriber {
                 )
                 .for_session(&session_id));
             }
-            inner.sessions.insert(session_id.clone())
-        };
-        match self.hub.subscribe(sink, &session_id, resume).await {
-            Ok(reply) => {
-                if newly_added {
-                    self.hub.metrics().subscriptions.inc();
-                }
-                Ok(reply)
+            // Counted as it joins the set, under the same lock: the gauge is the set's size
+            // whatever happens next. (Counting only once the subscribe had succeeded lost
+            // the count when the request was dropped mid-way: a /ws reader whose writer
+            // ended, and `Drop` then took one off that was never added.)
+            let added = inner.sessions.insert(session_id.clone());
+            if added {
+                self.hub.metrics().subscriptions.inc();
             }
+        }
+        match self.hub.subscribe(sink, &session_id, resume).await {
+            Ok(reply) => Ok(reply),
             Err(error) => {
                 // A failed subscribe leaves the subscriber out of the session (`Hub::subscribe`),
                 // also when it followed the session before: its count must say so.
-                self.inner.lock().unwrap().sessions.remove(&session_id);
-                if !newly_added {
+                if self.inner.lock().unwrap().sessions.remove(&session_id) {
                     self.hub.metrics().subscriptions.dec();
                 }
                 tracing::warn!(session_id, %error, "subscribe failed");

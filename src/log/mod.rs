@@ -30,6 +30,24 @@ pub struct LoggedEvent {
     pub json: Box<RawValue>,
 }
 
+impl LoggedEvent {
+    /// The event's `timestamp`, in milliseconds since the Unix epoch: when the log backend
+    /// finalized it on the node that logged it, unless its producer gave one. `None` when
+    /// it is not an RFC 3339 time. Read from the logged bytes without allocating: every
+    /// backend serializes the finalized data, whose last field is `timestamp`
+    /// ([`crate::event::finalize_body`]).
+    pub fn timestamp_ms(&self) -> Option<i64> {
+        const KEY: &str = ",\"timestamp\":\"";
+        let json = self.json.get().strip_suffix("\"}")?;
+        let value = &json[json.rfind(KEY)? + KEY.len()..];
+        if value.contains(['"', '\\']) {
+            return None; // not one string, or one with escapes: not a time herald wrote
+        }
+        let time = chrono::DateTime::parse_from_rfc3339(value).ok()?;
+        Some(time.timestamp_millis())
+    }
+}
+
 /// An event appended by one call, with its finished data for folding into the snapshot.
 #[derive(Debug)]
 pub struct Appended {
@@ -269,7 +287,48 @@ pub trait EventLog: Send + Sync + 'static {
 
 #[cfg(test)]
 mod tests {
-    use super::{Epoch, LogHead};
+    use super::{Epoch, LogHead, LoggedEvent};
+
+    fn logged(json: &str) -> LoggedEvent {
+        LoggedEvent {
+            seq: 1,
+            kind: crate::event::EventKind::Progress,
+            json: serde_json::value::RawValue::from_string(json.to_owned()).unwrap(),
+        }
+    }
+
+    #[test]
+    fn the_timestamp_is_read_from_the_last_field() {
+        let at = |json: &str| logged(json).timestamp_ms();
+        assert_eq!(
+            at(
+                r#"{"sessionId":"s","seq":1,"status":"PROCESSING","timestamp":"1970-01-01T00:00:01.250Z"}"#
+            ),
+            Some(1_250)
+        );
+        // A nested `timestamp` is not the event's.
+        assert_eq!(
+            at(
+                r#"{"sessionId":"s","seq":1,"a":{"timestamp":"1970-01-01T00:00:01Z"},"timestamp":"1970-01-01T00:00:02+01:00"}"#
+            ),
+            Some(2_000 - 3_600_000)
+        );
+        assert_eq!(
+            at(r#"{"sessionId":"s","seq":1,"a":{"timestamp":"1970-01-01T00:00:01Z"}}"#),
+            None
+        );
+        assert_eq!(
+            at(r#"{"sessionId":"s","seq":1,"timestamp":"yesterday"}"#),
+            None
+        );
+        assert_eq!(at(r#"{"sessionId":"s","seq":1,"timestamp":"a\"b"}"#), None);
+        // What the log writes parses back to the moment it was written.
+        let draft = crate::event::finalize("s", 1, serde_json::Map::new());
+        let before = chrono::Utc::now().timestamp_millis();
+        let json = serde_json::to_string(&draft).unwrap();
+        let ms = at(&json).unwrap();
+        assert!((before - 1_000..=before + 1_000).contains(&ms), "{json}");
+    }
 
     fn epoch(name: &str) -> Epoch {
         Epoch::parse(name).unwrap()

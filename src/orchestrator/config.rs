@@ -18,6 +18,9 @@ pub enum ProviderKind {
 }
 
 impl ProviderKind {
+    /// Every kind: the `provider` label's values in `/metrics`.
+    pub const ALL: [ProviderKind; 3] = [Self::Simulated, Self::Ollama, Self::Openai];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ProviderKind::Simulated => "simulated",

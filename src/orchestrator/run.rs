@@ -25,6 +25,7 @@ use crate::event::{
     ModelResult, ModelStatus, Payload, Progress, SessionStatus,
 };
 use crate::hub::Hub;
+use crate::metrics::{AttemptOutcome, Metrics, RunOutcome};
 use crate::providers::{
     CLARIFICATION_MARKER, ChatMessage, ProviderError, Role, SYSTEM_PROMPT, clarification_question,
 };
@@ -131,11 +132,27 @@ impl End {
     pub fn is_final(&self) -> bool {
         !matches!(self, End::HandedOver)
     }
+
+    /// The `outcome` of `herald_run_duration_seconds`; `None` for a run that did not end
+    /// here (handed over) or whose end an earlier run decided (and would have counted).
+    fn outcome(&self) -> Option<RunOutcome> {
+        match self {
+            End::Completed => Some(RunOutcome::Completed),
+            End::AllFailed | End::LogLost => Some(RunOutcome::Failed),
+            End::Cancelled => Some(RunOutcome::Cancelled),
+            End::Expired => Some(RunOutcome::Expired),
+            End::Stopped => Some(RunOutcome::Lost),
+            End::HandedOver | End::EndedBefore => None,
+        }
+    }
 }
 
 pub(crate) struct Run {
     session_id: String,
     hub: Hub,
+    /// When the session was created (a resumed run: as its snapshot's `createdAt` says, on
+    /// this node's clock), for `herald_run_duration_seconds`.
+    created: Instant,
     /// The subject the session is owned by, for the per-subject cap after a resume.
     owner: Option<String>,
     /// Whether the run saves checkpoints: only where they outlive the process.
@@ -198,6 +215,7 @@ impl Run {
             .collect();
         Self {
             session_id,
+            created: Instant::now(),
             checkpoints: hub.keeps_runs(),
             hub,
             owner,
@@ -287,6 +305,9 @@ impl Run {
             limits,
             checkpoint.owner,
         );
+        if let Some(created_ms) = unix_ms_of_timestamp(&snapshot.summary.created_at) {
+            run.created = instant_of(created_ms);
+        }
         run.prompts = prompts;
         run.clarifications = clarifications;
         run.done = checkpoint.done;
@@ -489,6 +510,12 @@ impl Run {
         if !self.unlogged.is_empty() {
             tracing::error!(session_id = %self.session_id, events = self.unlogged.len(), "the node stopped before the log was back; the run's last events were not logged");
         }
+        if let Some(outcome) = end.outcome() {
+            let metrics = &self.hub.metrics().timings;
+            metrics
+                .run_duration(outcome)
+                .observe(self.created.elapsed());
+        }
         tracing::debug!(session_id = %self.session_id, ended = end.name(), "run ended");
         end
     }
@@ -503,6 +530,7 @@ impl Run {
             }
             let worker = Worker {
                 tx: tx.clone(),
+                metrics: self.hub.metrics().clone(),
                 session_id: self.session_id.as_str().into(),
                 max_output: self.max_output,
                 prompt: p,
@@ -1142,6 +1170,12 @@ fn answered_in(snapshot: &crate::store::Snapshot, clarification_id: &str) -> Opt
         .and_then(|c| c.answer.clone())
 }
 
+/// An RFC 3339 time (a snapshot's `createdAt`) in milliseconds since the Unix epoch.
+fn unix_ms_of_timestamp(timestamp: &str) -> Option<u64> {
+    let time = chrono::DateTime::parse_from_rfc3339(timestamp).ok()?;
+    u64::try_from(time.timestamp_millis()).ok()
+}
+
 fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1187,6 +1221,8 @@ async fn sleep_until(deadline: Option<Instant>) {
 #[derive(Clone)]
 struct Worker {
     tx: mpsc::Sender<Command>,
+    /// For the provider histograms.
+    metrics: Arc<Metrics>,
     /// For the server log.
     session_id: Arc<str>,
     /// Bytes the model may stream for the prompt, per attempt.
@@ -1298,7 +1334,18 @@ impl Worker {
         let _global = self.global.acquire().await.map_err(Failure::internal)?;
         let _model = model.limit.acquire().await.map_err(Failure::internal)?;
         let timeout = model.config.timeout();
-        let streamed = tokio::time::timeout(timeout, self.stream(m, model, messages)).await;
+        let started = Instant::now();
+        let streamed =
+            tokio::time::timeout(timeout, self.stream(m, model, messages, started)).await;
+        let outcome = match &streamed {
+            Ok(Ok(_)) => AttemptOutcome::Ok,
+            Ok(Err(_)) => AttemptOutcome::Error,
+            Err(_) => AttemptOutcome::Timeout,
+        };
+        let timings = &self.metrics.timings;
+        timings
+            .provider_duration(model.config.provider, outcome)
+            .observe(started.elapsed());
         match streamed {
             Ok(result) => result,
             Err(_) => {
@@ -1311,11 +1358,13 @@ impl Worker {
         }
     }
 
+    /// The attempt that began at `started`: the model's output, streamed.
     async fn stream(
         &self,
         m: usize,
         model: &Model,
         messages: Vec<ChatMessage>,
+        started: Instant,
     ) -> Result<String, Failure> {
         let mut pieces = model
             .provider
@@ -1326,7 +1375,15 @@ impl Worker {
             PartialThrottle::new(Duration::from_millis(self.settings.update_interval_ms));
         let mut output = String::new();
         while let Some(piece) = pieces.next().await {
-            output.push_str(&piece.map_err(|e| self.provider_failed(model, &e))?);
+            let piece = piece.map_err(|e| self.provider_failed(model, &e))?;
+            if output.is_empty() && !piece.is_empty() {
+                let first_token = self
+                    .metrics
+                    .timings
+                    .provider_first_token(model.config.provider);
+                first_token.observe(started.elapsed());
+            }
+            output.push_str(&piece);
             if output.len() > self.max_output {
                 // Returning drops `pieces`, and with it the provider's request. Another
                 // attempt would most likely run away the same way: it is not retried.
