@@ -97,6 +97,38 @@ struct CommonArgs {
     /// WebSocket `/ws`, JSON frames) or `sse` (`GET /api/wizard/session/{id}/stream`).
     #[arg(long, value_enum, default_value = "socketio")]
     transport: Transport,
+    /// Local addresses the clients connect from, round-robin (e.g.
+    /// `127.0.0.2,127.0.0.3`, or a range `127.0.0.2-127.0.0.9`): past ~28,000 connections
+    /// one source address runs out of ephemeral ports. Default: the kernel's choice.
+    #[arg(long, value_parser = parse_sources, default_value = "")]
+    source_addrs: Sources,
+}
+
+/// The `--source-addrs` list.
+#[derive(Debug, Clone, Default)]
+struct Sources(Vec<std::net::Ipv4Addr>);
+
+fn parse_sources(text: &str) -> Result<Sources, String> {
+    let mut out = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let parse = |t: &str| {
+            t.parse::<std::net::Ipv4Addr>()
+                .map_err(|e| format!("`{t}`: {e}"))
+        };
+        match part.split_once('-') {
+            Some((from, to)) => {
+                let (from, to) = (u32::from(parse(from)?), u32::from(parse(to)?));
+                if to < from || to - from > 65_535 {
+                    return Err(format!(
+                        "`{part}`: not an ascending range of at most 65,536"
+                    ));
+                }
+                out.extend((from..=to).map(std::net::Ipv4Addr::from));
+            }
+            None => out.push(parse(part)?),
+        }
+    }
+    Ok(Sources(out))
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,6 +304,9 @@ struct Shared {
     token: Option<String>,
     sse_http: reqwest::Client,
     addr: String,
+    /// `--source-addrs`, and the next one to use.
+    sources: Sources,
+    next_source: AtomicUsize,
     read_buffer: usize,
     events_per_session: u64,
     connect_sem: Semaphore,
@@ -523,11 +558,30 @@ fn check_subscribed(data: &Value, sid: &str, shared: &Shared) -> Option<u64> {
     last_seq
 }
 
+/// A TCP connection to the server (with no Nagle delay), from the next `--source-addrs`
+/// address when there are any.
+async fn dial(shared: &Shared) -> Result<TcpStream, BoxError> {
+    let tcp = if shared.sources.0.is_empty() {
+        TcpStream::connect(&shared.addr).await?
+    } else {
+        let n = shared.next_source.fetch_add(1, Ordering::Relaxed);
+        let source = shared.sources.0[n % shared.sources.0.len()];
+        let target = tokio::net::lookup_host(&shared.addr)
+            .await?
+            .find(std::net::SocketAddr::is_ipv4)
+            .ok_or("the server has no IPv4 address")?;
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind((source, 0).into())?;
+        socket.connect(target).await?
+    };
+    tcp.set_nodelay(true)?;
+    Ok(tcp)
+}
+
 /// TCP connect, websocket upgrade, Engine.IO open, Socket.IO connect, wait for `connected`,
 /// subscribe, wait for `subscribed`. Returns the stream and the `subscribed.lastSeq`.
 async fn establish(shared: &Shared, sid: &str) -> Result<(Ws, Option<u64>), BoxError> {
-    let tcp = TcpStream::connect(&shared.addr).await?;
-    tcp.set_nodelay(true)?;
+    let tcp = dial(shared).await?;
     let cfg = WebSocketConfig::default()
         .read_buffer_size(shared.read_buffer)
         .write_buffer_size(0);
@@ -731,8 +785,7 @@ fn split_event(transport: Transport, text: &str) -> Option<(&str, &str)> {
 
 /// Connects and subscribes over herald's plain WebSocket.
 async fn establish_plain(shared: &Shared, sid: &str) -> Result<Ws, BoxError> {
-    let tcp = TcpStream::connect(&shared.addr).await?;
-    tcp.set_nodelay(true)?;
+    let tcp = dial(shared).await?;
     let cfg = WebSocketConfig::default()
         .read_buffer_size(shared.read_buffer)
         .write_buffer_size(0);
@@ -1052,6 +1105,8 @@ fn spawn_fleet(
             .build()
             .expect("an HTTP client"),
         addr,
+        sources: c.source_addrs.clone(),
+        next_source: AtomicUsize::new(0),
         read_buffer: c.read_buffer,
         events_per_session,
         connect_sem: Semaphore::new(c.connect_concurrency.max(1)),

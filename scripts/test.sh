@@ -24,6 +24,9 @@ need_cmd python3 python3
 # Tests that involve Redis start their own redis-server processes on free ports.
 need_cmd redis-server redis-server
 
+step "the vendored socketioxide and engineioxide are what is built, and are upstream + herald.patch"
+bash scripts/check-vendor.sh
+
 step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# herald at scale: idle subscribed websocket connections per node, on one node and on
+# several nodes behind one Redis, and what each connection costs (docs/benchmarks.md,
+# "Connections per node").
+#
+#   bash bench/scale.sh                          # 1 node at 1k, 10k, 19k; 2 and 4 nodes at 19k each
+#   STEPS="1000 10000" NODE_COUNTS="" bash bench/scale.sh   # one node only, two sizes
+#   PER_NODE=5000 NODE_COUNTS="2" bash bench/scale.sh       # two nodes at 5,000 each
+#
+# One process may hold at most `ulimit -n` files (20,000 on the machines this was written
+# for, a hard limit), so the clients of each step are split over load-generator processes
+# of at most LG_MAX clients (default 9,500). Each process connects from its own loopback
+# source addresses (127.<20+k>.0.2-127.<20+k>.0.9), so neither file descriptors nor
+# ephemeral ports bind. Client i of a process subscribes to session i % SESSIONS.
+#
+# Pinning: every herald node (and redis-server) shares SERVER_CPU (default 1); the load
+# generators share LOADGEN_CPU (default 0). For each step, per node: RSS before the
+# clients connect and SETTLE_SECS after the last READY (VmRSS), CPU time spent while the
+# clients connected and during HOLD_SECS of idling after, and the kernel's TCP memory
+# (/proc/net/sockstat, pages of 4 KiB, both ends of every loopback connection).
+# Output: a table on stdout and in bench/results/scale-latest.md; raw lines and logs in
+# bench/results/scale-<timestamp>/.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+
+STEPS="${STEPS:-1000 10000 19000}"
+NODE_COUNTS="${NODE_COUNTS-2 4}"
+PER_NODE="${PER_NODE:-19000}"
+SESSIONS="${SESSIONS:-100}"
+LG_MAX="${LG_MAX:-9500}"
+SETTLE_SECS="${SETTLE_SECS:-5}"
+HOLD_SECS="${HOLD_SECS:-30}"
+CONNECT_TIMEOUT="${CONNECT_TIMEOUT:-300}"
+SERVER_CPU="${SERVER_CPU:-1}"
+LOADGEN_CPU="${LOADGEN_CPU:-0}"
+HERALD_BIN="${HERALD_BIN:-$ROOT/target/release/herald}"
+LOADGEN="${LOADGEN:-$ROOT/target/release/examples/loadgen}"
+
+log() { printf '[scale] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[ -x "$HERALD_BIN" ] || cargo build --release --bin herald
+[ -x "$LOADGEN" ] || cargo build --release --example loadgen
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+OUT="$ROOT/bench/results/scale-$STAMP"
+mkdir -p "$OUT"
+PIDS=()
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+tcp_mem_pages() { awk '/^TCP:/ { for (i = 1; i < NF; i++) if ($i == "mem") print $(i + 1) }' /proc/net/sockstat; }
+CLK_TCK="$(getconf CLK_TCK)"
+
+free_port() {
+  local port
+  while :; do
+    port=$((20000 + RANDOM % 40000))
+    [ -z "$(ss -Hltn "sport = :$port" 2>/dev/null)" ] && { echo "$port"; return; }
+  done
+}
+
+REDIS_URL=""
+start_redis() {
+  local port
+  port="$(free_port)"
+  taskset -c "$SERVER_CPU" redis-server --port "$port" --bind 127.0.0.1 --save "" \
+    --appendonly no >"$OUT/redis-$1.log" 2>&1 &
+  PIDS+=($!)
+  REDIS_PID=$!
+  for _ in $(seq 1 100); do
+    [ "$(redis-cli -p "$port" ping 2>/dev/null)" = PONG ] && break
+    sleep 0.1
+  done
+  REDIS_URL="redis://127.0.0.1:$port"
+}
+
+# start_node TAG → NODE_PID, NODE_PORT
+start_node() {
+  local tag="$1" args=()
+  [ -n "$REDIS_URL" ] && args=(--redis-url "$REDIS_URL" --redis-prefix "scale-$STAMP")
+  taskset -c "$SERVER_CPU" "$HERALD_BIN" serve --port 0 --max-connections 100000 "${args[@]}" \
+    >"$OUT/$tag.stdout" 2>"$OUT/$tag.stderr" &
+  NODE_PID=$!
+  PIDS+=("$NODE_PID")
+  NODE_PORT=""
+  for _ in $(seq 1 300); do
+    NODE_PORT="$(grep -oE 'listening on http://[^:]+:[0-9]+' "$OUT/$tag.stdout" 2>/dev/null | sed -E 's/.*:([0-9]+)$/\1/' || true)"
+    [ -n "$NODE_PORT" ] && return
+    sleep 0.1
+  done
+  die "$tag did not start"
+}
+
+# run_step NODES PER_NODE: one line of the table.
+run_step() {
+  local nodes="$1" per="$2" tag="n$1-c$2" pids=() ports=() rss0=() cpu0=() i k
+  REDIS_URL=""
+  [ "$nodes" -gt 1 ] && start_redis "$tag"
+  for i in $(seq 0 $((nodes - 1))); do
+    start_node "$tag-node$i"
+    pids+=("$NODE_PID")
+    ports+=("$NODE_PORT")
+  done
+  sleep 1 # the nodes' own start-up (Redis connections, announcements) is done
+  for i in "${!pids[@]}"; do
+    rss0+=("$(rss_kib "${pids[$i]}")")
+    cpu0+=("$(cpu_ticks "${pids[$i]}")")
+  done
+  local tcp0 lgs=() fifos=() t0 t1
+  tcp0="$(tcp_mem_pages)"
+  t0="$(date +%s.%N)"
+  k=0
+  for i in "${!pids[@]}"; do
+    local left="$per"
+    while [ "$left" -gt 0 ]; do
+      local n=$((left < LG_MAX ? left : LG_MAX)) b=$((20 + k))
+      local fifo="$OUT/$tag-lg$k.stdin"
+      mkfifo "$fifo"
+      # the fifo stays open (fd 3+k) until the step ends, so the clients are held
+      taskset -c "$LOADGEN_CPU" "$LOADGEN" --threads 1 idle --url "http://127.0.0.1:${ports[$i]}" \
+        --clients "$n" --sessions "$SESSIONS" --connect-concurrency 500 \
+        --connect-timeout "$CONNECT_TIMEOUT" --hold-secs 3600 \
+        --source-addrs "127.$b.0.2-127.$b.0.9" --label "$tag-lg$k" \
+        <"$fifo" >"$OUT/$tag-lg$k.out" 2>"$OUT/$tag-lg$k.err" &
+      lgs+=($!)
+      PIDS+=($!)
+      eval "exec {fd_$k}>\"$fifo\""
+      fifos+=("$k")
+      left=$((left - n))
+      k=$((k + 1))
+    done
+  done
+  # every load generator prints READY <n> once its clients are subscribed
+  local ready=0 want=$((nodes * per))
+  for _ in $(seq 1 $((CONNECT_TIMEOUT * 10))); do
+    ready=0
+    for j in $(seq 0 $((k - 1))); do
+      local r
+      r="$(grep -oE '^READY [0-9]+' "$OUT/$tag-lg$j.out" 2>/dev/null | awk '{print $2}' || true)"
+      [ -n "$r" ] && ready=$((ready + r)) || { ready=-1; break; }
+    done
+    [ "$ready" -ge 0 ] && break
+    sleep 0.1
+  done
+  t1="$(date +%s.%N)"
+  [ "$ready" = "$want" ] || die "$tag: $ready of $want clients subscribed (see $OUT)"
+  local cpu1=()
+  for i in "${!pids[@]}"; do cpu1+=("$(cpu_ticks "${pids[$i]}")"); done
+  sleep "$SETTLE_SECS"
+  local rss1=() tcp1
+  for i in "${!pids[@]}"; do rss1+=("$(rss_kib "${pids[$i]}")"); done
+  tcp1="$(tcp_mem_pages)"
+  sleep "$HOLD_SECS"
+  local cpu2=()
+  for i in "${!pids[@]}"; do cpu2+=("$(cpu_ticks "${pids[$i]}")"); done
+  # every node still holds all its clients
+  for i in "${!pids[@]}"; do
+    local held
+    held="$(curl -s "http://127.0.0.1:${ports[$i]}/metrics" | awk '/^herald_connections / {print $2}')"
+    [ "$held" = "$per" ] || die "$tag node$i: herald_connections $held, not $per"
+  done
+  for j in "${fifos[@]}"; do eval "exec {fd_$j}>&-"; done
+  for p in "${lgs[@]}"; do wait "$p" || die "$tag: a load generator reported problems (see $OUT)"; done
+  for i in "${!pids[@]}"; do
+    local kib=$(( (${rss1[$i]} - ${rss0[$i]}) )) cms=$(( (${cpu1[$i]} - ${cpu0[$i]}) * 1000 / CLK_TCK )) \
+      ims=$(( (${cpu2[$i]} - ${cpu1[$i]}) * 1000 / CLK_TCK ))
+    printf 'RESULT %s\n' "$(printf '{"nodes":%d,"node":%d,"clients":%d,"rssBeforeKiB":%d,"rssAfterKiB":%d,"connectCpuMs":%d,"idleCpuMs":%d,"holdSecs":%d,"connectSecs":%s,"tcpMemPagesDelta":%d}' \
+      "$nodes" "$i" "$per" "${rss0[$i]}" "${rss1[$i]}" "$cms" "$ims" "$HOLD_SECS" \
+      "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')" "$((tcp1 - tcp0))")" | tee -a "$OUT/results.txt"
+  done
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  [ -n "$REDIS_URL" ] && { kill -TERM "$REDIS_PID" 2>/dev/null || true; wait "$REDIS_PID" 2>/dev/null || true; }
+  return 0
+}
+
+log "herald $("$HERALD_BIN" --version 2>/dev/null || echo '?'), results in $OUT"
+for c in $STEPS; do run_step 1 "$c"; done
+for n in $NODE_COUNTS; do run_step "$n" "$PER_NODE"; done
+
+{
+  echo "| nodes | clients per node | KiB per connection | connect CPU µs per connection | idle CPU µs per connection-second | connects/s (all nodes) | kernel TCP KiB per connection |"
+  echo "|---:|---:|---:|---:|---:|---:|---:|"
+  awk '/^RESULT / { sub(/^RESULT /, ""); print }' "$OUT/results.txt" | node -e '
+    const rows = require("fs").readFileSync(0, "utf8").trim().split("\n").map(JSON.parse);
+    const groups = new Map();
+    for (const r of rows) {
+      const key = `${r.nodes}/${r.clients}`;
+      if (!groups.has(key)) groups.set(key, []);
+      groups.get(key).push(r);
+    }
+    for (const rs of groups.values()) {
+      const r0 = rs[0], n = rs.length, c = r0.clients;
+      const kib = rs.map(r => (r.rssAfterKiB - r.rssBeforeKiB) / c);
+      const cpu = rs.map(r => r.connectCpuMs * 1000 / c);
+      const idle = rs.map(r => r.idleCpuMs * 1000 / c / r.holdSecs);
+      const fmt = (xs, d) => xs.map(x => x.toFixed(d)).join(" / ");
+      console.log(`| ${n} | ${c} | ${fmt(kib, 2)} | ${fmt(cpu, 0)} | ${fmt(idle, 2)} | ${(n * c / r0.connectSecs).toFixed(0)} | ${(r0.tcpMemPagesDelta * 4 / (n * c)).toFixed(2)} |`);
+    }'
+} | tee "$ROOT/bench/results/scale-latest.md"
