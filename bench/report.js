@@ -5,7 +5,7 @@ const path = require('node:path');
 
 const env = process.env;
 const OUT = env.OUT;
-const servers = (env.SERVERS || 'herald node').split(/\s+/).filter(Boolean);
+const servers = (env.SERVERS || 'herald floor node').split(/\s+/).filter(Boolean);
 const scenarios = (env.SCENARIOS || 'idle fanout').split(/\s+/).filter(Boolean);
 const has = (sc) => scenarios.includes(sc);
 
@@ -111,12 +111,14 @@ const ratio = (a, b, d = 2) =>
 const A = servers[0];
 const B = servers[1];
 // One column per server, then the ratio columns: with two servers A/B (as ever); with more,
-// each herald (herald, herald-before) against node, and herald/herald-before when both ran.
+// each other server (herald, floor, herald-before, ...) against node, herald/floor (what
+// herald adds over the bare library) and herald/herald-before when both ran.
 const ratioPairs = (() => {
   if (servers.length < 2) return [];
   if (servers.length === 2) return [[A, B]];
   const pairs = [];
   if (servers.includes('node')) for (const s of servers) if (s !== 'node') pairs.push([s, 'node']);
+  if (servers.includes('herald') && servers.includes('floor')) pairs.push(['herald', 'floor']);
   if (servers.includes('herald') && servers.includes('herald-before')) pairs.push(['herald', 'herald-before']);
   if (servers.includes('herald') && servers.includes('herald-auth')) pairs.push(['herald-auth', 'herald']);
   for (const t of ['herald-sse', 'herald-ws']) if (servers.includes('herald') && servers.includes(t)) pairs.push([t, 'herald']);
@@ -150,8 +152,19 @@ const nodeVersion = (pkg) => {
     return 'n/a';
   }
 };
+// the socketioxide the floor server was built with (bench/floor/Cargo.lock)
+const floorSocketioxide = () => {
+  try {
+    const lock = fs.readFileSync(path.join(__dirname, 'floor/Cargo.lock'), 'utf8');
+    const m = /name = "socketioxide"\nversion = "([^"]+)"/.exec(lock);
+    return m ? m[1] : 'n/a';
+  } catch {
+    return 'n/a';
+  }
+};
 lines.push(
   `herald commit ${env.GIT_REV}; ` +
+    (servers.includes('floor') ? `floor: socketioxide ${floorSocketioxide()} from crates.io, unpatched; ` : '') +
     (servers.includes('herald-before')
       ? `herald-before ${env.HERALD_BEFORE_REV ? `commit ${env.HERALD_BEFORE_REV}, ` : ''}binary \`${env.HERALD_BEFORE_BIN || 'n/a'}\`; `
       : '') +
@@ -217,7 +230,8 @@ if (single) {
   lines.push('');
 }
 
-if (single && TB && data[TA] && data[TB]) {
+// (herald's targets: not judged for the floor server, which is not herald)
+if (single && TB && TA !== 'floor' && data[TA] && data[TB]) {
   const [A, B] = [TA, TB];
   const tA = data[A].med && data[A].med.result.msgsPerSec;
   const tB = data[B].med && data[B].med.result.msgsPerSec;
@@ -245,6 +259,10 @@ if (has('cluster')) {
   const crow = (label, get, d = 0) => row(label, (x) => (x.cluster.med ? get(x.cluster.med, x.cluster) : undefined), d);
   lines.push('## Cluster (two nodes through Redis)');
   lines.push('');
+  if (servers.includes('floor')) {
+    lines.push('floor: not run (the floor server has no cluster mode).');
+    lines.push('');
+  }
   rows.push(header, separator);
   crow('throughput, msgs/s (median run)', (m) => m.result.msgsPerSec);
   {

@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
-# herald benchmark: herald vs the Node.js socket.io reference (bench/node-reference/),
-# same load generator (examples/loadgen.rs), same run, same machine.
+# herald benchmark: herald vs the Node.js socket.io reference (bench/node-reference/) and
+# the library floor (bench/floor/, a bare socketioxide server), same load generator
+# (examples/loadgen.rs), same run, same machine.
 #
-#   bash bench/run.sh            # full run (~7–8 min on 2 cores; ~5 without redis-server)
+#   bash bench/run.sh            # full run (~7–8 min on 2 cores for herald + node, ~5 without
+#                                # redis-server; floor adds its idle and fan-out scenarios)
 #   QUICK=1 bash bench/run.sh    # smaller numbers, for a smoke test (explicit knobs still win)
 #   SERVERS=herald SCENARIOS=idle bash bench/run.sh   # one server, one scenario
+#   SERVERS="floor node" SCENARIOS="idle fanout" bash bench/run.sh  # no herald build needed
 #   SCENARIOS=cluster bash bench/run.sh               # two nodes through Redis (~2 min)
 #   SERVERS="herald herald-auth node" bash bench/run.sh  # auth on vs off, same binary
 #   SERVERS="herald herald-sse herald-ws node" SCENARIOS=fanout bash bench/run.sh  # transports
 #   SERVERS="herald herald-before node" HERALD_BEFORE_BIN=/path/to/old/herald \
 #     HERALD_BEFORE_REV=abc1234 bash bench/run.sh     # before/after: two herald binaries + node
 #
-# Servers (SERVERS, default "herald node"): herald (HERALD_BIN, default the release build),
-# herald-before (HERALD_BEFORE_BIN, required then: an older herald binary, run with exactly
-# the same flags, pinning and cluster arguments as herald; HERALD_BEFORE_REV, optional, is
-# its commit for the report's header), herald-auth (the herald binary with auth on: an HS256
-# secret; every loadgen client presents a token in its CONNECT and on its POSTs) and node
-# (bench/node-reference/). The report has one
-# column per server, X/node ratios for each herald, and herald/herald-before when both ran.
+# Servers (SERVERS, default "herald floor node"): herald (HERALD_BIN, default the release
+# build), herald-before (HERALD_BEFORE_BIN, required then: an older herald binary, run with
+# exactly the same flags, pinning and cluster arguments as herald; HERALD_BEFORE_REV,
+# optional, is its commit for the report's header), herald-auth (the herald binary with auth
+# on: an HS256 secret; every loadgen client presents a token in its CONNECT and on its
+# POSTs), herald-sse / herald-ws (the herald binary, its clients subscribed over SSE / plain
+# WebSocket), floor (bench/floor/: node-reference's contract on the published socketioxide
+# crate without herald's patches, built here with cargo into bench/floor/target; it has no
+# cluster mode, so the cluster scenario skips it) and node (bench/node-reference/). The
+# report has one column per server, X/node ratios for each other server, herald/floor and
+# herald/herald-before when both ran.
 #
 # Each server runs pinned to one core (SERVER_CPU, default 1); the load generator runs on
 # another (LOADGEN_CPU, default 0). Scenarios, each against a freshly started server:
@@ -34,7 +41,7 @@
 #            whole cluster gets one core like the single server does. The FANOUT_CLIENTS
 #            clients connect to node A, the producers POST to node B; same events, batches,
 #            producers and window as fanout (CLUSTER_PRODUCERS/CLUSTER_WINDOW override);
-#            one warm-up, then CLUSTER_RUNS measured runs.
+#            one warm-up, then CLUSTER_RUNS measured runs. Not run for floor (one process).
 # Output: a table on stdout and in bench/results/latest.md; raw RESULT lines and server
 # logs in bench/results/<timestamp>/.
 set -euo pipefail
@@ -48,7 +55,7 @@ if [ "$QUICK" = 1 ]; then # smaller defaults; values set in the environment stil
   FANOUT_EVENTS="${FANOUT_EVENTS:-300}" FANOUT_RUNS="${FANOUT_RUNS:-1}"
   WARMUP_EVENTS="${WARMUP_EVENTS:-50}" IDLE_CLIENTS="${IDLE_CLIENTS:-2000}"
 fi
-SERVERS="${SERVERS:-herald node}"
+SERVERS="${SERVERS:-herald floor node}"
 # default: all three when redis-server is installed (cluster adds ~2.5 min), else idle fanout
 if [ -z "${SCENARIOS:-}" ]; then
   if command -v redis-server >/dev/null && command -v redis-cli >/dev/null; then
@@ -98,8 +105,12 @@ for sc in $SCENARIOS; do
   case "$sc" in idle | fanout | cluster | paced) ;; *) die "unknown scenario $sc (idle, fanout, cluster, paced)" ;; esac
 done
 for s in $SERVERS; do
-  case "$s" in herald | herald-before | herald-auth | herald-sse | herald-ws | node) ;; *) die "unknown server $s (herald, herald-before, herald-auth, herald-sse, herald-ws, node)" ;; esac
+  case "$s" in herald | herald-before | herald-auth | herald-sse | herald-ws | floor | node) ;; *) die "unknown server $s (herald, herald-before, herald-auth, herald-sse, herald-ws, floor, node)" ;; esac
 done
+has_server() { [[ " $SERVERS " == *" $1 "* ]]; }
+if [ "${CLUSTER_TARGET_SERVER:-herald}" = floor ] && [[ " $SCENARIOS " == *" paced "* ]]; then
+  die "CLUSTER_TARGET_SERVER=floor: the floor server has no cluster mode"
+fi
 HERALD_BEFORE_BIN="${HERALD_BEFORE_BIN:-}"
 HERALD_BEFORE_REV="${HERALD_BEFORE_REV:-}"
 case " $SERVERS " in
@@ -129,10 +140,22 @@ log "results in $OUT"
 
 # ---- build ------------------------------------------------------------------------------
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
-  log "cargo build --release (herald + loadgen)"
-  cargo build --release --bins --example loadgen >&2
+  # herald's binary only for the servers that run it (herald-before brings its own)
+  if has_server herald || has_server herald-auth || has_server herald-sse || has_server herald-ws; then
+    log "cargo build --release (herald + loadgen)"
+    cargo build --release --bins --example loadgen >&2
+  else
+    log "cargo build --release --example loadgen"
+    cargo build --release --example loadgen >&2
+  fi
+  if has_server floor; then # its own crate and target dir; incremental, so always
+    log "cargo build --release --manifest-path bench/floor/Cargo.toml (floor)"
+    cargo build --release --manifest-path bench/floor/Cargo.toml >&2
+  fi
 fi
 HERALD_BIN="${HERALD_BIN:-$ROOT/target/release/herald}"
+FLOOR_BIN="$ROOT/bench/floor/target/release/herald-floor"
+if has_server floor; then [ -x "$FLOOR_BIN" ] || die "missing $FLOOR_BIN"; fi
 # extra flags for `herald serve` (e.g. HERALD_ARGS="--ws-read-buffer 1024"), for experiments
 read -r -a HERALD_EXTRA <<<"${HERALD_ARGS:-}"
 LOADGEN="$ROOT/target/release/examples/loadgen"
@@ -166,7 +189,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-start_server() { # $1 = herald|herald-before|node, $2 = tag for log files
+start_server() { # $1 = herald|herald-before|herald-auth|herald-sse|herald-ws|floor|node, $2 = tag for log files
   local name="$1" tag="$2" outf="$OUT/$1-$2.stdout" errf="$OUT/$1-$2.stderr"
   case "$name" in
     herald | herald-before | herald-auth | herald-sse | herald-ws)
@@ -182,6 +205,11 @@ start_server() { # $1 = herald|herald-before|node, $2 = tag for log files
       [ "$name" = herald-auth ] && auth_env=(HERALD_JWT_SECRET="$BENCH_JWT_SECRET")
       env "${auth_env[@]}" taskset -c "$SERVER_CPU" "$bin" serve --port 0 --dev \
         "${cluster_args[@]}" "${HERALD_EXTRA[@]}" >"$outf" 2>"$errf" &
+      ;;
+    floor)
+      # one process only: it refuses to start with REDIS_URL set (the cluster scenario skips it)
+      [ -z "$CLUSTER_REDIS_URL" ] || die "floor has no cluster mode"
+      env -u REDIS_URL PORT=0 taskset -c "$SERVER_CPU" "$FLOOR_BIN" >"$outf" 2>"$errf" &
       ;;
     node)
       # REDIS_URL set (cluster scenario) = @socket.io/redis-adapter; empty = one process
@@ -423,7 +451,12 @@ run_cluster() { # $1 = server name, $2 = tag (cluster | paced), $3 = offered loa
 
 for s in $SERVERS; do
   for scenario in $SCENARIOS; do
-    [ "$scenario" = paced ] || "run_$scenario" "$s"
+    [ "$scenario" = paced ] && continue
+    if [ "$scenario" = cluster ] && [ "$s" = floor ]; then
+      log "floor: cluster scenario skipped (the floor server has no cluster mode)"
+      continue
+    fi
+    "run_$scenario" "$s"
   done
 done
 
