@@ -476,6 +476,14 @@ pub struct Config {
     )]
     pub api_keys: Vec<Secret>,
 
+    /// The listening socket's accept queue: connections the kernel completes before herald
+    /// accepts them. A reconnect storm of many thousand clients overflows a short one (the
+    /// kernel then drops SYNs and clients retry a second or more later). The kernel caps it
+    /// at `net.core.somaxconn`.
+    #[arg(long, env = "HERALD_LISTEN_BACKLOG", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..), help_heading = "Server")]
+    pub listen_backlog: u32,
+
     /// Seconds to wait for in-flight requests and sockets on shutdown.
     #[arg(
         long,

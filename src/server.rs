@@ -82,8 +82,7 @@ impl Server {
     /// Builds everything and binds the listener, so the address is known before serving.
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
         let addr = SocketAddr::new(config.host, config.port);
-        let listener = TcpListener::bind(addr)
-            .await
+        let listener = listen(addr, config.listen_backlog)
             .map_err(|source| ServerError::Bind { addr, source })?;
         let metrics = Arc::new(Metrics::default());
         let (io_layer, io) = SocketIo::builder()
@@ -363,6 +362,19 @@ where
 
 /// A connection over `--max-connections`: closed at once, nothing read or written, so it
 /// costs a file descriptor for microseconds. Logged at the 1st, 2nd, 4th, 8th... refusal.
+/// Binds `addr` with an accept queue of `backlog` (tokio's `TcpListener::bind` fixes it at
+/// 1,024), with `SO_REUSEADDR` as tokio sets it, so a restart can bind at once.
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 fn refuse(stream: TcpStream, peer: SocketAddr, refused: &AtomicU64, max: usize) {
     drop(stream);
     let count = refused.fetch_add(1, Ordering::Relaxed) + 1;

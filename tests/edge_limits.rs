@@ -556,3 +556,31 @@ async fn shutdown_stops_accepting_at_once_and_fits_in_its_timeout() {
     );
     drop(stuck);
 }
+
+/// How many of `count` connections the kernel completes within `limit` while herald, stopped
+/// (SIGSTOP), accepts none: those its accept queue holds.
+async fn queued_while_stopped(node: &common::node::Node, count: usize, limit: Duration) -> usize {
+    node.signal("STOP");
+    let attempts = (0..count).map(|_| tokio::time::timeout(limit, TcpStream::connect(node.addr)));
+    let results = futures_util::future::join_all(attempts).await;
+    node.signal("CONT");
+    results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_accept_queue_is_as_long_as_listen_backlog_says() {
+    const TRIES: usize = 12;
+    // Linux completes backlog + 1 handshakes; the rest wait for a SYN retry (1 s and more).
+    let short = common::node::Node::start("short-backlog", &["--listen-backlog", "2"]).await;
+    let queued = queued_while_stopped(&short, TRIES, Duration::from_millis(700)).await;
+    assert!(
+        (1..=3).contains(&queued),
+        "{queued} of {TRIES} connections completed with --listen-backlog 2"
+    );
+    let (status, _) = short.get("/healthz").await;
+    assert_eq!(status, 200, "herald serves again once resumed");
+
+    let default = common::node::Node::start("default-backlog", &[]).await;
+    let queued = queued_while_stopped(&default, TRIES, Duration::from_millis(700)).await;
+    assert_eq!(queued, TRIES, "the default queue holds them all");
+}
