@@ -496,6 +496,70 @@ async fn sockets_asking_for_ever_more_subscriptions_hold_at_most_the_cap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_over_the_payload_limit_and_subscribes_over_the_rate_cost_nothing() {
+    let args = [
+        "--max-payload",
+        "65536",
+        "--subscribe-rate",
+        "5",
+        // Rate-limited subscribes are answered, not counted against this budget here.
+        "--invalid-event-rate",
+        "100000",
+    ];
+    let mut target = Target::start("mem-payload-rate", &args).await;
+    let addr = target.node.addr;
+    // 10 sockets a round each send one 1 MiB packet: 10 MiB a round if kept.
+    let huge = format!("42[\"subscribe\",\"{}\"]", "p".repeat(1 << 20));
+    target
+        .hammer("packets over --max-payload", |_| {
+            let huge = huge.clone();
+            async move {
+                let sockets = (0..10).map(|_| {
+                    let huge = huge.clone();
+                    async move {
+                        let mut ws = raw_socket(addr).await;
+                        let _ = ws.send(Message::text(huge)).await;
+                        read_until_closed_ws(ws).await;
+                    }
+                });
+                futures_util::future::join_all(sockets).await;
+            }
+        })
+        .await;
+    // 5 sockets a round each ask for 200 subscriptions at once, at a rate of 5 a second.
+    target
+        .hammer("subscribes over --subscribe-rate", |round| async move {
+            let sockets = (0..5).map(|n| async move {
+                let mut ws = raw_socket(addr).await;
+                for k in 0..200 {
+                    let frame =
+                        json!(["subscribe", { "sessionId": format!("rate-{round}-{n}-{k}") }]);
+                    ws.send(Message::text(format!("42{k}{frame}")))
+                        .await
+                        .unwrap();
+                }
+                let (mut answered, mut limited) = (0, 0);
+                while answered < 200 {
+                    let text = next_text(&mut ws).await.expect("an ack per subscribe");
+                    if text == "2" {
+                        ws.send(Message::text("3")).await.unwrap();
+                    } else if text.starts_with("43") {
+                        answered += 1;
+                        limited += u32::from(text.contains("RATE_LIMITED"));
+                    }
+                }
+                assert!(
+                    limited >= 150,
+                    "socket {round}-{n}: {limited} of 200 subscribes limited"
+                );
+            });
+            futures_util::future::join_all(sockets).await;
+        })
+        .await;
+    target.until_metric("herald_connections", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_that_stop_reading_are_cut_off_and_their_queues_freed() {
     let args = ["--socket-buffer", "64", "--ingest-rate-per-credential", "0"];
     let mut target = Target::start("mem-stalled", &args).await;
