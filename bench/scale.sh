@@ -6,6 +6,14 @@
 #   bash bench/scale.sh                          # 1 node at 1k, 10k, 19k; 2 and 4 nodes at 19k each
 #   STEPS="1000 10000" NODE_COUNTS="" bash bench/scale.sh   # one node only, two sizes
 #   PER_NODE=5000 NODE_COUNTS="2" bash bench/scale.sh       # two nodes at 5,000 each
+#   STEPS="" NODE_COUNTS="" FANOUT_NODE_COUNTS="4" bash bench/scale.sh   # the 4-node fan-out only
+#
+# Fan-out (FANOUT_NODE_COUNTS, default "1 4"): PER_NODE clients on each node, in the same
+# load-generator processes and source addresses, each process in `fanout` mode with its own
+# SESSIONS sessions; each process's producers POST to the *next* node (so with several nodes
+# every event crosses Redis), FANOUT_EVENTS events per session in batches of 50, a window of
+# 100. All processes start posting at the same instant (--start-at-ms), so the aggregate
+# is every delivered message over the longest process's posting-to-last-receipt time.
 #
 # One process may hold at most `ulimit -n` files (20,000 on the machines this was written
 # for, a hard limit), so the clients of each step are split over load-generator processes
@@ -16,8 +24,10 @@
 # Pinning: every herald node (and redis-server) shares SERVER_CPU (default 1); the load
 # generators share LOADGEN_CPU (default 0). For each step, per node: RSS before the
 # clients connect and SETTLE_SECS after the last READY (VmRSS), CPU time spent while the
-# clients connected and during HOLD_SECS of idling after, and the kernel's TCP memory
-# (/proc/net/sockstat, pages of 4 KiB, both ends of every loopback connection).
+# clients connected and during HOLD_SECS of idling after; for the machine, the kernel's TCP
+# buffer memory (/proc/net/sockstat `mem`, pages of 4 KiB) and slab (/proc/meminfo `Slab`)
+# before and after. Both ends of every loopback connection are on this machine: the slab
+# column is half the delta per connection, an estimate of one end's (the server's) share.
 # Output: a table on stdout and in bench/results/scale-latest.md; raw lines and logs in
 # bench/results/scale-<timestamp>/.
 set -euo pipefail
@@ -25,8 +35,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 
-STEPS="${STEPS:-1000 10000 19000}"
+STEPS="${STEPS-1000 10000 19000}"
 NODE_COUNTS="${NODE_COUNTS-2 4}"
+FANOUT_NODE_COUNTS="${FANOUT_NODE_COUNTS-1 4}"
+FANOUT_EVENTS="${FANOUT_EVENTS:-100}"
 PER_NODE="${PER_NODE:-19000}"
 SESSIONS="${SESSIONS:-100}"
 LG_MAX="${LG_MAX:-9500}"
@@ -58,6 +70,7 @@ trap cleanup EXIT
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+slab_kib() { awk '/^Slab:/ {print $2}' /proc/meminfo; }
 tcp_mem_pages() { awk '/^TCP:/ { for (i = 1; i < NF; i++) if ($i == "mem") print $(i + 1) }' /proc/net/sockstat; }
 CLK_TCK="$(getconf CLK_TCK)"
 
@@ -118,6 +131,8 @@ run_step() {
   done
   local tcp0 lgs=() fifos=() t0 t1
   tcp0="$(tcp_mem_pages)"
+  local slab0
+  slab0="$(slab_kib)"
   t0="$(date +%s.%N)"
   k=0
   for i in "${!pids[@]}"; do
@@ -160,6 +175,8 @@ run_step() {
   local rss1=() tcp1
   for i in "${!pids[@]}"; do rss1+=("$(rss_kib "${pids[$i]}")"); done
   tcp1="$(tcp_mem_pages)"
+  local slab1
+  slab1="$(slab_kib)"
   sleep "$HOLD_SECS"
   local cpu2=()
   for i in "${!pids[@]}"; do cpu2+=("$(cpu_ticks "${pids[$i]}")"); done
@@ -174,10 +191,59 @@ run_step() {
   for i in "${!pids[@]}"; do
     local kib=$(( (${rss1[$i]} - ${rss0[$i]}) )) cms=$(( (${cpu1[$i]} - ${cpu0[$i]}) * 1000 / CLK_TCK )) \
       ims=$(( (${cpu2[$i]} - ${cpu1[$i]}) * 1000 / CLK_TCK ))
-    printf 'RESULT %s\n' "$(printf '{"nodes":%d,"node":%d,"clients":%d,"rssBeforeKiB":%d,"rssAfterKiB":%d,"connectCpuMs":%d,"idleCpuMs":%d,"holdSecs":%d,"connectSecs":%s,"tcpMemPagesDelta":%d}' \
+    printf 'RESULT %s\n' "$(printf '{"nodes":%d,"node":%d,"clients":%d,"rssBeforeKiB":%d,"rssAfterKiB":%d,"connectCpuMs":%d,"idleCpuMs":%d,"holdSecs":%d,"connectSecs":%s,"tcpMemPagesDelta":%d,"slabDeltaKiB":%d}' \
       "$nodes" "$i" "$per" "${rss0[$i]}" "${rss1[$i]}" "$cms" "$ims" "$HOLD_SECS" \
-      "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')" "$((tcp1 - tcp0))")" | tee -a "$OUT/results.txt"
+      "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')" "$((tcp1 - tcp0))" "$((slab1 - slab0))")" | tee -a "$OUT/results.txt"
   done
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  [ -n "$REDIS_URL" ] && { kill -TERM "$REDIS_PID" 2>/dev/null || true; wait "$REDIS_PID" 2>/dev/null || true; }
+  return 0
+}
+
+# run_fanout NODES PER_NODE: one line of the fan-out table.
+run_fanout() {
+  local nodes="$1" per="$2" tag="fanout-n$1-c$2" pids=() ports=() i k=0 lgs=() start_at
+  REDIS_URL=""
+  [ "$nodes" -gt 1 ] && start_redis "$tag"
+  for i in $(seq 0 $((nodes - 1))); do
+    start_node "$tag-node$i"
+    pids+=("$NODE_PID")
+    ports+=("$NODE_PORT")
+  done
+  # connecting 19,000 clients per node takes a few seconds per node; all post together
+  start_at=$(( $(date +%s%3N) + 5000 + nodes * per / 2 ))
+  for i in "${!pids[@]}"; do
+    local left="$per" post_port="${ports[$(( (i + 1) % nodes ))]}"
+    while [ "$left" -gt 0 ]; do
+      local n=$((left < LG_MAX ? left : LG_MAX)) b=$((60 + k))
+      taskset -c "$LOADGEN_CPU" "$LOADGEN" --threads 1 fanout --url "http://127.0.0.1:${ports[$i]}" \
+        --post-url "http://127.0.0.1:$post_port" --clients "$n" --sessions "$SESSIONS" \
+        --connect-concurrency 500 --events-per-session "$FANOUT_EVENTS" --batch 50 \
+        --producers 4 --window 100 --timeout 600 --start-at-ms "$start_at" \
+        --source-addrs "127.$b.0.2-127.$b.0.9" --label "$tag-lg$k" \
+        >"$OUT/$tag-lg$k.out" 2>"$OUT/$tag-lg$k.err" &
+      lgs+=($!)
+      PIDS+=($!)
+      left=$((left - n))
+      k=$((k + 1))
+    done
+  done
+  local failed=0 p
+  for p in "${lgs[@]}"; do wait "$p" || failed=1; done
+  cat "$OUT/$tag"-lg*.out | awk -v nodes="$nodes" -v per="$per" '/^RESULT / { sub(/^RESULT /, ""); print }' \
+    | node -e '
+      const rs = require("fs").readFileSync(0, "utf8").trim().split("\n").map(JSON.parse);
+      const sum = k => rs.reduce((a, r) => a + r[k], 0);
+      const longest = Math.max(...rs.map(r => r.durationSecs));
+      console.log("FANOUT " + JSON.stringify({
+        nodes: Number(process.argv[1]), clientsPerNode: Number(process.argv[2]), processes: rs.length,
+        delivered: sum("delivered"), expected: sum("expected"), missing: sum("missing"),
+        duplicates: sum("duplicates"), outOfOrder: sum("outOfOrder"), longestSecs: longest,
+        msgsPerSec: sum("delivered") / longest,
+        p50MsWorst: Math.max(...rs.map(r => r.latencyMs.p50)),
+        p99MsWorst: Math.max(...rs.map(r => r.latencyMs.p99)),
+      }));' "$nodes" "$per" | tee -a "$OUT/results.txt"
+  [ "$failed" = 0 ] || log "$tag: a load generator reported problems (see $OUT)"
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
   [ -n "$REDIS_URL" ] && { kill -TERM "$REDIS_PID" 2>/dev/null || true; wait "$REDIS_PID" 2>/dev/null || true; }
   return 0
@@ -186,10 +252,12 @@ run_step() {
 log "herald $("$HERALD_BIN" --version 2>/dev/null || echo '?'), results in $OUT"
 for c in $STEPS; do run_step 1 "$c"; done
 for n in $NODE_COUNTS; do run_step "$n" "$PER_NODE"; done
+for n in $FANOUT_NODE_COUNTS; do run_fanout "$n" "$PER_NODE"; done
 
 {
-  echo "| nodes | clients per node | KiB per connection | connect CPU µs per connection | idle CPU µs per connection-second | connects/s (all nodes) | kernel TCP KiB per connection |"
-  echo "|---:|---:|---:|---:|---:|---:|---:|"
+  if grep -q '^RESULT ' "$OUT/results.txt" 2>/dev/null; then
+  echo "| nodes | clients per node | KiB per connection | connect CPU µs per connection | idle CPU µs per connection-second | connects/s (all nodes) | kernel TCP buffers KiB per connection | kernel slab KiB per connection |"
+  echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
   awk '/^RESULT / { sub(/^RESULT /, ""); print }' "$OUT/results.txt" | node -e '
     const rows = require("fs").readFileSync(0, "utf8").trim().split("\n").map(JSON.parse);
     const groups = new Map();
@@ -204,6 +272,17 @@ for n in $NODE_COUNTS; do run_step "$n" "$PER_NODE"; done
       const cpu = rs.map(r => r.connectCpuMs * 1000 / c);
       const idle = rs.map(r => r.idleCpuMs * 1000 / c / r.holdSecs);
       const fmt = (xs, d) => xs.map(x => x.toFixed(d)).join(" / ");
-      console.log(`| ${n} | ${c} | ${fmt(kib, 2)} | ${fmt(cpu, 0)} | ${fmt(idle, 2)} | ${(n * c / r0.connectSecs).toFixed(0)} | ${(r0.tcpMemPagesDelta * 4 / (n * c)).toFixed(2)} |`);
+      console.log(`| ${n} | ${c} | ${fmt(kib, 2)} | ${fmt(cpu, 0)} | ${fmt(idle, 2)} | ${(n * c / r0.connectSecs).toFixed(0)} | ${(r0.tcpMemPagesDelta * 4 / (n * c)).toFixed(2)} | ${(r0.slabDeltaKiB / (n * c) / 2).toFixed(2)} |`);
     }'
+  fi
+  if grep -q '^FANOUT ' "$OUT/results.txt"; then
+    echo
+    echo "| nodes | clients per node | delivered / expected | missing, duplicates, out of order | msgs/s (all clients) | worst process p50 / p99 ms |"
+    echo "|---:|---:|---:|---:|---:|---:|"
+    awk '/^FANOUT / { sub(/^FANOUT /, ""); print }' "$OUT/results.txt" | node -e '
+      for (const line of require("fs").readFileSync(0, "utf8").trim().split("\n")) {
+        const r = JSON.parse(line);
+        console.log(`| ${r.nodes} | ${r.clientsPerNode} | ${r.delivered} / ${r.expected} | ${r.missing}, ${r.duplicates}, ${r.outOfOrder} | ${r.msgsPerSec.toFixed(0)} | ${r.p50MsWorst.toFixed(1)} / ${r.p99MsWorst.toFixed(1)} |`);
+      }'
+  fi
 } | tee "$ROOT/bench/results/scale-latest.md"

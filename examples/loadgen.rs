@@ -183,6 +183,11 @@ struct FanoutArgs {
     /// Overall time limit in seconds (connect + run); loss is reported when it expires.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
+    /// Start posting at this wall-clock time (milliseconds since the epoch) rather than as
+    /// soon as the clients are subscribed, so several load-generator processes measure the
+    /// same window (0: at once).
+    #[arg(long, default_value_t = 0)]
+    start_at_ms: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -556,6 +561,16 @@ fn check_subscribed(data: &Value, sid: &str, shared: &Shared) -> Option<u64> {
         ));
     }
     last_seq
+}
+
+/// Sleeps until `at_ms` (milliseconds since the epoch); at once when it has passed or is 0.
+async fn wait_until_epoch_ms(at_ms: u64) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    if at_ms > now_ms {
+        tokio::time::sleep(Duration::from_millis(at_ms - now_ms)).await;
+    }
 }
 
 /// A TCP connection to the server (with no Nagle delay), from the next `--source-addrs`
@@ -1445,6 +1460,7 @@ async fn fanout(a: FanoutArgs) -> i32 {
         });
     }
 
+    wait_until_epoch_ms(a.start_at_ms).await;
     let cpu0 = cpu_seconds();
     let start = Instant::now();
     let pacer = (a.rate > 0).then(|| {
