@@ -12,7 +12,8 @@
 # load-generator processes and source addresses, each process in `fanout` mode with its own
 # SESSIONS sessions; each process's producers POST to the *next* node (so with several nodes
 # every event crosses Redis), FANOUT_EVENTS events per session in batches of 50, a window of
-# 100. All processes start posting at the same instant (--start-at-ms), so the aggregate
+# 100; a POST answered 503 or 429 is retried (--retries 20, same idempotency keys). All
+# processes start posting at the same instant (--start-at-ms), so the aggregate
 # is every delivered message over the longest process's posting-to-last-receipt time.
 #
 # One process may hold at most `ulimit -n` files (20,000 on the machines this was written
@@ -219,7 +220,7 @@ run_fanout() {
       taskset -c "$LOADGEN_CPU" "$LOADGEN" --threads 1 fanout --url "http://127.0.0.1:${ports[$i]}" \
         --post-url "http://127.0.0.1:$post_port" --clients "$n" --sessions "$SESSIONS" \
         --connect-concurrency 500 --events-per-session "$FANOUT_EVENTS" --batch 50 \
-        --producers 4 --window 100 --timeout 600 --start-at-ms "$start_at" \
+        --producers 4 --window 100 --timeout 600 --start-at-ms "$start_at" --retries 20 \
         --source-addrs "127.$b.0.2-127.$b.0.9" --label "$tag-lg$k" \
         >"$OUT/$tag-lg$k.out" 2>"$OUT/$tag-lg$k.err" &
       lgs+=($!)

@@ -188,6 +188,13 @@ struct FanoutArgs {
     /// same window (0: at once).
     #[arg(long, default_value_t = 0)]
     start_at_ms: u64,
+    /// A POST answered 503 or 429 is sent again, the same body, up to this many times,
+    /// after its `Retry-After` (else 100 ms × attempt), as a producer following the
+    /// contract does. When above 0, every event carries an `idempotencyKey`, so a retry of
+    /// a batch that was logged after all is answered as duplicates. 0: such a POST fails
+    /// the run.
+    #[arg(long, default_value_t = 0)]
+    retries: u32,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -1225,12 +1232,14 @@ struct ProducerSession {
 #[derive(Default)]
 struct ProducerStats {
     requests: u64,
+    /// POSTs sent again after a 503 or 429 (`--retries`).
+    retries: u64,
     events: u64,
     seq_mismatches: u64,
     post_hist: Option<Histogram<u64>>,
 }
 
-fn batch_body(first_progress: u64, n_total: u64, count: u64, pad: &str) -> String {
+fn batch_body(first_progress: u64, n_total: u64, count: u64, pad: &str, keys: bool) -> String {
     let sent = unix_ns();
     let mut s = String::with_capacity(count as usize * (96 + pad.len()) + 2);
     s.push('[');
@@ -1249,7 +1258,13 @@ fn batch_body(first_progress: u64, n_total: u64, count: u64, pad: &str) -> Strin
             s.push_str(pad);
             s.push('"');
         }
-        s.push_str("}}");
+        s.push('}');
+        if keys {
+            s.push_str(r#","idempotencyKey":"e"#);
+            s.push_str(&(first_progress + k).to_string());
+            s.push('"');
+        }
+        s.push('}');
     }
     s.push(']');
     s
@@ -1258,6 +1273,7 @@ fn batch_body(first_progress: u64, n_total: u64, count: u64, pad: &str) -> Strin
 #[derive(Deserialize)]
 struct IngestReply {
     accepted: Option<u64>,
+    duplicates: Option<u64>,
     #[serde(rename = "lastSeq")]
     last_seq: Option<u64>,
 }
@@ -1298,6 +1314,7 @@ async fn producer(
     window: u64,
     pad: Arc<String>,
     pacer: Option<Arc<Pacer>>,
+    retries: u32,
 ) -> Result<ProducerStats, String> {
     let mut st = ProducerStats {
         post_hist: Some(new_hist()),
@@ -1334,32 +1351,52 @@ async fn producer(
                 pacer.wait_turn().await;
             }
             let b = batch.min(n - s.posted);
-            let body = batch_body(s.posted, n, b, &pad);
+            let body = batch_body(s.posted, n, b, &pad, retries > 0);
             let t0 = Instant::now();
-            let resp = http
-                .post(&s.url)
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .map_err(|e| format!("POST {}: {e}", s.url))?;
-            let status = resp.status();
-            let text = resp
-                .text()
-                .await
-                .map_err(|e| format!("POST {}: reading reply: {e}", s.url))?;
+            let mut attempt = 0;
+            let text = loop {
+                let resp = http
+                    .post(&s.url)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .map_err(|e| format!("POST {}: {e}", s.url))?;
+                let status = resp.status();
+                let retry_after = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                let text = resp
+                    .text()
+                    .await
+                    .map_err(|e| format!("POST {}: reading reply: {e}", s.url))?;
+                if status.as_u16() == 202 {
+                    break text;
+                }
+                if !matches!(status.as_u16(), 429 | 503) || attempt >= retries {
+                    return Err(format!("POST {} → {status}: {text:.300}", s.url));
+                }
+                attempt += 1;
+                st.retries += 1;
+                let wait = retry_after.map_or(
+                    Duration::from_millis(100 * u64::from(attempt)),
+                    Duration::from_secs,
+                );
+                tokio::time::sleep(wait).await;
+            };
             if let Some(h) = st.post_hist.as_mut() {
                 h.saturating_record((t0.elapsed().as_micros() as u64).max(1));
-            }
-            if status.as_u16() != 202 {
-                return Err(format!("POST {} → {status}: {text:.300}", s.url));
             }
             let reply: IngestReply = serde_json::from_str(&text)
                 .map_err(|e| format!("POST {}: bad reply {text:.200}: {e}", s.url))?;
             s.posted += b;
             st.requests += 1;
             st.events += b;
-            if reply.accepted != Some(b) || reply.last_seq != Some(s.posted) {
+            // A retry of a batch logged after all is answered as duplicates.
+            let taken = reply.accepted.unwrap_or(0) + reply.duplicates.unwrap_or(0);
+            let whole = reply.accepted == Some(b) || (attempt > 0 && taken == b);
+            if !whole || reply.last_seq != Some(s.posted) {
                 st.seq_mismatches += 1;
                 if !s.seq_mismatch_reported {
                     s.seq_mismatch_reported = true;
@@ -1480,6 +1517,7 @@ async fn fanout(a: FanoutArgs) -> i32 {
                 a.window,
                 pad.clone(),
                 pacer.clone(),
+                a.retries,
             )));
         }
     }
@@ -1572,9 +1610,10 @@ async fn fanout(a: FanoutArgs) -> i32 {
             last_recv = Some(last_recv.map_or(t, |l: Instant| l.max(t)));
         }
     }
-    let (mut requests, mut posted, mut seq_mismatches) = (0u64, 0u64, 0u64);
+    let (mut requests, mut posted, mut seq_mismatches, mut post_retries) = (0u64, 0u64, 0u64, 0u64);
     for p in &prod_stats {
         requests += p.requests;
+        post_retries += p.retries;
         posted += p.events;
         seq_mismatches += p.seq_mismatches;
         if let Some(h) = &p.post_hist {
@@ -1650,6 +1689,7 @@ async fn fanout(a: FanoutArgs) -> i32 {
         "connected": connected,
         "connectSecs": connect_secs,
         "requests": requests,
+        "postRetries": post_retries,
         "posted": posted,
         "expected": expected,
         "delivered": received,
