@@ -118,6 +118,22 @@ pub async fn assert_auth_as_tested(addr: SocketAddr) {
     );
 }
 
+/// One series of the `/metrics` page at `url` (with its labels, e.g.
+/// `herald_http_errors_total{code="RATE_LIMITED"}`), read with `http`.
+pub async fn metric_from(http: &reqwest::Client, url: &str, series: &str) -> Option<u64> {
+    let text = http
+        .get(url)
+        .send()
+        .await
+        .expect("/metrics answers")
+        .text()
+        .await
+        .expect("/metrics has a body");
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
 /// An HTTP client that presents the harness's token when auth is under test.
 pub fn harness_http() -> reqwest::Client {
     harness_http_builder().build().unwrap()
@@ -196,18 +212,7 @@ impl TestServer {
     /// The value of one series of `/metrics`, named in full with its labels
     /// (`herald_http_errors_total{code="INTERNAL"}`); `None` when it is not exported.
     pub async fn metric(&self, series: &str) -> Option<u64> {
-        let text = self
-            .http
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .expect("/metrics answers")
-            .text()
-            .await
-            .expect("/metrics has a body");
-        text.lines()
-            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-            .and_then(|value| value.trim().parse().ok())
+        metric_from(&self.http, &self.url("/metrics"), series).await
     }
 
     pub async fn connect(&self) -> Client {
