@@ -66,11 +66,7 @@ impl CountsByCode {
     }
 
     fn counter(&self, code: ErrorCode) -> &Counter {
-        let index = ErrorCode::ALL
-            .iter()
-            .position(|c| *c == code)
-            .expect("ALL lists every code");
-        &self.0[index]
+        &self.0[index_of(ErrorCode::ALL, &code)]
     }
 }
 

@@ -7,10 +7,8 @@ mod common;
 use std::time::Duration;
 
 use common::{Client, WAIT, spawn_app_with};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{Value, json};
-use tokio::net::TcpSocket;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
 /// A `progress` item shaped like SPEC §1, about 3 KB.
@@ -29,7 +27,8 @@ fn batch(from: u64, count: u64) -> Value {
     Value::Array((from..from + count).map(big_progress).collect())
 }
 
-type Ws = WebSocketStream<tokio::net::TcpStream>;
+type Ws = common::raw::RawWs;
+use common::raw::next_text;
 
 /// A raw Socket.IO client whose socket reads only when told to: it can stop reading, as a
 /// stalled browser tab or a process stuck in a debugger does.
@@ -38,25 +37,15 @@ struct StalledReader {
 }
 
 impl StalledReader {
-    /// Connects with a small receive buffer (so the kernel holds little for it) and sends
-    /// `subscribe` `{ sessionId, lastSeq }`; returns once `subscribed` arrives.
+    /// Connects (see [`common::raw::connect`]) and sends `subscribe` `{ sessionId, lastSeq }`;
+    /// returns once `subscribed` arrives.
     async fn subscribe(addr: std::net::SocketAddr, session_id: &str, last_seq: u64) -> Self {
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(8 * 1024).unwrap();
-        let tcp = socket.connect(addr).await.expect("tcp connects");
-        let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
-        let (mut ws, _) = tokio_tungstenite::client_async(url, tcp)
-            .await
-            .expect("websocket connects");
-        let open = next_text(&mut ws).await.expect("open packet");
-        assert!(open.starts_with('0'), "open packet: {open}");
-        ws.send(Message::text("40")).await.unwrap();
+        let mut ws = common::raw::connect(addr).await;
         let frame = json!(["subscribe", { "sessionId": session_id, "lastSeq": last_seq }]);
+        ws.send(Message::text(format!("42{frame}"))).await.unwrap();
         loop {
-            let text = next_text(&mut ws).await.expect("frames until CONNECT");
-            if text.starts_with("40") {
-                ws.send(Message::text(format!("42{frame}"))).await.unwrap();
-            } else if text.starts_with("42[\"subscribed\"") {
+            let text = next_text(&mut ws).await.expect("frames until `subscribed`");
+            if text.starts_with("42[\"subscribed\"") {
                 return Self { ws };
             }
         }
@@ -82,17 +71,6 @@ impl StalledReader {
             .await
             .expect("the server dropped the stalled reader's connection");
         seqs
-    }
-}
-
-/// The next text frame, `None` once the connection ends.
-async fn next_text(ws: &mut Ws) -> Option<String> {
-    loop {
-        match ws.next().await? {
-            Ok(Message::Text(text)) => return Some(text.to_string()),
-            Ok(Message::Close(_)) | Err(_) => return None,
-            Ok(_) => {}
-        }
     }
 }
 

@@ -13,16 +13,16 @@
 mod common;
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use common::fake_llm::{FakeBehavior, FakeLlm};
 use common::node::Node;
 use common::{Client, TEST_JWT_SECRET, WAIT, progress, sign_token, unix_now};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 /// Rounds run before the baseline is taken: allocator pools, caches and tables warm up.
@@ -363,43 +363,8 @@ async fn a_snapshot_fed_new_entries_without_end_stays_within_its_limits() {
 // Sockets
 // ---------------------------------------------------------------------------------------
 
-type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
-
-/// Opens a Socket.IO websocket with a small receive buffer, CONNECTs (with the harness's
-/// token when auth is under test) and waits for the namespace's answer.
-async fn raw_socket(addr: SocketAddr) -> Ws {
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(8 * 1024).unwrap();
-    let tcp = socket.connect(addr).await.expect("tcp connects");
-    let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
-    let (mut ws, _) = tokio_tungstenite::client_async(url, tcp)
-        .await
-        .expect("websocket connects");
-    let open = next_text(&mut ws).await.expect("open packet");
-    assert!(open.starts_with('0'), "open packet: {open}");
-    let connect = match common::harness_token() {
-        Some(token) => format!("40{}", json!({ "token": token })),
-        None => "40".to_owned(),
-    };
-    ws.send(Message::text(connect)).await.unwrap();
-    loop {
-        let text = next_text(&mut ws).await.expect("frames until CONNECT");
-        if text.starts_with("40") {
-            return ws;
-        }
-    }
-}
-
-/// The next text frame, `None` once the connection ends.
-async fn next_text(ws: &mut Ws) -> Option<String> {
-    loop {
-        match ws.next().await? {
-            Ok(Message::Text(text)) => return Some(text.to_string()),
-            Ok(Message::Close(_)) | Err(_) => return None,
-            Ok(_) => {}
-        }
-    }
-}
+type Ws = common::raw::RawWs;
+use common::raw::{connect as raw_socket, next_text};
 
 /// Reads (answering pings) until the server closes the connection.
 async fn read_until_closed_ws(mut ws: Ws) {

@@ -13,15 +13,9 @@ use serde_json::{Value, json};
 
 /// `/metrics` as (series with its labels, value), comments left out.
 async fn scrape(base: &str) -> Vec<(String, f64)> {
-    let text = harness_http()
-        .get(format!("{base}/metrics"))
-        .send()
+    common::metrics_text(&harness_http(), &format!("{base}/metrics"))
         .await
-        .expect("/metrics answers")
-        .text()
-        .await
-        .expect("/metrics has a body");
-    text.lines()
+        .lines()
         .filter(|line| !line.starts_with('#') && !line.is_empty())
         .map(|line| {
             let (series, value) = line.rsplit_once(' ').expect("`series value`");

@@ -4,6 +4,7 @@
 
 pub mod fake_llm;
 pub mod node;
+pub mod raw;
 pub mod redis;
 pub mod runs;
 pub mod streams;
@@ -118,18 +119,23 @@ pub async fn assert_auth_as_tested(addr: SocketAddr) {
     );
 }
 
-/// One series of the `/metrics` page at `url` (with its labels, e.g.
-/// `herald_http_errors_total{code="RATE_LIMITED"}`), read with `http`.
-pub async fn metric_from(http: &reqwest::Client, url: &str, series: &str) -> Option<u64> {
-    let text = http
-        .get(url)
+/// The `/metrics` page at `url`, read with `http`.
+pub async fn metrics_text(http: &reqwest::Client, url: &str) -> String {
+    http.get(url)
         .send()
         .await
         .expect("/metrics answers")
         .text()
         .await
-        .expect("/metrics has a body");
-    text.lines()
+        .expect("/metrics has a body")
+}
+
+/// One series of the `/metrics` page at `url` (with its labels, e.g.
+/// `herald_http_errors_total{code="RATE_LIMITED"}`), read with `http`.
+pub async fn metric_from(http: &reqwest::Client, url: &str, series: &str) -> Option<u64> {
+    metrics_text(http, url)
+        .await
+        .lines()
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse().ok())
 }
