@@ -115,16 +115,34 @@ start_node() {
   die "$tag did not start"
 }
 
+# start_cluster NODES TAG → NODE_PIDS, NODE_PORTS: NODES nodes, behind a fresh Redis when
+# there is more than one.
+start_cluster() {
+  local i
+  NODE_PIDS=()
+  NODE_PORTS=()
+  REDIS_URL=""
+  [ "$1" -gt 1 ] && start_redis "$2"
+  for i in $(seq 0 $(($1 - 1))); do
+    start_node "$2-node$i"
+    NODE_PIDS+=("$NODE_PID")
+    NODE_PORTS+=("$NODE_PORT")
+  done
+}
+
+stop_cluster() {
+  local p
+  for p in "${NODE_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  [ -n "$REDIS_URL" ] && { kill -TERM "$REDIS_PID" 2>/dev/null || true; wait "$REDIS_PID" 2>/dev/null || true; }
+  return 0
+}
+
 # run_step NODES PER_NODE: one line of the table.
 run_step() {
   local nodes="$1" per="$2" tag="n$1-c$2" pids=() ports=() rss0=() cpu0=() i k
-  REDIS_URL=""
-  [ "$nodes" -gt 1 ] && start_redis "$tag"
-  for i in $(seq 0 $((nodes - 1))); do
-    start_node "$tag-node$i"
-    pids+=("$NODE_PID")
-    ports+=("$NODE_PORT")
-  done
+  start_cluster "$nodes" "$tag"
+  pids=("${NODE_PIDS[@]}")
+  ports=("${NODE_PORTS[@]}")
   sleep 1 # the nodes' own start-up (Redis connections, announcements) is done
   for i in "${!pids[@]}"; do
     rss0+=("$(rss_kib "${pids[$i]}")")
@@ -196,21 +214,16 @@ run_step() {
       "$nodes" "$i" "$per" "${rss0[$i]}" "${rss1[$i]}" "$cms" "$ims" "$HOLD_SECS" \
       "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')" "$((tcp1 - tcp0))" "$((slab1 - slab0))")" | tee -a "$OUT/results.txt"
   done
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  [ -n "$REDIS_URL" ] && { kill -TERM "$REDIS_PID" 2>/dev/null || true; wait "$REDIS_PID" 2>/dev/null || true; }
+  stop_cluster
   return 0
 }
 
 # run_fanout NODES PER_NODE: one line of the fan-out table.
 run_fanout() {
   local nodes="$1" per="$2" tag="fanout-n$1-c$2" pids=() ports=() i k=0 lgs=() start_at
-  REDIS_URL=""
-  [ "$nodes" -gt 1 ] && start_redis "$tag"
-  for i in $(seq 0 $((nodes - 1))); do
-    start_node "$tag-node$i"
-    pids+=("$NODE_PID")
-    ports+=("$NODE_PORT")
-  done
+  start_cluster "$nodes" "$tag"
+  pids=("${NODE_PIDS[@]}")
+  ports=("${NODE_PORTS[@]}")
   # connecting 19,000 clients per node takes a few seconds per node; all post together
   start_at=$(( $(date +%s%3N) + 5000 + nodes * per / 2 ))
   for i in "${!pids[@]}"; do
@@ -245,8 +258,7 @@ run_fanout() {
         p99MsWorst: Math.max(...rs.map(r => r.latencyMs.p99)),
       }));' "$nodes" "$per" | tee -a "$OUT/results.txt"
   [ "$failed" = 0 ] || log "$tag: a load generator reported problems (see $OUT)"
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  [ -n "$REDIS_URL" ] && { kill -TERM "$REDIS_PID" 2>/dev/null || true; wait "$REDIS_PID" 2>/dev/null || true; }
+  stop_cluster
   return 0
 }
 
