@@ -399,6 +399,17 @@ pub struct Config {
     #[arg(long, env = "HERALD_REDIS_URL", help_heading = "Redis")]
     pub redis_url: Option<String>,
 
+    /// The Redis is a Redis Cluster: `--redis-url` lists seed nodes, comma separated
+    /// (e.g. redis://10.0.0.1:7000,redis://10.0.0.2:7000); announcements use sharded pub/sub
+    /// (Redis 7+). The key layout is in docs/deployment.md.
+    #[arg(
+        long,
+        env = "HERALD_REDIS_CLUSTER",
+        default_value_t = false,
+        help_heading = "Redis"
+    )]
+    pub redis_cluster: bool,
+
     /// Prefix of every Redis key and channel herald uses.
     #[arg(
         long,
@@ -732,6 +743,18 @@ impl Config {
 /// `url` with the password of its userinfo (`redis://user:secret@host`) replaced by `***`,
 /// for logs, errors and `herald config check`: a Redis password is a secret.
 pub fn redact_url(url: &str) -> String {
+    // A Redis Cluster's seed list: each URL on its own.
+    if url.contains(',') {
+        return url
+            .split(',')
+            .map(redact_one_url)
+            .collect::<Vec<_>>()
+            .join(",");
+    }
+    redact_one_url(url)
+}
+
+fn redact_one_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
         return url.to_owned();
     };
@@ -751,6 +774,14 @@ pub fn redact_url(url: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn redact_url_hides_every_seed_nodes_password() {
+        assert_eq!(
+            super::redact_url("redis://a:p1@h1:7000,redis://:p2@h2:7000,redis://h3:7000"),
+            "redis://a:***@h1:7000,redis://:***@h2:7000,redis://h3:7000"
+        );
+    }
+
     #[test]
     fn redact_url_hides_a_redis_password_and_nothing_else() {
         use super::redact_url;

@@ -520,6 +520,12 @@ type Backends = (Arc<dyn EventLog>, Arc<dyn SessionStore>, Option<Cluster>);
 /// `--redis-url`) Redis ones shared by every node.
 async fn backends(config: &Config) -> Result<Backends, ServerError> {
     let Some(url) = &config.redis_url else {
+        if config.redis_cluster {
+            return Err(ServerError::Redis {
+                url: String::new(),
+                message: "--redis-cluster needs --redis-url (the cluster's seed nodes)".into(),
+            });
+        }
         if let Some(path) = &config.data_dir {
             let path = path.clone();
             let (log_limits, store_limits) = (config.log_limits(), config.store_limits());
@@ -543,19 +549,28 @@ async fn backends(config: &Config) -> Result<Backends, ServerError> {
         message,
     };
     let prefix = &config.redis_prefix;
-    let log = RedisLog::connect_with(url, prefix, config.log_limits())
+    if config.redis_cluster && prefix.contains(['{', '}']) {
+        // Its braces would be taken for the hash tag that keeps a session's keys in one slot.
+        return Err(failed(format!(
+            "the Redis prefix `{prefix}` has a brace, which a Redis Cluster would take for a hash tag"
+        )));
+    }
+    let redis =
+        crate::redis::Redis::open(url, config.redis_cluster).map_err(|e| failed(e.to_string()))?;
+    let log = RedisLog::open(&redis, prefix, config.log_limits())
         .await
         .map_err(|e| failed(e.to_string()))?;
     let log: Arc<dyn EventLog> = Arc::new(log);
-    let store = RedisStore::connect_with(url, prefix, log.clone(), config.store_limits())
+    let store = RedisStore::open(&redis, prefix, log.clone(), config.store_limits())
         .await
         .map_err(|e| failed(e.to_string()))?;
-    let cluster = Cluster::connect(url, prefix, config.cluster_lease())
+    let cluster = Cluster::open(&redis, prefix, config.cluster_lease())
         .await
         .map_err(|e| failed(e.to_string()))?;
     tracing::info!(
         prefix,
         node = cluster.node_id(),
+        redis_cluster = config.redis_cluster,
         "cluster mode: sessions, logs and snapshots live in Redis"
     );
     Ok((log, Arc::new(store), Some(cluster)))

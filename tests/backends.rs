@@ -17,13 +17,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::is_timestamp;
-use common::redis::RedisServer;
+use common::redis::{RedisCluster, RedisServer};
 use herald::event::{EventDraft, EventKind, SessionStatus};
 use herald::log::{
     AppendOutcome, Appended, Epoch, EventLog, LogError, LogHead, LogLimits, LoggedEvent, MemoryLog,
     Writer,
 };
-use herald::redis::{Announcement, Keys, RedisLog, RedisStore};
+use herald::redis::{Announcement, Keys, Redis, RedisLog, RedisStore};
 use herald::store::{MemoryStore, Origin, SessionStore, Snapshot, StoreLimits};
 use serde_json::{Map, Value, json};
 
@@ -80,6 +80,30 @@ async fn redis_store(
     Arc::new(store)
 }
 
+/// The Redis Cluster this test binary shares, as herald reaches it (`--redis-cluster`).
+fn cluster_target() -> Redis {
+    let url = RedisCluster::shared().url();
+    Redis::cluster(&url).unwrap_or_else(|e| panic!("Redis::cluster({url}): {e}"))
+}
+
+async fn cluster_log(prefix: &str, limits: LogLimits) -> Arc<dyn EventLog> {
+    let log = RedisLog::open(&cluster_target(), prefix, limits)
+        .await
+        .unwrap_or_else(|e| panic!("RedisLog::open(cluster, {prefix}): {e}"));
+    Arc::new(log)
+}
+
+async fn cluster_store(
+    prefix: &str,
+    log: Arc<dyn EventLog>,
+    limits: StoreLimits,
+) -> Arc<dyn SessionStore> {
+    let store = RedisStore::open(&cluster_target(), prefix, log, limits)
+        .await
+        .unwrap_or_else(|e| panic!("RedisStore::open(cluster, {prefix}): {e}"));
+    Arc::new(store)
+}
+
 async fn bounded(behaviour: impl Future<Output = ()>) {
     tokio::time::timeout(BEHAVIOUR_TIMEOUT, behaviour)
         .await
@@ -112,6 +136,13 @@ macro_rules! log_suite {
                 let log = redis_log(&server, &prefix, $max_events).await;
                 bounded(super::$behaviour(log)).await;
             }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis_cluster() {
+                let prefix = prefix(stringify!($behaviour));
+                let log = cluster_log(&prefix, LogLimits::events($max_events)).await;
+                bounded(super::$behaviour(log)).await;
+            }
         }
     };
 }
@@ -141,6 +172,14 @@ macro_rules! store_suite {
                 let prefix = prefix(stringify!($behaviour));
                 let log = redis_log(&server, &prefix, KEEP_ALL).await;
                 let store = redis_store(&server, &prefix, log.clone()).await;
+                bounded(super::$behaviour(log, store)).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis_cluster() {
+                let prefix = prefix(stringify!($behaviour));
+                let log = cluster_log(&prefix, LogLimits::events(KEEP_ALL)).await;
+                let store = cluster_store(&prefix, log.clone(), StoreLimits::default()).await;
                 bounded(super::$behaviour(log, store)).await;
             }
         }
@@ -1494,6 +1533,14 @@ macro_rules! limits_suite {
             async fn redis() {
                 let server = RedisServer::start().await;
                 let (log, store) = tight_redis(&server, &prefix(stringify!($behaviour))).await;
+                bounded(super::$behaviour(log, store)).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis_cluster() {
+                let prefix = prefix(stringify!($behaviour));
+                let log = cluster_log(&prefix, tight_log()).await;
+                let store = cluster_store(&prefix, log.clone(), tight_store()).await;
                 bounded(super::$behaviour(log, store)).await;
             }
         }

@@ -23,6 +23,15 @@
 //!   from unchanged Socket.IO emitters, translated into that stream ([`crate::redis::Emitters`]).
 //!
 //! The subscriber reconnects by itself when Redis restarts or its connection is killed.
+//!
+//! **On a Redis Cluster** (`--redis-cluster`) announcements are sharded: each append is
+//! `SPUBLISH`ed on its session's shard channel ([`Keys::announcement_channel`]) and every node
+//! `SSUBSCRIBE`s all of them ([`Keys::announcement_shards`]), on one RESP3 cluster connection
+//! that also holds the classic subscriptions (commands, replies, handover). When it loses
+//! a master's connection the listener starts over with a new connection (as on one Redis:
+//! backoff while subscribing fails, e.g. while the cluster is down), and every
+//! (re)subscription, a slot move's included, is followed by a catch-up of every followed
+//! session.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -30,15 +39,15 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
-use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, PushInfo, PushKind};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::hub::Hub;
 use crate::intake::Runs;
 use crate::redis::{
-    Announcement, EmitterChannels, EmitterLimits, Emitters, Ingest, Keys, connect, once_more,
+    Announcement, Connection, EmitterChannels, EmitterLimits, Emitters, Ingest, Keys, Redis,
+    once_more,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -113,8 +122,9 @@ pub struct Cluster {
 }
 
 struct Inner {
-    client: redis::Client,
-    redis: ConnectionManager,
+    /// Where Redis is (the listener, the ingest consumer and the translator connect there).
+    target: Redis,
+    redis: Connection,
     keys: Keys,
     node_id: String,
     /// Forwarded commands awaiting their reply. A std mutex: inserts and removals only.
@@ -166,13 +176,19 @@ pub enum ClusterError {
 }
 
 impl Cluster {
+    /// On one Redis at `url`.
     pub async fn connect(url: &str, prefix: &str, lease: Duration) -> Result<Self, ClusterError> {
-        let (client, redis) = connect(url).await?;
+        Self::open(&Redis::single(url)?, prefix, lease).await
+    }
+
+    /// On `target` (one Redis or a cluster).
+    pub async fn open(target: &Redis, prefix: &str, lease: Duration) -> Result<Self, ClusterError> {
+        let redis = target.connect().await?;
         Ok(Self {
             inner: Arc::new(Inner {
-                client,
+                target: target.clone(),
                 redis,
-                keys: Keys::new(prefix),
+                keys: target.keys(prefix),
                 node_id: uuid::Uuid::new_v4().simple().to_string(),
                 pending: Mutex::default(),
                 handler: OnceLock::new(),
@@ -389,7 +405,7 @@ impl Cluster {
         stop: CancellationToken,
     ) -> impl Future<Output = ()> + Send + 'static {
         let ingest = Ingest {
-            client: self.inner.client.clone(),
+            redis: self.inner.target.clone(),
             keys: self.inner.keys.clone(),
             consumer: self.inner.node_id.clone(),
             hub,
@@ -412,7 +428,7 @@ impl Cluster {
         stop: CancellationToken,
     ) -> impl Future<Output = ()> + Send + 'static {
         let emitters = Emitters {
-            client: self.inner.client.clone(),
+            redis: self.inner.target.clone(),
             keys: self.inner.keys.clone(),
             node_id: self.inner.node_id.clone(),
             channels,
@@ -439,11 +455,17 @@ impl Cluster {
     }
 
     async fn listen(&self, hub: &Hub, retry: &mut Duration) -> redis::RedisResult<()> {
+        if self.inner.target.is_cluster() {
+            return self.listen_on_cluster(hub, retry).await;
+        }
+        let Some(client) = self.inner.target.single_client() else {
+            return Ok(());
+        };
         let events = self.keys().announcements();
         let commands = self.keys().node(&self.inner.node_id);
         let replies = self.keys().reply(&self.inner.node_id);
         let handover = self.keys().handover();
-        let mut pubsub = self.inner.client.get_async_pubsub().await?;
+        let mut pubsub = client.get_async_pubsub().await?;
         pubsub
             .subscribe(&[&events, &commands, &replies, &handover])
             .await?;
@@ -471,6 +493,80 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// [`Cluster::listen`] on a Redis Cluster: sharded announcements, classic commands,
+    /// replies and handovers on one RESP3 cluster connection (see the module docs).
+    async fn listen_on_cluster(&self, hub: &Hub, retry: &mut Duration) -> redis::RedisResult<()> {
+        let commands = self.keys().node(&self.inner.node_id);
+        let replies = self.keys().reply(&self.inner.node_id);
+        let handover = self.keys().handover();
+        // Unbounded, as the classic pub/sub stream is: its pushes are handled without
+        // awaiting anything but the catch-up.
+        let (sender, mut pushes) = tokio::sync::mpsc::unbounded_channel::<PushInfo>();
+        let Some(connected) = self.inner.target.connect_cluster_push(sender).await else {
+            return Ok(());
+        };
+        let mut connection = connected?;
+        // One channel per command: a sharded subscription's channels must share a slot.
+        for shard in self.keys().announcement_shards() {
+            connection.ssubscribe(shard).await?;
+        }
+        for channel in [&commands, &replies, &handover] {
+            connection.subscribe(channel).await?;
+        }
+        *retry = FIRST_RETRY;
+        tracing::info!(
+            node = self.inner.node_id,
+            shards = self.keys().announcement_shards().len(),
+            "listening for other nodes' events (sharded) and commands on the Redis Cluster"
+        );
+        let mut catch_up = true;
+        loop {
+            if catch_up && pushes.is_empty() {
+                catch_up = false;
+                // Whatever was announced while a shard was not listened to is in the log.
+                if let Err(error) = hub.catch_up_all().await {
+                    tracing::warn!(%error, "catching up after (re)subscribing failed");
+                }
+            }
+            let Some(push) = pushes.recv().await else {
+                return Ok(());
+            };
+            match push.kind {
+                PushKind::Message | PushKind::SMessage => {
+                    let mut data = push.data.into_iter();
+                    let (Some(channel), Some(payload)) = (data.next(), data.next()) else {
+                        continue;
+                    };
+                    let channel: String = redis::from_redis_value(channel)?;
+                    let payload: String = redis::from_redis_value(payload)?;
+                    if channel == commands {
+                        self.on_command(payload);
+                    } else if channel == replies {
+                        self.on_reply(&payload);
+                    } else if channel == handover {
+                        self.inner.handover.notify_one();
+                    } else {
+                        self.on_announcement(hub, &payload);
+                    }
+                }
+                // A (re)subscription confirmed (the connection renews its subscriptions
+                // after a slot move): catch up once the pushes pause.
+                PushKind::SSubscribe | PushKind::Subscribe => catch_up = true,
+                // A master's connection lost. The cluster connection would resubscribe by
+                // itself, but a resubscription made while the cluster is still down fails
+                // unnoticed; so start over, as on one Redis: subscribe everything anew
+                // (with backoff while that fails), then catch up.
+                PushKind::Disconnection => {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "lost the connection to a Redis Cluster node",
+                    )));
+                }
+                _ => {}
+            }
+        }
     }
 
     fn on_announcement(&self, hub: &Hub, payload: &str) {

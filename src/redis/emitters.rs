@@ -141,7 +141,7 @@ pub struct EmitterLimits {
 
 /// This node's translator.
 pub struct Emitters {
-    pub client: redis::Client,
+    pub redis: super::Redis,
     pub keys: Keys,
     pub node_id: String,
     pub channels: EmitterChannels,
@@ -174,18 +174,11 @@ impl Emitters {
         }
     }
 
-    /// A connection of its own: RESP3, so that it both subscribes and runs the script, and
-    /// its messages come through `backlog`, bounded, rather than an unbounded queue.
+    /// A subscribing connection of its own: RESP3, so that its messages come through
+    /// `backlog`, bounded, rather than an unbounded queue (on a cluster, to one node: the
+    /// emitters' classic `PUBLISH` reaches every node's subscribers).
     async fn subscribe(&self, backlog: &Backlog) -> redis::RedisResult<MultiplexedConnection> {
-        let info = self.client.get_connection_info().clone();
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(redis::ProtocolVersion::RESP3);
-        let config = redis::AsyncConnectionConfig::new().set_push_sender(backlog.sender());
-        let mut redis = redis::Client::open(info.set_redis_settings(settings))?
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+        let mut redis = self.redis.connect_push(backlog.sender()).await?;
         if let Some(channel) = &self.channels.socketio {
             redis.subscribe(channel).await?;
         }
@@ -198,7 +191,11 @@ impl Emitters {
 
     async fn consume_until_error(&self) -> redis::RedisResult<()> {
         let mut backlog = Backlog::new();
-        let mut redis = self.subscribe(&backlog).await?;
+        // Held (not used) until this returns: the subscriptions live as long as it does.
+        let _subscribed = self.subscribe(&backlog).await?;
+        // The lease and the script go through the cluster's routing on a cluster (their keys
+        // share the ingest stream's slot: [`Keys::emitter_lease`]).
+        let mut redis = self.redis.connect_blocking(Duration::from_secs(3)).await?;
         let lease = self.lease();
         let script = redis::Script::new(ADD_IF_HOLDER);
         let mut renewal = tokio::time::interval(self.lease / 3);
@@ -289,7 +286,7 @@ impl Emitters {
     /// (if not, it added nothing).
     async fn flush(
         &self,
-        redis: &mut MultiplexedConnection,
+        redis: &mut super::Connection,
         script: &redis::Script,
         batch: &Batch,
     ) -> redis::RedisResult<bool> {
@@ -313,7 +310,7 @@ impl Emitters {
     /// Describes, once per renewal, the messages the backlog had no room for.
     async fn report_dropped(
         &self,
-        redis: &mut MultiplexedConnection,
+        redis: &mut super::Connection,
         script: &redis::Script,
         dropped: u64,
     ) -> redis::RedisResult<bool> {
@@ -443,7 +440,9 @@ impl Backlog {
     }
 
     /// What the connection hands each push to; it must not block.
-    fn sender(&self) -> impl Fn(PushInfo) -> Result<(), Infallible> + Send + Sync + 'static {
+    fn sender(
+        &self,
+    ) -> impl Fn(PushInfo) -> Result<(), Infallible> + Clone + Send + Sync + 'static {
         let (sender, bytes, dropped) = (
             self.sender.clone(),
             self.bytes.clone(),

@@ -27,10 +27,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::Value as RedisValue;
-use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
-use super::{Keys, Lease};
+use super::{Connection, Keys, Lease, Redis};
 use crate::auth::Principal;
 use crate::error::ErrorCode;
 use crate::event::EventDraft;
@@ -54,7 +53,7 @@ const MAX_ERRORS: usize = 1000;
 
 /// One consumer of the ingest stream: this node's view of it.
 pub struct Ingest {
-    pub client: redis::Client,
+    pub redis: Redis,
     pub keys: Keys,
     /// This node's consumer name (its node id).
     pub consumer: String,
@@ -133,11 +132,7 @@ impl Ingest {
 
     async fn consume_until_error(&self) -> redis::RedisResult<()> {
         // The blocking read waits up to BLOCK for entries: the reply timeout must be longer.
-        let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(BLOCK * 3));
-        let mut redis = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+        let mut redis = self.redis.connect_blocking(BLOCK * 3).await?;
         let created: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg(&["CREATE", &self.stream(), GROUP, "0", "MKSTREAM"])
             .query_async(&mut redis)
@@ -200,22 +195,19 @@ impl Ingest {
     }
 
     /// Gives the lease back, if this node holds it, so another node goes on at once.
-    async fn release_lease(&self, redis: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+    async fn release_lease(&self, redis: &mut Connection) -> redis::RedisResult<()> {
         self.lease().release(redis).await?;
         tracing::info!("stopped consuming the ingest stream");
         Ok(())
     }
 
     /// Takes or renews the lease; whether this node holds it.
-    async fn renew_lease(&self, redis: &mut MultiplexedConnection) -> redis::RedisResult<bool> {
+    async fn renew_lease(&self, redis: &mut Connection) -> redis::RedisResult<bool> {
         self.lease().renew(redis).await
     }
 
     /// The next entries to handle, oldest first (see the module docs for the order).
-    async fn next_entries(
-        &self,
-        redis: &mut MultiplexedConnection,
-    ) -> redis::RedisResult<Vec<Entry>> {
+    async fn next_entries(&self, redis: &mut Connection) -> redis::RedisResult<Vec<Entry>> {
         let stream = self.stream();
         // Ours, taken earlier and not acknowledged (a backend failure, a lost connection).
         let own: RedisValue = redis::cmd("XREADGROUP")
@@ -287,7 +279,7 @@ impl Ingest {
     /// the next holder).
     async fn handle_until_done(
         &self,
-        redis: &mut MultiplexedConnection,
+        redis: &mut Connection,
         id: &str,
         fields: &[(String, String)],
     ) -> redis::RedisResult<bool> {
@@ -330,7 +322,7 @@ impl Ingest {
     /// errors stream in the same transaction.
     async fn acknowledge(
         &self,
-        redis: &mut MultiplexedConnection,
+        redis: &mut Connection,
         id: &str,
         refusal: Option<(ErrorCode, &str)>,
     ) -> redis::RedisResult<()> {

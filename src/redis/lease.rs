@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionLike;
 
 /// Deletes the lease if `ARGV[1]` holds it.
 const RELEASE: &str = r#"
@@ -35,7 +35,10 @@ pub struct Lease {
 
 impl Lease {
     /// Takes or renews the lease; whether this node holds it.
-    pub async fn renew(&self, redis: &mut MultiplexedConnection) -> redis::RedisResult<bool> {
+    pub async fn renew(
+        &self,
+        redis: &mut (impl ConnectionLike + Send),
+    ) -> redis::RedisResult<bool> {
         let ours: i64 = redis::Script::new(TAKE)
             .key(&self.key)
             .arg(&self.holder)
@@ -46,7 +49,10 @@ impl Lease {
     }
 
     /// Gives the lease back, if this node holds it, so another node goes on at once.
-    pub async fn release(&self, redis: &mut MultiplexedConnection) -> redis::RedisResult<()> {
+    pub async fn release(
+        &self,
+        redis: &mut (impl ConnectionLike + Send),
+    ) -> redis::RedisResult<()> {
         let _: i64 = redis::Script::new(RELEASE)
             .key(&self.key)
             .arg(&self.holder)

@@ -9,16 +9,32 @@
 //! stream and keys an earlier one left behind. Events are serialized on the node
 //! around a gap where `seq` goes, and the script splices the number in, so the payload
 //! stays byte-for-byte what the producer sent (Redis' own JSON would reformat numbers).
+//!
+//! **On a Redis Cluster** the script may only touch the session's own slot, so the shared
+//! [`Keys::sessions`] index and the announcement are left to the node, after the script:
+//! - the `--max-sessions` check of a new incarnation: the script answers `new` without
+//!   writing anything when the head is missing, the node reads the index (`ZCARD`,
+//!   `ZSCORE`) and calls again saying whether one more session is admitted (two nodes
+//!   starting sessions at once may each admit one: the bound is then off by the race);
+//! - `ZADD sessions <now> <id>` once events were logged: a node that dies between the script
+//!   and it leaves the session out of the index until its next append or fold (the store's
+//!   compare-and-set adds it too), and its keys still expire on their own (idle TTL);
+//! - the announcement, `SPUBLISH` on the session's shard channel
+//!   ([`Keys::announcement_channel`]), also after an append that found only duplicates, so a
+//!   producer's retry of an append whose node died before announcing wakes the other nodes.
+//!   One that is lost delays the other nodes' delivery of those events until the session's
+//!   next announcement or their next catch-up, never loses one: delivery reads the log.
+//!
+//! Neither of the last two fails an append whose script succeeded.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, Value as RedisValue};
 use serde_json::value::RawValue;
 
 use super::announcement::ANNOUNCE_LUA;
-use super::{Keys, connect, once_more};
+use super::{Connection, Keys, Redis, once_more};
 use crate::event::{EventDraft, EventKind, finalize_body, with_identity};
 use crate::log::{
     AppendOutcome, Appended, Epoch, EventLog, LogError, LogHead, LogLimits, LogSlice, LoggedEvent,
@@ -28,8 +44,10 @@ use crate::log::{
 /// Idempotency keys remembered per session; the oldest are forgotten first.
 const MAX_KEYS_PER_SESSION: usize = 10_000;
 
-/// KEYS: head, log, idempotency keys, the sessions index. ARGV: max events, max keys, a
-/// fresh epoch, the announcement channel, the session id, max bytes, max sessions, the idle
+/// KEYS: head, log, idempotency keys, and on one Redis the sessions index. ARGV: max events,
+/// max keys, a fresh epoch, the announcement channel (`""`: the node announces), the session
+/// id, max bytes, max sessions (without the index: `unchecked`, `admitted` or `full`, see
+/// the module docs; `unchecked` makes a new incarnation answer `{ "new" }`), the idle
 /// TTL (ms), now (ms), the writer (`h` herald, `p` producer, `r` reopening producer), then
 /// per event: name, idempotency key ("" for none), payload before `seq`, payload after
 /// `seq`, whether it ends the session (`1`/`0`). Returns `{ epoch, last_seq, seqs,
@@ -45,12 +63,18 @@ const MAX_KEYS_PER_SESSION: usize = 10_000;
 const APPEND: &str = r#"
 local head, log, keys, sessions = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local max_events, max_keys = tonumber(ARGV[1]), tonumber(ARGV[2])
-local max_bytes, max_sessions = tonumber(ARGV[6]), tonumber(ARGV[7])
+local max_bytes, max_sessions = tonumber(ARGV[6]), tonumber(ARGV[7]) or 0
 local ttl, now, writer = ARGV[8], ARGV[9], ARGV[10]
 local first_event, stride = 11, 5
 local epoch = redis.call('HGET', head, 'epoch')
 if not epoch then
-  if redis.call('ZCARD', sessions) >= max_sessions and not redis.call('ZSCORE', sessions, ARGV[5]) then
+  if sessions then
+    if redis.call('ZCARD', sessions) >= max_sessions and not redis.call('ZSCORE', sessions, ARGV[5]) then
+      return { 'refused', 'TOO_MANY_SESSIONS' }
+    end
+  elseif ARGV[7] == 'unchecked' then
+    return { 'new' }
+  elseif ARGV[7] == 'full' then
     return { 'refused', 'TOO_MANY_SESSIONS' }
   end
   -- A new incarnation. What an earlier one left (its head lost: evicted, deleted) goes, or
@@ -119,21 +143,23 @@ if seq > first then
   end
   redis.call('HSET', head, 'seq', seq, 'bytes', string.format('%d', bytes))
   if ends then redis.call('HSET', head, 'ended', '1') end
-  redis.call('ZADD', sessions, now, ARGV[5])
-  redis.call('PEXPIRE', sessions, ttl)
+  if sessions then
+    redis.call('ZADD', sessions, now, ARGV[5])
+    redis.call('PEXPIRE', sessions, ttl)
+  end
 end
 redis.call('PEXPIRE', head, ttl)
 redis.call('PEXPIRE', log, ttl)
 redis.call('PEXPIRE', keys, ttl)
 local last = string.format('%d', seq)
-if seq > first then
+if seq > first and ARGV[4] ~= '' then
   announce(ARGV[4], last, epoch, ARGV[5])
 end
 return { epoch, last, seqs, retained }
 "#;
 
 pub struct RedisLog {
-    redis: ConnectionManager,
+    redis: Connection,
     keys: Keys,
     limits: LogLimits,
     append: Script,
@@ -151,13 +177,70 @@ impl RedisLog {
         prefix: &str,
         limits: LogLimits,
     ) -> Result<Self, LogError> {
-        let (_, redis) = connect(url).await.map_err(backend)?;
+        let redis = Redis::single(url).map_err(backend)?;
+        Self::open(&redis, prefix, limits).await
+    }
+
+    /// A log on `redis` (one Redis or a cluster).
+    pub async fn open(redis: &Redis, prefix: &str, limits: LogLimits) -> Result<Self, LogError> {
         Ok(Self {
-            redis,
-            keys: Keys::new(prefix),
+            redis: redis.connect().await.map_err(backend)?,
+            keys: redis.keys(prefix),
             limits,
             append: Script::new(&format!("{ANNOUNCE_LUA}{APPEND}")),
         })
+    }
+
+    /// Whether one more session may start (cluster: the script cannot read the index).
+    async fn admits_a_session(&self, session_id: &str) -> Result<bool, LogError> {
+        let mut pipe = redis::pipe();
+        pipe.zcard(self.keys.sessions())
+            .zscore(self.keys.sessions(), session_id);
+        let (count, known): (u64, Option<f64>) = self.query(&pipe).await?;
+        Ok(known.is_some() || count < self.limits.max_sessions)
+    }
+
+    /// After a cluster append: the index entry and the announcement the script could not
+    /// make (see the module docs). Neither fails the append, which is logged by then (a
+    /// producer told otherwise would send it again): a failure is only warned about, and
+    /// costs what a crash between the two would.
+    async fn after_cluster_append(
+        &self,
+        session_id: &str,
+        logged: bool,
+        epoch: &Epoch,
+        last_seq: u64,
+    ) {
+        let mut redis = self.redis.clone();
+        if logged {
+            let ttl = self.idle_ttl_ms();
+            let mut pipe = redis::pipe();
+            pipe.zadd(self.keys.sessions(), session_id, now_ms())
+                .ignore()
+                .pexpire(self.keys.sessions(), i64::try_from(ttl).unwrap_or(i64::MAX))
+                .ignore();
+            let indexed: redis::RedisResult<()> = pipe.query_async(&mut redis).await;
+            if let Err(error) = indexed {
+                tracing::warn!(session_id, %error, "could not index a session after its append");
+            }
+        }
+        if last_seq > 0 {
+            let announcement = format!("{last_seq} {epoch} {session_id}");
+            let announced: redis::RedisResult<i64> = redis::cmd("SPUBLISH")
+                .arg(self.keys.announcement_channel(session_id))
+                .arg(announcement)
+                .query_async(&mut redis)
+                .await;
+            if let Err(error) = announced {
+                tracing::warn!(session_id, %error, "could not announce an append");
+            }
+        }
+    }
+
+    fn idle_ttl_ms(&self) -> u64 {
+        u64::try_from(self.limits.idle_ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
     }
 
     /// Runs a read-only pipeline, once more over the reconnected link if the first went out
@@ -189,6 +272,12 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Whether the append script answered `{ "new" }` (cluster: a new incarnation to check).
+fn is_new_incarnation(reply: &RedisValue) -> bool {
+    matches!(reply, RedisValue::Array(items)
+        if matches!(items.as_slice(), [RedisValue::BulkString(marker)] if marker == b"new"))
 }
 
 /// The append script's reply: `(epoch, last_seq, seqs, retained)`, or the refusal it names.
@@ -246,52 +335,87 @@ impl EventLog for RedisLog {
         drafts: Vec<EventDraft>,
         writer: Writer,
     ) -> Result<AppendOutcome, LogError> {
-        let mut invocation = self.append.prepare_invoke();
         let [head_key, log_key, keys_key] = self.session_keys(session_id);
         let limits = &self.limits;
-        invocation
-            .key(&head_key)
-            .key(&log_key)
-            .key(&keys_key)
-            .key(self.keys.sessions())
-            .arg(limits.max_events)
-            .arg(MAX_KEYS_PER_SESSION)
-            .arg(Epoch::fresh().as_str())
-            .arg(self.keys.announcements())
-            .arg(session_id)
-            .arg(limits.max_bytes)
-            .arg(limits.max_sessions)
-            .arg(
-                u64::try_from(limits.idle_ttl.as_millis())
-                    .unwrap_or(u64::MAX)
-                    .max(1),
-            )
-            .arg(now_ms())
-            .arg(match writer {
-                Writer::Herald => "h",
-                Writer::Producer => "p",
-                Writer::Reopening => "r",
-            });
+        let cluster = self.keys.is_cluster();
         let mut bodies = Vec::with_capacity(drafts.len());
+        let mut events = Vec::with_capacity(drafts.len());
         for draft in drafts {
             let ends = draft.ends_session();
             let body = finalize_body(draft.data);
             let Split { before, after } = split(session_id, &body)?;
-            invocation
-                .arg(draft.kind.as_str())
-                .arg(draft.idempotency_key.as_deref().unwrap_or(""))
-                .arg(before.clone())
-                .arg(after.clone())
-                .arg(if ends { "1" } else { "0" });
+            events.push((
+                draft.kind.as_str(),
+                draft.idempotency_key.unwrap_or_default(),
+                before.clone(),
+                after.clone(),
+                if ends { "1" } else { "0" },
+            ));
             bodies.push((draft.kind, body, before, after));
         }
-        let reply: RedisValue = invocation
-            .invoke_async(&mut self.redis.clone())
-            .await
-            .map_err(backend)?;
+        let fresh = Epoch::fresh();
+        // On a cluster: first as if the session existed; a new incarnation comes back once
+        // to be checked against the index (see the module docs).
+        let mut sessions_check = if cluster {
+            "unchecked".to_owned()
+        } else {
+            limits.max_sessions.to_string()
+        };
+        let reply = loop {
+            let mut invocation = self.append.prepare_invoke();
+            invocation.key(&head_key).key(&log_key).key(&keys_key);
+            if !cluster {
+                invocation.key(self.keys.sessions());
+            }
+            invocation
+                .arg(limits.max_events)
+                .arg(MAX_KEYS_PER_SESSION)
+                .arg(fresh.as_str())
+                .arg(if cluster {
+                    String::new()
+                } else {
+                    self.keys.announcements()
+                })
+                .arg(session_id)
+                .arg(limits.max_bytes)
+                .arg(&sessions_check)
+                .arg(self.idle_ttl_ms())
+                .arg(now_ms())
+                .arg(match writer {
+                    Writer::Herald => "h",
+                    Writer::Producer => "p",
+                    Writer::Reopening => "r",
+                });
+            for (kind, key, before, after, ends) in &events {
+                invocation
+                    .arg(*kind)
+                    .arg(key.as_str())
+                    .arg(before.as_str())
+                    .arg(after.as_str())
+                    .arg(*ends);
+            }
+            let reply: RedisValue = invocation
+                .invoke_async(&mut self.redis.clone())
+                .await
+                .map_err(backend)?;
+            if cluster && sessions_check == "unchecked" && is_new_incarnation(&reply) {
+                sessions_check = if self.admits_a_session(session_id).await? {
+                    "admitted".to_owned()
+                } else {
+                    "full".to_owned()
+                };
+                continue;
+            }
+            break reply;
+        };
         let (epoch, last_seq, raw_seqs, retained) = appended_or_refused(session_id, reply, limits)?;
         let epoch = Epoch::parse(&epoch)
             .ok_or_else(|| LogError::Backend("the append script returned no epoch".into()))?;
+        if cluster {
+            let logged = raw_seqs.iter().any(|&raw| raw > 0);
+            self.after_cluster_append(session_id, logged, &epoch, last_seq)
+                .await;
+        }
         let mut seqs = Vec::with_capacity(raw_seqs.len());
         let mut appended = Vec::new();
         for ((kind, body, before, after), raw) in bodies.into_iter().zip(raw_seqs) {

@@ -5,31 +5,41 @@
 //! session's log concurrently, so a node folds its events into the stored snapshot with a
 //! compare-and-set, first folding from the log any earlier events another node has not
 //! folded yet: the stored snapshot always describes a prefix of the log, in order.
+//!
+//! **On a Redis Cluster** the compare-and-set may only touch the session's slot (snapshot
+//! and version), so the two indexes (which share one slot there: [`Keys::ended`]) are
+//! updated right after it succeeds, in one `MULTI` of idempotent commands (`ZADD NX`,
+//! `ZREM`); its failure is warned about and does not fail the fold. A node that dies in between leaves the indexes one fold behind: the next fold of
+//! the session repairs them, a session missing from `sessions` is left out of the list
+//! until then (its keys still expire by their TTL), and a reopened session still in `ended`
+//! is not taken for expired: the sweep takes an `ended` entry only once the snapshot it
+//! reads is terminal (and drops the stale entry otherwise).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
-use super::{Keys, connect, once_more};
+use super::{Connection, Keys, Redis, once_more};
 use crate::event::{SessionStatus, now_timestamp};
 use crate::log::{Appended, Epoch, EventLog};
 use crate::store::{
     Origin, SessionStore, SessionSummary, Snapshot, StoreError, StoreLimits, sort_summaries,
 };
 
-/// KEYS: snapshot, its version, sessions index, ended index. ARGV: the version read (`""`
-/// if none), the JSON to write, session id, created (ms), ended (ms, or `""` while
-/// running), the idle TTL (ms). The version is a counter beside the snapshot, so a fold
-/// sends the snapshot once, not the one it read as well.
+/// KEYS: snapshot, its version, and on one Redis the sessions index and the ended index.
+/// ARGV: the version read (`""` if none), the JSON to write, session id, created (ms),
+/// ended (ms, or `""` while running), the idle TTL (ms). The version is a counter beside the
+/// snapshot, so a fold sends the snapshot once, not the one it read as well. Without the
+/// indexes (cluster) the node updates them after it ([`index_commands`]).
 const COMPARE_AND_SET: &str = r#"
 local current = redis.call('GET', KEYS[2]) or ''
 if current ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[6])
 redis.call('INCR', KEYS[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
+if #KEYS < 4 then return 1 end
 redis.call('ZADD', KEYS[3], 'NX', ARGV[4], ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[6])
 if ARGV[5] ~= '' then
@@ -52,7 +62,7 @@ struct Read {
 const MAX_TRIES: usize = 64;
 
 pub struct RedisStore {
-    redis: ConnectionManager,
+    redis: Connection,
     keys: Keys,
     log: Arc<dyn EventLog>,
     limits: StoreLimits,
@@ -85,10 +95,20 @@ impl RedisStore {
         log: Arc<dyn EventLog>,
         limits: StoreLimits,
     ) -> Result<Self, StoreError> {
-        let (_, redis) = connect(url).await.map_err(backend)?;
+        let redis = Redis::single(url).map_err(backend)?;
+        Self::open(&redis, prefix, log, limits).await
+    }
+
+    /// A store on `redis` (one Redis or a cluster).
+    pub async fn open(
+        redis: &Redis,
+        prefix: &str,
+        log: Arc<dyn EventLog>,
+        limits: StoreLimits,
+    ) -> Result<Self, StoreError> {
         Ok(Self {
-            redis,
-            keys: Keys::new(prefix),
+            redis: redis.connect().await.map_err(backend)?,
+            keys: redis.keys(prefix),
             log,
             limits,
             compare_and_set: Script::new(COMPARE_AND_SET),
@@ -144,17 +164,21 @@ impl RedisStore {
         } else {
             String::new()
         };
+        let cluster = self.keys.is_cluster();
+        let created = now_ms();
         let mut invocation = self.compare_and_set.prepare_invoke();
         invocation
             .key(self.keys.snapshot(session_id))
-            .key(self.keys.snapshot_version(session_id))
-            .key(self.keys.sessions())
-            .key(self.keys.ended())
+            .key(self.keys.snapshot_version(session_id));
+        if !cluster {
+            invocation.key(self.keys.sessions()).key(self.keys.ended());
+        }
+        invocation
             .arg(&read.version)
             .arg(serde_json::to_string(snapshot).map_err(backend)?)
             .arg(session_id)
-            .arg(now_ms())
-            .arg(ended)
+            .arg(created)
+            .arg(&ended)
             .arg(self.idle_ttl_ms());
         // A compare-and-set is safe to repeat: if the first went through, the second
         // finds the snapshot changed and the fold starts over.
@@ -165,6 +189,20 @@ impl RedisStore {
         })
         .await
         .map_err(backend)?;
+        if written == 1 && cluster {
+            let pipe = index_commands(&self.keys, session_id, created, &ended, self.idle_ttl_ms());
+            // Idempotent, so safe to repeat over a reconnected link. The snapshot is written
+            // by now: a failure only leaves the indexes lagging (see the module docs).
+            let indexed: redis::RedisResult<()> = once_more(|| {
+                let mut redis = self.redis.clone();
+                let pipe = &pipe;
+                async move { pipe.query_async(&mut redis).await }
+            })
+            .await;
+            if let Err(error) = indexed {
+                tracing::warn!(session_id, %error, "could not index a session after its fold");
+            }
+        }
         Ok(written == 1)
     }
 
@@ -290,10 +328,13 @@ impl SessionStore for RedisStore {
         let mut redis = self.redis.clone();
         let cutoff = now_ms().saturating_sub(ttl.as_millis() as u64);
         let ended = self.keys.ended();
-        let ids: Vec<String> = redis
+        let mut ids: Vec<String> = redis
             .zrangebyscore(&ended, 0, cutoff)
             .await
             .map_err(backend)?;
+        if self.keys.is_cluster() {
+            ids = self.still_ended(ids).await?;
+        }
         self.take(&ended, ids).await
     }
 
@@ -366,7 +407,62 @@ impl SessionStore for RedisStore {
     }
 }
 
+/// A cluster's index updates after a compare-and-set wrote a session's snapshot (what the
+/// script does on one Redis): one `MULTI`, as both indexes share a slot ([`Keys::ended`]).
+fn index_commands(
+    keys: &Keys,
+    session_id: &str,
+    created: u64,
+    ended: &str,
+    ttl_ms: u64,
+) -> redis::Pipeline {
+    let ttl = i64::try_from(ttl_ms).unwrap_or(i64::MAX);
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    pipe.cmd("ZADD")
+        .arg(keys.sessions())
+        .arg("NX")
+        .arg(created)
+        .arg(session_id)
+        .ignore()
+        .pexpire(keys.sessions(), ttl)
+        .ignore();
+    if ended.is_empty() {
+        pipe.zrem(keys.ended(), session_id).ignore();
+    } else {
+        pipe.cmd("ZADD")
+            .arg(keys.ended())
+            .arg("NX")
+            .arg(ended)
+            .arg(session_id)
+            .ignore()
+            .pexpire(keys.ended(), ttl)
+            .ignore();
+    }
+    pipe
+}
+
 impl RedisStore {
+    /// Of `ids` (read from the ended index), those whose snapshot is still terminal (or
+    /// gone); the others were reopened while their index entry lagged behind (cluster: the
+    /// entry is updated after the snapshot), so their entry is dropped instead.
+    async fn still_ended(&self, ids: Vec<String>) -> Result<Vec<String>, StoreError> {
+        let mut ended = Vec::with_capacity(ids.len());
+        for id in ids {
+            let terminal = match self.get(&id).await? {
+                Some(snapshot) => snapshot.summary.status.is_terminal(),
+                None => true,
+            };
+            if terminal {
+                ended.push(id);
+            } else {
+                let mut redis = self.redis.clone();
+                let _: () = redis.zrem(self.keys.ended(), &id).await.map_err(backend)?;
+            }
+        }
+        Ok(ended)
+    }
+
     /// Removes the sessions `ids` from both indexes and their snapshots, naming those this
     /// node took: removing an id from `index` (ZREM) decides which node takes a session, so
     /// each is dropped once.
