@@ -269,6 +269,39 @@ async fn a_subscriber_on_one_node_gets_every_event_posted_to_another_on_every_ma
         keys.ingest_errors(),
         format!("{prefix}:ingest:errors{{{prefix}:ingest}}")
     );
+
+    // A python-socketio emit, a classic PUBLISH on a cluster (any node's subscribers get
+    // it), translated by the lease holder into the ingest stream, whose script spans the
+    // lease and both streams (one slot by their hash tags).
+    let emit = json!({
+        "method": "emit", "event": "progress", "namespace": "/", "room": ingested,
+        "data": [{ "status": "PROCESSING", "progress": 1, "n": total + 1 }],
+    });
+    let started = Instant::now();
+    let mut emitted = None;
+    while emitted.is_none() {
+        // (Its reply counts only the subscribers of the node it went to.)
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("socketio")
+            .arg(emit.to_string())
+            .query_async(&mut redis)
+            .await
+            .expect("PUBLISH on the socketio channel");
+        let want = HashMap::from([(ingested.clone(), total + 2)]);
+        // The translator's lease may still be changing hands: then publish again.
+        emitted = tokio::time::timeout(Duration::from_secs(2), collect(&mut client, &want))
+            .await
+            .ok();
+        assert!(
+            started.elapsed() < POLL_WITHIN,
+            "the emit was never delivered"
+        );
+    }
+    assert_eq!(
+        emitted.unwrap()[ingested].first(),
+        Some(&(total + 2, total + 1)),
+        "the emitted event"
+    );
     let started = Instant::now();
     loop {
         let errors: redis::Value = redis::cmd("XRANGE")
