@@ -3,9 +3,11 @@
 //! concurrency) and the [`SessionStore`] (the fold, listing, metadata, expiry).
 //!
 //! A behaviour is an async function over `Arc<dyn EventLog>` / `Arc<dyn SessionStore>`;
-//! `log_suite!` and `store_suite!` turn it into a `memory`, a `disk` (the data dir) and a
-//! `redis` test (`cargo test --test backends redis`). Each Redis test runs its own `redis-server`
-//! (tests/common/redis.rs) and uses its own key prefix. Behaviours that only exist with
+//! `log_suite!` and `store_suite!` turn it into a `memory`, a `disk` (the data dir), a
+//! `redis` test (`cargo test --test backends redis`) and a `redis_cluster` one. Each Redis test
+//! runs its own `redis-server` (tests/common/redis.rs) and uses its own key prefix; the
+//! `redis_cluster` tests share one local three-master Redis Cluster per run
+//! (`RedisCluster::shared`), each under its own prefix. Behaviours that only exist with
 //! several nodes (two `RedisLog`s or `RedisStore`s on one Redis) are Redis-only tests at
 //! the end.
 

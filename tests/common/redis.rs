@@ -8,6 +8,8 @@
 //! one keeps an append-only file (fsync on every write) in its own directory, so its
 //! restart comes back with its data: an outage without data loss (keys whose TTL ran out
 //! meanwhile are gone, as after any outage).
+//!
+//! [`RedisCluster`]: three cluster-enabled masters joined by `redis-cli --cluster create`.
 #![allow(dead_code)]
 
 use std::net::TcpListener;
