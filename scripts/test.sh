@@ -23,6 +23,9 @@ need_cmd npm npm
 need_cmd python3 python3
 # Tests that involve Redis start their own redis-server processes on free ports.
 need_cmd redis-server redis-server
+# The Redis Cluster tests (tests/redis_cluster.rs, backends' redis_cluster) form clusters with
+# redis-cli (Redis 7: sharded pub/sub).
+need_cmd redis-cli redis-tools
 
 step "the vendored socketioxide and engineioxide are what is built, and are upstream + herald.patch"
 bash scripts/check-vendor.sh
