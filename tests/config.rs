@@ -225,3 +225,55 @@ fn an_unreachable_redis_is_named_without_its_password() {
     assert!(!stderr.contains("pw-s3cr3t"), "password logged:\n{stderr}");
     assert!(stderr.contains("redis://u:***@127.0.0.1:1"), "{stderr}");
 }
+
+/// `--redis-cluster` is refused, with a message saying why, without a seed list and with a
+/// prefix a cluster would read as a hash tag; an unreachable seed list is named with every
+/// password masked.
+#[test]
+fn redis_cluster_mistakes_are_refused_with_a_reason() {
+    let env = [("RUST_BACKTRACE", "0")];
+    let output = herald(&["serve", "--port", "0", "--redis-cluster"], &env);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--redis-cluster needs --redis-url"),
+        "{stderr}"
+    );
+
+    let url = "redis://127.0.0.1:1";
+    let args = [
+        "serve",
+        "--port",
+        "0",
+        "--redis-cluster",
+        "--redis-url",
+        url,
+    ];
+    let output = herald(&[&args[..], &["--redis-prefix", "a{b}"]].concat(), &env);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("has a brace"), "{stderr}");
+
+    let seeds = "redis://u:pw-one@127.0.0.1:1,redis://:pw-two@127.0.0.1:2";
+    let output = herald(
+        &[
+            "serve",
+            "--port",
+            "0",
+            "--redis-cluster",
+            "--redis-url",
+            seeds,
+        ],
+        &env,
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("pw-one") && !stderr.contains("pw-two"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("redis://u:***@127.0.0.1:1,redis://:***@127.0.0.1:2"),
+        "{stderr}"
+    );
+}
