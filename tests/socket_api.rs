@@ -361,3 +361,80 @@ async fn development_mode_can_drop_a_sessions_sockets_server_side() {
         .await;
     assert_eq!(status, 404, "the route exists only in development mode");
 }
+
+/// The Engine.IO heartbeat on a websocket session (kept by the connection's one task in the
+/// vendored engineioxide): a client that answers every PING stays connected and keeps
+/// getting its session's events, even while a steady flow of events is written to it; one
+/// that stops answering is sent a CLOSE packet and dropped once the PONG is overdue.
+#[tokio::test]
+async fn heartbeat_keeps_answering_clients_and_drops_silent_ones() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let app = spawn_app_with(|config| {
+        config.ping_interval_ms = 150;
+        config.ping_timeout_ms = 300;
+    })
+    .await;
+    let mut answering = common::raw::connect(app.addr).await;
+    let mut silent = common::raw::connect(app.addr).await;
+    answering
+        .send(Message::text(r#"42["subscribe","beat-1"]"#))
+        .await
+        .unwrap();
+
+    // The producer posts an event every 20 ms for the whole test, so writes keep coming
+    // while the answering client's PONGs must still be read.
+    let producer = {
+        let http = reqwest::Client::new();
+        let url = app.url("/api/sessions/beat-1/events");
+        tokio::spawn(async move {
+            for n in 1..=100u64 {
+                let body = json!({ "event": "progress", "data": { "status": "PROCESSING", "progress": n } });
+                let _ = http.post(&url).json(&body).send().await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    let answered = async {
+        let (mut pings, mut events) = (0, 0);
+        while pings < 8 {
+            let frame = common::raw::next_text(&mut answering)
+                .await
+                .expect("an answering client stays connected");
+            if frame == "2" {
+                pings += 1;
+                answering.send(Message::text("3")).await.unwrap();
+            } else if frame.starts_with(r#"42["progress""#) {
+                events += 1;
+            }
+        }
+        events
+    };
+    let dropped = async {
+        let mut frames = Vec::new();
+        while let Some(frame) = common::raw::next_text(&mut silent).await {
+            frames.push(frame);
+        }
+        frames
+    };
+    let (events, silent_frames) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(answered, dropped)
+    })
+    .await
+    .expect("8 pings answered and the silent client dropped within 10 s");
+
+    assert!(events > 10, "events kept coming between pings: {events}");
+    assert_eq!(
+        silent_frames.iter().filter(|f| *f == "2").count(),
+        1,
+        "the silent client is pinged once, then dropped: {silent_frames:?}"
+    );
+    assert_eq!(
+        silent_frames.last().map(String::as_str),
+        Some("1"),
+        "a CLOSE packet before the connection ends: {silent_frames:?}"
+    );
+    producer.abort();
+}

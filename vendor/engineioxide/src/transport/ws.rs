@@ -6,10 +6,9 @@
 
 use std::sync::Arc;
 
-use futures_util::{
-    SinkExt, StreamExt, TryStreamExt,
-    stream::{SplitSink, SplitStream},
-};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, Request, Response, StatusCode, request::Parts};
 use smallvec::smallvec;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -24,10 +23,11 @@ use tokio_tungstenite::{
 use tokio_util::future::FutureExt as _;
 
 use engineioxide_core::{Packet, ProtocolVersion, Sid, Str, TransportType};
+use tokio::time::Instant;
 
 use crate::{
     DisconnectReason, Socket, body::ResponseBody, config::EngineIoConfig, engine::EngineIo,
-    errors::Error, handler::EngineIoHandler, socket::InternalRx, transport::make_open_packet,
+    errors::Error, handler::EngineIoHandler, socket::{InternalRx, QueuedPackets}, transport::make_open_packet,
 };
 
 /// Create a response for websocket upgrade
@@ -102,7 +102,8 @@ pub fn new_req<R: Send + 'static, B, H: EngineIoHandler>(
 ///
 /// Sends an open packet if it is not an upgrade from a polling request
 ///
-/// Read packets from the websocket and handle them, it will block until the connection is closed
+/// (herald patch) Then serves the session in a task of its own ([`serve`]) and returns:
+/// the long-lived task holds only what serving needs, none of the opening steps' state.
 #[cfg_attr(
     feature = "tracing",
     tracing::instrument(level = "trace", name = "init_websocket", skip(engine, conn, req_data))
@@ -117,16 +118,34 @@ pub async fn on_init<H: EngineIoHandler, S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (socket, ws, heartbeat) =
+        open_session::<H, S>(&engine, conn, protocol, sid, req_data).await?;
+    tokio::spawn(serve::<H, S>(engine, socket, ws, heartbeat));
+    Ok(())
+}
+
+/// Opens the session of a websocket connection: a new one (OPEN packet), or the upgrade of a
+/// polling session. A new v4 session's heartbeat is returned, to run in the connection's task.
+async fn open_session<H: EngineIoHandler, S>(
+    engine: &Arc<EngineIo<H>>,
+    conn: S,
+    protocol: ProtocolVersion,
+    sid: Option<Sid>,
+    req_data: Parts,
+) -> Result<(Arc<Socket<H::Data>>, WebSocketStream<S>, Option<Heartbeat>), Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(engine.config.ws_read_buffer_size)
         .max_message_size(Some(engine.config.ws_max_message_size))
         .max_frame_size(Some(engine.config.ws_max_frame_size));
 
     let ws_init = move || WebSocketStream::from_raw_socket(conn, Role::Server, Some(ws_config));
-    let (socket, ws) = if let Some(sid) = sid {
+    if let Some(sid) = sid {
         match engine.get_socket(sid) {
-            None => return Err(Error::UnknownSessionID(sid)),
-            Some(socket) if socket.is_ws() => return Err(Error::MultipleWebsocketRequests),
+            None => Err(Error::UnknownSessionID(sid)),
+            Some(socket) if socket.is_ws() => Err(Error::MultipleWebsocketRequests),
             Some(socket) => {
                 let mut ws = ws_init().await;
 
@@ -148,7 +167,8 @@ where
                         return Err(Error::Upgrade);
                     }
                 }
-                (socket, ws)
+                // The polling session's heartbeat task goes on beating.
+                Ok((socket, ws, None))
             }
         }
     } else {
@@ -159,206 +179,302 @@ where
 
         let mut ws = ws_init().await;
         init_handshake(socket.id, &mut ws, &engine.config).await?;
-        socket
-            .clone()
-            .spawn_heartbeat(engine.config.ping_interval, engine.config.ping_timeout);
-        (socket, ws)
-    };
-    let (tx, rx) = ws.split();
-
-    // Pipe between websocket and internal socket channel.
-    tokio::spawn(forward_to_socket::<H, S>(socket.clone(), tx));
-
-    // pipe between internal socket channel and websocket
-    match forward_to_handler(&engine, rx, &socket)
-        .with_cancellation_token(&socket.cancellation_token)
-        .await
-    {
-        Some(Err(ref e)) => {
-            let reason =
-                Option::<DisconnectReason>::from(e).unwrap_or(DisconnectReason::TransportError);
-
-            #[cfg(feature = "tracing")]
-            tracing::debug!("error when handling packet: {:?}", e);
-            engine.close_session(socket.id, reason);
-        }
-        Some(Ok(())) => {
-            #[cfg(feature = "tracing")]
-            tracing::debug!(sid = %socket.id, "ws transport was closed");
-            engine.close_session(socket.id, DisconnectReason::TransportClose);
-        }
-        None => {
-            #[cfg(feature = "tracing")]
-            tracing::debug!(sid = %socket.id, "socket is closing");
-        }
-    }
-    Ok(())
-}
-
-/// Forwards all packets received from a websocket to a EngineIo [`Socket`]
-async fn forward_to_handler<H: EngineIoHandler, S>(
-    engine: &Arc<EngineIo<H>>,
-    mut rx: SplitStream<WebSocketStream<S>>,
-    socket: &Arc<Socket<H::Data>>,
-) -> Result<(), Error>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    while let Some(msg) = rx.try_next().await? {
-        match msg {
-            Message::Text(msg) => match Packet::parse(socket.protocol, ws_bytes_to_str(msg))? {
-                Packet::Close => {
-                    #[cfg(feature = "tracing")]
-                    tracing::debug!("[sid={}] closing session", socket.id);
-                    engine.close_session(socket.id, DisconnectReason::TransportClose);
-                    break;
-                }
-                Packet::Pong | Packet::Ping => {
-                    // A full channel means that the client is already known to be alive.
-                    socket.heartbeat_tx.try_send(()).ok();
-                    Ok::<(), Error>(())
-                }
-                Packet::Message(msg) => {
-                    engine.handler.on_message(msg, socket.clone());
-                    Ok(())
-                }
-                p => return Err(Error::BadPacket(p)),
-            },
-            Message::Binary(mut data) => {
-                if socket.protocol == ProtocolVersion::V3 && !data.is_empty() {
-                    // The first byte is the message type, which we don't need.
-                    data = data.split_off(1);
-                }
-                engine.handler.on_binary(data, socket.clone());
-                Ok(())
-            }
-            Message::Close(_) => {
-                #[cfg(feature = "tracing")]
-                tracing::debug!("websocket closed, closing session");
-                engine.close_session(socket.id, DisconnectReason::TransportClose);
-                break;
-            }
+        let heartbeat = match protocol {
+            ProtocolVersion::V4 => Some(Heartbeat::new(
+                engine.config.ping_interval,
+                engine.config.ping_timeout,
+            )),
+            #[allow(unreachable_patterns)]
             _ => {
-                #[cfg(feature = "tracing")]
-                tracing::debug!(sid = ?socket.id, "unexpected ws message");
-                Ok(())
+                socket
+                    .clone()
+                    .spawn_heartbeat(engine.config.ping_interval, engine.config.ping_timeout);
+                None
             }
-        }?
+        };
+        Ok((socket, ws, heartbeat))
     }
-    Ok(())
 }
 
-/// Forwards all packets waiting to be sent to the websocket
-///
-/// The websocket stream is flushed only when the internal channel is drained
-async fn forward_to_socket<H: EngineIoHandler, S>(
-    socket: Arc<Socket<H::Data>>,
-    mut tx: SplitSink<WebSocketStream<S>, Message>,
+/// (herald patch) The v4 heartbeat of a websocket session, kept by the connection's task:
+/// a PING every `interval`, the first one `interval` after the session opens (as the
+/// reference engine.io server does), and a PONG expected within `timeout` of each PING.
+/// Upstream runs it in a task of its own, fed by a channel; here it costs one timer.
+#[derive(Debug)]
+struct Heartbeat {
+    interval: Duration,
+    timeout: Duration,
+    next_ping: Instant,
+    /// When the PONG of the PING last sent is due, until it comes.
+    pong_due: Option<Instant>,
+}
+
+impl Heartbeat {
+    fn new(interval: Duration, timeout: Duration) -> Self {
+        Self {
+            interval,
+            timeout,
+            next_ping: Instant::now() + interval,
+            pong_due: None,
+        }
+    }
+
+    /// When the heartbeat next has something to do.
+    fn deadline(&self) -> Instant {
+        self.pong_due.unwrap_or(self.next_ping)
+    }
+
+    /// The deadline has come: sends a PING, or fails when a PONG is overdue (or the queue is
+    /// full, as upstream's heartbeat treats it).
+    fn on_deadline<D: Default + Send + Sync + 'static>(
+        &mut self,
+        socket: &Socket<D>,
+    ) -> Result<(), Error> {
+        if self.pong_due.is_some() {
+            return Err(Error::HeartbeatTimeout);
+        }
+        socket
+            .internal_tx
+            .try_send(Box::new(smallvec![Packet::Ping]))
+            .map_err(|_| Error::HeartbeatTimeout)?;
+        let now = Instant::now();
+        self.pong_due = Some(now + self.timeout);
+        self.next_ping = (self.next_ping + self.interval).max(now);
+        Ok(())
+    }
+
+    /// A PONG came. One that comes early (some clients send one first) changes nothing.
+    fn on_pong(&mut self) {
+        self.pong_due = None;
+    }
+}
+
+/// What a frame read from the client asks of the connection.
+enum Read {
+    More,
+    /// The client closed the session or its transport (`Ok`), or broke the protocol.
+    Done(Result<(), Error>),
+}
+
+/// Handles one frame (or the end of the stream, or a read error) from the client.
+fn on_frame<H: EngineIoHandler>(
+    engine: &Arc<EngineIo<H>>,
+    socket: &Arc<Socket<H::Data>>,
+    heartbeat: Option<&mut Heartbeat>,
+    frame: Option<Result<Message, tungstenite::Error>>,
+) -> Read {
+    let msg = match frame {
+        Some(Ok(msg)) => msg,
+        Some(Err(e)) => return Read::Done(Err(e.into())),
+        None => return Read::Done(Ok(())),
+    };
+    match msg {
+        Message::Text(msg) => match Packet::parse(socket.protocol, ws_bytes_to_str(msg)) {
+            Ok(Packet::Close) => {
+                #[cfg(feature = "tracing")]
+                tracing::debug!("[sid={}] closing session", socket.id);
+                Read::Done(Ok(()))
+            }
+            Ok(Packet::Pong | Packet::Ping) => {
+                match heartbeat {
+                    Some(heartbeat) => heartbeat.on_pong(),
+                    // An upgraded session's heartbeat runs in its own task.
+                    None => socket.heartbeat.notify_one(),
+                }
+                Read::More
+            }
+            Ok(Packet::Message(msg)) => {
+                engine.handler.on_message(msg, socket.clone());
+                Read::More
+            }
+            Ok(p) => Read::Done(Err(Error::BadPacket(p))),
+            Err(e) => Read::Done(Err(e.into())),
+        },
+        Message::Binary(mut data) => {
+            if socket.protocol == ProtocolVersion::V3 && !data.is_empty() {
+                // The first byte is the message type, which we don't need.
+                data = data.split_off(1);
+            }
+            engine.handler.on_binary(data, socket.clone());
+            Read::More
+        }
+        Message::Close(_) => {
+            #[cfg(feature = "tracing")]
+            tracing::debug!("websocket closed, closing session");
+            Read::Done(Ok(()))
+        }
+        _ => {
+            #[cfg(feature = "tracing")]
+            tracing::debug!(sid = ?socket.id, "unexpected ws message");
+            Read::More
+        }
+    }
+}
+
+/// The websocket message of one packet (`None` for a NOOP).
+fn to_message(protocol: ProtocolVersion, item: Packet) -> Option<Message> {
+    match item {
+        Packet::Binary(bin) | Packet::BinaryV3(bin) => {
+            if protocol == ProtocolVersion::V3 {
+                // v3 protocol requires packet type as the first byte.
+                // This requires a new buffer. This is OK as it is only for the V3 protocol.
+                let mut buff = Vec::with_capacity(bin.len() + 1);
+                buff.push(0x04);
+                buff.extend(bin);
+                Some(Message::Binary(buff.into()))
+            } else {
+                Some(Message::Binary(bin))
+            }
+        }
+        // A Noop Packet maybe sent by the server to upgrade from a polling connection
+        // In the case that the packet was not poll in time it will remain in the buffer and therefore
+        // it should be discarded here
+        Packet::Noop => None,
+        item => {
+            let packet: String = item.try_into().unwrap();
+            Some(Message::Text(packet.into()))
+        }
+    }
+}
+
+/// Writes packets to the websocket (without flushing them). The packets are taken from
+/// their box one at a time, so the future holds one message, not the whole buffer.
+async fn feed_packets<S>(
+    ws: &mut WebSocketStream<S>,
+    protocol: ProtocolVersion,
+    mut packets: QueuedPackets,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // A polling request that was in progress during the upgrade may still hold the lock.
-    let lock = socket.internal_rx.lock();
-    let Some(mut internal_rx) = lock
-        .with_cancellation_token(&socket.cancellation_token)
-        .await
-    else {
-        #[cfg(feature = "tracing")]
-        tracing::debug!(sid = %socket.id, "session closed before starting the ws writer");
-        return;
-    };
-    let InternalRx {
-        buffered_rx,
-        volatile_rx,
-        ..
-    } = &mut *internal_rx;
-
-    // map a packet to a websocket message
-    // It is declared as a macro rather than a closure to avoid ownership issues
-    macro_rules! map_fn {
-            ($item:ident) => {
-                let res = match $item {
-                    Packet::Binary(bin) | Packet::BinaryV3(bin) => {
-                        if socket.protocol == ProtocolVersion::V3 {
-                            // v3 protocol requires packet type as the first byte.
-                            // This requires a new buffer. This is OK as it is only for the V3 protocol.
-                            let mut buff = Vec::with_capacity(bin.len() + 1);
-                            buff.push(0x04);
-                            buff.extend(bin);
-                            tx.feed(Message::Binary(buff.into())).await
-                        } else {
-                            tx.feed(Message::Binary(bin)).await
-                        }
-                    }
-                    // A Noop Packet maybe sent by the server to upgrade from a polling connection
-                    // In the case that the packet was not poll in time it will remain in the buffer and therefore
-                    // it should be discarded here
-                    Packet::Noop => Ok(()),
-                    _ => {
-                        let packet: String = $item.try_into().unwrap();
-                        tx.feed(Message::Text(packet.into())).await
-                    }
-                };
-                if let Err(_e) = res {
-                    #[cfg(feature = "tracing")]
-                    tracing::debug!("[sid={}] error sending packet: {}", socket.id, _e);
-                }
-            };
+    for item in packets.drain(..) {
+        let Some(message) = to_message(protocol, item) else {
+            continue;
+        };
+        if let Err(_e) = ws.feed(message).await {
+            #[cfg(feature = "tracing")]
+            tracing::debug!("error sending packet: {}", _e);
         }
-
-    // (herald patch) A client that stopped reading blocks the writes below forever, and with
-    // them its connection. Once the session is closed the writer gets CLOSE_GRACE to flush
-    // what is queued; then the connection is dropped.
-    let writer = async {
-    // Forward buffered packets until the channel is closed or the session is cancelled.
-    loop {
-        tokio::select! {
-            biased;
-            items = buffered_rx.recv() => {
-                match items {
-                    Some(packets) => {
-                        for item in *packets {
-                            map_fn!(item);
-                        }
-                        while let Ok(packets) = buffered_rx.try_recv() {
-                            for item in *packets {
-                                map_fn!(item);
-                            }
-                        }
-                    }
-                    None => break
-                }
-            }
-            _ = socket.cancellation_token.cancelled() => break,
-            Ok(()) = volatile_rx.changed() => {
-                let val = volatile_rx.borrow_and_update().clone();
-                if let Some(packets) = val {
-                    #[cfg(feature = "tracing")]
-                    tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
-                    for item in *packets {
-                        map_fn!(item);
-                    }
-                }
-            },
-        }
-
-        #[cfg(feature = "tracing")]
-        tracing::trace!(sid = %socket.id, "ws flush");
-        tx.flush().await.ok();
     }
+}
 
-    #[cfg(feature = "tracing")]
-    tracing::trace!(sid = %socket.id, "ws closing flush");
+/// (herald patch) Serves a websocket session in the connection's one task: reads the
+/// client's frames and hands them to the handler, writes the socket's queued packets, and
+/// keeps a new session's heartbeat. Upstream spawns a reader, a writer and a heartbeat task
+/// per connection (with a channel for the heartbeat and a lock between the halves of the
+/// stream); one task holds the same state in a fraction of the memory.
+///
+/// Frames are read before queued packets are written in each turn, so a steady flow of
+/// outgoing packets never keeps a client's PONG unread. The session ends when it is closed
+/// (cancellation token) or the client ends it; what was queued before is then written, and
+/// the stream flushed and closed, within `CLOSE_GRACE` of the close: a client that stopped
+/// reading cannot keep its connection by blocking the writes.
+async fn serve<H: EngineIoHandler, S>(
+    engine: Arc<EngineIo<H>>,
+    socket: Arc<Socket<H::Data>>,
+    mut ws: WebSocketStream<S>,
+    mut heartbeat: Option<Heartbeat>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (engine, socket) = (&engine, &socket);
+    let session = async {
+        // A polling request that was in progress during the upgrade may still hold the lock.
+        let lock = socket.internal_rx.lock();
+        let Some(mut internal_rx) = lock
+            .with_cancellation_token(&socket.cancellation_token)
+            .await
+        else {
+            #[cfg(feature = "tracing")]
+            tracing::debug!(sid = %socket.id, "session closed before starting the ws writer");
+            return;
+        };
+        let InternalRx {
+            buffered_rx,
+            volatile_rx,
+            ..
+        } = &mut *internal_rx;
 
-    tx.flush().await.ok();
-    tx.close().await.ok();
+        // One timer for the heartbeat, reset only when its deadline moves.
+        let timer = tokio::time::sleep_until(heartbeat.as_ref().map_or_else(
+            || Instant::now() + Duration::from_secs(86_400),
+            Heartbeat::deadline,
+        ));
+        tokio::pin!(timer);
+        loop {
+            tokio::select! {
+                biased;
+                _ = socket.cancellation_token.cancelled() => break,
+                _ = &mut timer, if heartbeat.is_some() => {
+                    let Some(beat) = heartbeat.as_mut() else { continue };
+                    if let Err(_e) = beat.on_deadline(socket) {
+                        #[cfg(feature = "tracing")]
+                        tracing::debug!(id = ?socket.id, "heartbeat error: {_e}");
+                        socket.close(DisconnectReason::HeartbeatTimeout);
+                        continue;
+                    }
+                    timer.as_mut().reset(beat.deadline());
+                }
+                frame = ws.next() => {
+                    let pong_was_due = heartbeat.as_ref().and_then(|h| h.pong_due);
+                    match on_frame(engine, socket, heartbeat.as_mut(), frame) {
+                        Read::More => {}
+                        Read::Done(result) => {
+                            let reason = match &result {
+                                Ok(()) => DisconnectReason::TransportClose,
+                                Err(e) => {
+                                    #[cfg(feature = "tracing")]
+                                    tracing::debug!("error when handling packet: {:?}", e);
+                                    Option::<DisconnectReason>::from(e)
+                                        .unwrap_or(DisconnectReason::TransportError)
+                                }
+                            };
+                            #[cfg(feature = "tracing")]
+                            tracing::debug!(sid = %socket.id, "ws transport was closed");
+                            engine.close_session(socket.id, reason);
+                            break;
+                        }
+                    }
+                    if let Some(beat) = heartbeat.as_ref().filter(|h| h.pong_due != pong_was_due) {
+                        timer.as_mut().reset(beat.deadline());
+                    }
+                }
+                items = buffered_rx.recv() => {
+                    let Some(packets) = items else { break };
+                    feed_packets(&mut ws, socket.protocol, packets).await;
+                    while let Ok(packets) = buffered_rx.try_recv() {
+                        feed_packets(&mut ws, socket.protocol, packets).await;
+                    }
+                    #[cfg(feature = "tracing")]
+                    tracing::trace!(sid = %socket.id, "ws flush");
+                    ws.flush().await.ok();
+                }
+                Ok(()) = volatile_rx.changed() => {
+                    let val = volatile_rx.borrow_and_update().clone();
+                    if let Some(packets) = val {
+                        #[cfg(feature = "tracing")]
+                        tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
+                        feed_packets(&mut ws, socket.protocol, packets).await;
+                        ws.flush().await.ok();
+                    }
+                },
+            }
+        }
+
+        // What was queued before the close (a CLOSE packet, say) still goes out.
+        while let Ok(packets) = buffered_rx.try_recv() {
+            feed_packets(&mut ws, socket.protocol, packets).await;
+        }
+        #[cfg(feature = "tracing")]
+        tracing::trace!(sid = %socket.id, "ws closing flush");
+        ws.flush().await.ok();
+        ws.close(None).await.ok();
     };
     let closed_long_enough = async {
         socket.cancellation_token.cancelled().await;
         tokio::time::sleep(CLOSE_GRACE).await;
     };
     tokio::select! {
-        _ = writer => {}
+        _ = session => {}
         _ = closed_long_enough => {
             #[cfg(feature = "tracing")]
             tracing::debug!(sid = %socket.id, "ws writer still blocked after close: dropping the connection");
@@ -480,86 +596,4 @@ where
 fn ws_bytes_to_str(bytes: tungstenite::Utf8Bytes) -> Str {
     // SAFETY: the bytes are guaranteed to be valid UTF-8 by the tungstenite parser
     unsafe { Str::from_bytes_unchecked(bytes.into()) }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use bytes::Bytes;
-    use futures_util::StreamExt;
-    use http::Request;
-    use tokio::io::DuplexStream;
-
-    use super::*;
-
-    const TIMEOUT: Duration = Duration::from_secs(1);
-
-    #[derive(Debug)]
-    struct StubHandler;
-    impl EngineIoHandler for StubHandler {
-        type Data = ();
-        fn on_connect(self: Arc<Self>, _: Arc<Socket<()>>) {}
-        fn on_disconnect(&self, _: Arc<Socket<()>>, _: DisconnectReason) {}
-        fn on_message(self: &Arc<Self>, _: Str, _: Arc<Socket<()>>) {}
-        fn on_binary(self: &Arc<Self>, _: Bytes, _: Arc<Socket<()>>) {}
-    }
-
-    fn socket() -> Arc<Socket<()>> {
-        Arc::new(Socket::new(
-            ProtocolVersion::V4,
-            TransportType::Websocket,
-            &EngineIoConfig::default(),
-            Request::<()>::default().into_parts().0,
-            Box::new(|_, _| ()),
-            false,
-        ))
-    }
-
-    async fn ws_pair() -> (WebSocketStream<DuplexStream>, WebSocketStream<DuplexStream>) {
-        let (server, client) = tokio::io::duplex(1024);
-        (
-            WebSocketStream::from_raw_socket(server, Role::Server, None).await,
-            WebSocketStream::from_raw_socket(client, Role::Client, None).await,
-        )
-    }
-
-    /// A polling request can still hold the lock at the end of an upgrade.
-    #[tokio::test]
-    async fn writer_waits_for_the_lock_of_a_polling_request() {
-        let socket = socket();
-        let (server, mut client) = ws_pair().await;
-        let (tx, _rx) = server.split();
-
-        let polling = socket.internal_rx.lock().await;
-        let writer = tokio::spawn(forward_to_socket::<StubHandler, _>(socket.clone(), tx));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(!writer.is_finished(), "the writer should wait for the lock");
-
-        drop(polling);
-        socket.emit(Str::from("hello")).unwrap();
-        let msg = tokio::time::timeout(TIMEOUT, client.next())
-            .await
-            .expect("the writer should send the packet")
-            .unwrap()
-            .unwrap();
-        assert_eq!(msg, Message::text("4hello"));
-    }
-
-    #[tokio::test]
-    async fn writer_waiting_for_the_lock_stops_with_the_session() {
-        let socket = socket();
-        let (server, _client) = ws_pair().await;
-        let (tx, _rx) = server.split();
-
-        let _polling = socket.internal_rx.lock().await;
-        let writer = tokio::spawn(forward_to_socket::<StubHandler, _>(socket.clone(), tx));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-
-        socket.cancellation_token.cancel();
-        tokio::time::timeout(TIMEOUT, writer)
-            .await
-            .expect("the writer should stop")
-            .unwrap();
-    }
 }
