@@ -34,7 +34,8 @@
 #   fanout – FANOUT_CLIENTS clients over FANOUT_SESSIONS sessions; producers POST
 #            FANOUT_EVENTS progress events per session in batches of FANOUT_BATCH;
 #            one warm-up run, then FANOUT_RUNS measured runs (median reported).
-#   cluster – a fresh redis-server (own free port, no persistence) and two nodes of the
+#   cluster – (REDIS_CLUSTER=1: herald on a fresh three-master Redis Cluster, --redis-cluster;
+#            Node's adapter stays on one redis-server) a fresh redis-server (own free port, no persistence) and two nodes of the
 #            server sharing it (herald: --redis-url/--redis-prefix; node: REDIS_URL, the
 #            official @socket.io/redis-adapter). Both nodes AND redis-server share SERVER_CPU
 #            (REDIS_CPU, default SERVER_CPU; REDIS_CPU=none leaves it unpinned), so the
@@ -179,9 +180,15 @@ CLUSTER_PREFIX=""
 CLUSTER_PIDS=()
 REDIS_PID=""
 REDIS_PORT=""
+# REDIS_CLUSTER=1: herald's cluster scenarios run on a three-master Redis Cluster
+# (--redis-cluster); every redis-server process, and their directory
+REDIS_CLUSTER="${REDIS_CLUSTER:-0}"
+REDIS_PIDS=()
+REDIS_DIR=""
+CLUSTER_REDIS_FLAG=()
 cleanup() {
   local p
-  for p in "$SERVER_PID" "${LG_PID:-}" "${CLUSTER_PIDS[@]}" "$REDIS_PID"; do
+  for p in "$SERVER_PID" "${LG_PID:-}" "${CLUSTER_PIDS[@]}" "$REDIS_PID" "${REDIS_PIDS[@]}"; do
     if [ -n "$p" ] && kill -0 "$p" 2>/dev/null; then
       kill -TERM "$p" 2>/dev/null || true
     fi
@@ -199,7 +206,7 @@ start_server() { # $1 = herald|herald-before|herald-auth|herald-sse|herald-ws|fl
       [ -x "$bin" ] || die "missing $bin"
       local cluster_args=()
       if [ -n "$CLUSTER_REDIS_URL" ]; then
-        cluster_args=(--redis-url "$CLUSTER_REDIS_URL" --redis-prefix "$CLUSTER_PREFIX")
+        cluster_args=(--redis-url "$CLUSTER_REDIS_URL" --redis-prefix "$CLUSTER_PREFIX" "${CLUSTER_REDIS_FLAG[@]}")
       fi
       local auth_env=()
       [ "$name" = herald-auth ] && auth_env=(HERALD_JWT_SECRET="$BENCH_JWT_SECRET")
@@ -279,9 +286,67 @@ start_redis() { # $1 = tag for the log file
 }
 
 stop_redis() {
+  local p
+  for p in "${REDIS_PIDS[@]}"; do stop_pid "$p"; done
+  REDIS_PIDS=()
+  [ -z "$REDIS_DIR" ] || rm -rf "$REDIS_DIR"
+  REDIS_DIR=""
   [ -n "$REDIS_PID" ] || return 0
   stop_pid "$REDIS_PID"
   REDIS_PID=""
+}
+
+# A private three-master Redis Cluster (REDIS_CLUSTER=1): free loopback ports (each with
+# its bus port free too), no persistence, all pinned to REDIS_CPU. Sets REDIS_PID and
+# REDIS_PORT to the first master, REDIS_PIDS to all three and REDIS_CLUSTER_URL to the seeds.
+start_redis_cluster() { # $1 = tag for the log files
+  local pin=() ports=() port i p
+  [ "$REDIS_CPU" = none ] || pin=(taskset -c "$REDIS_CPU")
+  REDIS_DIR="$(mktemp -d)"
+  while [ "${#ports[@]}" -lt 3 ]; do
+    port=$((20000 + RANDOM % 30000))
+    [ -z "$(ss -Hltn "sport = :$port" 2>/dev/null)" ] || continue
+    [ -z "$(ss -Hltn "sport = :$((port + 10000))" 2>/dev/null)" ] || continue
+    ports+=("$port")
+  done
+  for port in "${ports[@]}"; do
+    "${pin[@]}" redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
+      --dir "$REDIS_DIR" --cluster-enabled yes --cluster-config-file "nodes-$port.conf" \
+      >"$OUT/redis-$1-$port.log" 2>&1 &
+    REDIS_PIDS+=($!)
+  done
+  for port in "${ports[@]}"; do
+    for i in $(seq 1 50); do
+      [ "$(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" = PONG ] && break
+      sleep 0.1
+    done
+    [ "$(redis-cli -h 127.0.0.1 -p "$port" ping 2>/dev/null)" = PONG ] ||
+      die "cluster redis-server on port $port did not start (see $OUT/redis-$1-$port.log)"
+  done
+  redis-cli --cluster create "${ports[@]/#/127.0.0.1:}" --cluster-replicas 0 --cluster-yes \
+    >"$OUT/redis-$1-create.log" 2>&1 || die "redis-cli --cluster create failed (see $OUT/redis-$1-create.log)"
+  for port in "${ports[@]}"; do
+    for i in $(seq 1 100); do
+      redis-cli -h 127.0.0.1 -p "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok' && break
+      sleep 0.1
+    done
+  done
+  REDIS_PID="" # the three servers are REDIS_PIDS
+  REDIS_PORT="${ports[0]}"
+  REDIS_CLUSTER_URL=""
+  for p in "${ports[@]}"; do REDIS_CLUSTER_URL+="${REDIS_CLUSTER_URL:+,}redis://127.0.0.1:$p"; done
+  log "redis cluster ($1): masters on ports ${ports[*]} on CPU $REDIS_CPU"
+}
+
+# CPU ticks of the Redis under test (every master of a cluster)
+redis_ticks() {
+  local t=0 p
+  if [ "${#REDIS_PIDS[@]}" -gt 0 ]; then
+    for p in "${REDIS_PIDS[@]}"; do t=$((t + $(cpu_ticks "$p" 2>/dev/null || echo 0))); done
+  else
+    t="$(cpu_ticks "$REDIS_PID" 2>/dev/null || echo 0)"
+  fi
+  echo "$t"
 }
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
@@ -385,8 +450,15 @@ log_warnings() { tail -n +"$(($2 + 1))" "$1" | grep -E ' (WARN|ERROR) |Error|err
 
 run_cluster() { # $1 = server name, $2 = tag (cluster | paced), $3 = offered load for --rate
   local name="$1" tag="${2:-cluster}" rate="${3:-0}"
-  start_redis "$name-$tag"
-  CLUSTER_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+  CLUSTER_REDIS_FLAG=()
+  if [ "$REDIS_CLUSTER" = 1 ] && [ "$name" != node ]; then
+    start_redis_cluster "$name-$tag"
+    CLUSTER_REDIS_URL="$REDIS_CLUSTER_URL"
+    CLUSTER_REDIS_FLAG=(--redis-cluster)
+  else
+    start_redis "$name-$tag"
+    CLUSTER_REDIS_URL="redis://127.0.0.1:$REDIS_PORT"
+  fi
   CLUSTER_PREFIX="bench-$STAMP"
   local a_pid a_port b_pid b_port
   start_server "$name" "$tag-a"
@@ -414,13 +486,13 @@ run_cluster() { # $1 = server name, $2 = tag (cluster | paced), $3 = offered loa
   local r rc a0 a1 b0 b1 r0 r1 res
   for r in $(seq 1 "$CLUSTER_RUNS"); do
     log "$name $tag run $r/$CLUSTER_RUNS ($FANOUT_EVENTS events/session)"
-    a0="$(cpu_ticks "$a_pid")" b0="$(cpu_ticks "$b_pid")" r0="$(cpu_ticks "$REDIS_PID")"
+    a0="$(cpu_ticks "$a_pid")" b0="$(cpu_ticks "$b_pid")" r0="$(redis_ticks)"
     rc=0
     timeout $((RUN_TIMEOUT + 30)) taskset -c "$LOADGEN_CPU" "$LOADGEN" fanout "${args[@]}" \
       --events-per-session "$FANOUT_EVENTS" >"$OUT/$name-$tag-$r.out" 2>"$OUT/$name-$tag-$r.err" || rc=$?
     a1="$(cpu_ticks "$a_pid" 2>/dev/null || echo "$a0")"
     b1="$(cpu_ticks "$b_pid" 2>/dev/null || echo "$b0")"
-    r1="$(cpu_ticks "$REDIS_PID" 2>/dev/null || echo "$r0")"
+    r1="$(redis_ticks)"
     cat "$OUT/$name-$tag-$r.err" >&2
     [ "$rc" = 0 ] || log "$name $tag run $r: loadgen exit $rc (loss, errors or timeout)"
     res="$(sed -n 's/^RESULT //p' "$OUT/$name-$tag-$r.out" | tail -1)"
